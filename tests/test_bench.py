@@ -78,6 +78,34 @@ def test_bench_runs_then_reuses_cache(tiny_dir, text_file, tmp_path, monkeypatch
     assert [p["status"] for p in run_bench(load_recipe(recipe), force=True, dry_run=True)] == ["planned"] * 2
 
 
+def test_bench_parallel_jobs_match_serial(tiny_dir, text_file, tmp_path):
+    """--jobs 2 runs each point in its own process; the files equal a serial run's (same config, same ppl)."""
+    out = {}
+    for jobs in (1, 2):
+        res = tmp_path / f"j{jobs}" / "results"
+        recipe = tmp_path / f"r{jobs}.yaml"
+        recipe.write_text(f"models: ['{tiny_dir}']\nmethods: {{rtn: [{{bits: 4, group_size: 32}}, {{bits: 3, group_size: 32}}]}}\n"
+                          f"eval: {{ppl: ['{text_file}'], seqlen: 32, windows: 2}}\nresults_dir: '{res}'\n")
+        plan = run_bench(load_recipe(recipe), quiet=True, jobs=jobs, device="cpu", log_dir=tmp_path / f"logs{jobs}")
+        assert [p["status"] for p in plan] == ["done", "done"]
+        assert all(p["argv"][-2:] == ["--device", "cpu"] for p in plan)
+        out[jobs] = {p.name: json.loads(p.read_text()) for p in res.glob("*.json")}
+    assert sorted(out[1]) == sorted(out[2]) == ["tiny-llama__rtn__int3-g32.json", "tiny-llama__rtn__int4-g32.json"]
+    for name in out[1]:
+        assert out[1][name]["ppl"] == out[2][name]["ppl"]
+        assert out[2][name]["env"]["device"] == "cpu"
+    assert len(list((tmp_path / "logs2").glob("*.log"))) == 2
+
+
+def test_bench_parallel_reports_a_failed_point(tiny_dir, text_file, tmp_path, caplog):
+    recipe, missing, res = tmp_path / "r.yaml", tmp_path / "no-such-model", tmp_path / "res"
+    recipe.write_text(f"models: ['{tiny_dir}', '{missing}']\nmethods: [rtn]\n"
+                      f"eval: {{ppl: ['{text_file}'], seqlen: 32, windows: 2}}\nresults_dir: '{res}'\n")
+    plan = run_bench(load_recipe(recipe), quiet=True, jobs=2, log_dir=tmp_path / "logs")
+    assert sorted(p["status"] for p in plan) == ["done", "failed"]
+    assert "1 of 2 grid points failed" in caplog.text
+
+
 # ------------------------------------------------------------------ reports from synthetic JSON files
 
 def fake(method, tag, blocks, all_in, ppl, zs=None):

@@ -56,3 +56,18 @@ def test_missing_model_and_empty_text(tmp_path, tiny_dir, capsys):
     assert main(["-q", "eval", str(tiny_dir), "--ppl", str(empty)]) == 2
     err = capsys.readouterr().err
     assert "empty" in err.lower()
+
+
+def test_device_flag(tiny_dir, text_file, tmp_path, capsys):
+    import torch
+
+    res = tmp_path / "r"
+    assert main(["-q", "run", str(tiny_dir), "--method", "rtn", "--ppl", str(text_file), "--seqlen", "32",
+                 "--windows", "2", "--results-dir", str(res), "--device", "cpu"]) == 0
+    (r,) = [json.loads(p.read_text()) for p in res.glob("*.json")]
+    assert r["env"]["device"] == "cpu"
+    assert main(["-q", "run", str(tiny_dir), "--device", "tpu:7"]) == 2
+    assert "is not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["-q", "run", str(tiny_dir), "--device", "cuda"]) == 2
+        assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err

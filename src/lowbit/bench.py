@@ -38,7 +38,7 @@ __all__ = ["BenchRecipe", "Run", "load_recipe", "parse_recipe", "run_argv", "run
 TOP_KEYS = ("models", "methods", "configs", "eval", "results_dir")
 EVAL_KEYS = ("ppl", "seqlen", "windows", "tasks", "limit")
 # `lowbit run` options a recipe does not set through `configs`
-_NOT_CONFIG = {"help", "model", "method", "record", "results_dir", "model_name", "out", *EVAL_KEYS}
+_NOT_CONFIG = {"help", "model", "method", "record", "results_dir", "model_name", "out", "device", *EVAL_KEYS}
 
 
 @dataclass(frozen=True)
@@ -288,26 +288,38 @@ def is_cached(args: argparse.Namespace) -> bool:
     return True
 
 
-def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, quiet: bool = False) -> list[dict]:
+def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, quiet: bool = False,
+              jobs: int = 1, device: str | None = None, log_dir: str | Path = "out/bench-logs") -> list[dict]:
     """Run (or plan, with ``dry_run``) every grid point; returns ``[{run, argv, status}]``.
 
-    ``status``: ``cached`` (skipped), ``planned`` (dry run) or ``done``. The
-    reports are rebuilt from the results folder after the runs.
+    ``status``: ``cached`` (skipped), ``planned`` (dry run), ``done`` or ``failed``
+    (``jobs`` > 1 only). ``device`` is passed to every run as ``--device``.
+    With ``jobs`` > 1 the grid points run in that many ``lowbit run``
+    processes at once, each logging to ``log_dir/<results name>.log``; a
+    failed point is reported and the others go on. The reports are rebuilt
+    from the results folder after the runs.
     """
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     plan = []
     for run in recipe.runs:
-        argv = run_argv(run, recipe.eval, recipe.results_dir, quiet)
+        argv = run_argv(run, recipe.eval, recipe.results_dir, quiet or jobs > 1)
+        if device is not None:
+            argv += ["--device", str(device)]
         args = _parse(argv)
         cached = not force and is_cached(args)
         plan.append({"run": run.label(), "argv": argv, "args": args,
                      "status": "cached" if cached else ("planned" if dry_run else "todo")})
+    todo = [p for p in plan if p["status"] == "todo"]
     for i, p in enumerate(plan, 1):
         if p["status"] != "todo":
             log.info("[%d/%d] %s: %s", i, len(plan), p["run"], p["status"])
-            continue
-        log.info("[%d/%d] lowbit %s", i, len(plan), " ".join(p["argv"]))
-        p["args"].fn(p["args"])
-        p["status"] = "done"
+        elif jobs == 1:
+            log.info("[%d/%d] lowbit %s", i, len(plan), " ".join(p["argv"]))
+            p["args"].fn(p["args"])
+            p["status"] = "done"
+    if jobs > 1 and todo:
+        _run_parallel(todo, jobs, Path(log_dir), quiet)
     if not dry_run:
         from .report import write_report
 
@@ -315,3 +327,33 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
     for p in plan:
         del p["args"]
     return plan
+
+
+def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool) -> None:
+    """Each grid point in its own ``python -m lowbit`` process, ``jobs`` at a time."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(p):
+        name = Path(_expected(p["args"])[0]).stem
+        logfile = log_dir / f"{name}.log"
+        with open(logfile, "w") as fh:
+            rc = subprocess.run([sys.executable, "-m", "lowbit", *p["argv"]], stdout=fh, stderr=subprocess.STDOUT).returncode
+        return p, rc, logfile
+
+    failed = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(one, p) for p in todo]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc=f"bench ({jobs} jobs)", disable=quiet):
+            p, rc, logfile = fut.result()
+            p["status"] = "done" if rc == 0 else "failed"
+            (log.info if rc == 0 else log.error)("%s: %s (log: %s)", p["run"], p["status"], logfile)
+            if rc:
+                failed.append(p["run"])
+    if failed:
+        log.error("%d of %d grid points failed: %s", len(failed), len(todo), "; ".join(failed))

@@ -41,6 +41,17 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted run from the blocks checkpointed in OUT.resume/")
 
 
+def _add_device_arg(p) -> None:
+    p.add_argument("--device", default="auto",
+                   help="compute device: auto (a GPU when there is one), cpu, cuda, cuda:N (default: auto)")
+
+
+def _device(args):
+    from .utils import resolve_device
+
+    return resolve_device(getattr(args, "device", "auto"))
+
+
 def _recipe_from_args(args):
     from .methods import get_method
     from .quantize import QuantRecipe
@@ -140,9 +151,15 @@ def _quantize(args):
     from .api import load_model, quantize
 
     recipe = _recipe_from_args(args)
-    model, tok = load_model(args.model)
+    device = _device(args)
+    model, tok = load_model(args.model)  # stays on the CPU: the engine moves one block at a time to `device`
     resume = _resume_dir(args)
-    summary = quantize(model, recipe, _calib_ids(recipe, tok, model), progress=not args.quiet, resume_dir=resume)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+    summary = quantize(model, recipe, _calib_ids(recipe, tok, model), progress=not args.quiet, resume_dir=resume,
+                       device=device)
     return model, tok, recipe, summary, resume
 
 
@@ -171,6 +188,8 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
 
     storage = (config.get("storage") or {}).get("dtype", "float32" if method == "fp32" else "float16")
     rep = bpw_report(model, storage)
+    device = _device(args)
+    model.to(device)
     ppl, protos = {}, {}
     t0 = time.perf_counter()
     windows = None if str(args.windows) == "all" else int(args.windows)
@@ -190,10 +209,10 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
         "ppl": {k: round(v, 4) for k, v in ppl.items()},
         "protocol": protos,
         "quant_time_s": summary.get("quant_time_s", 0.0),
-        "peak_mem_gb": summary.get("peak_mem_gb") or peak_memory_gb(),
+        "peak_mem_gb": summary.get("peak_mem_gb") or peak_memory_gb(device),
         "eval_time_s": round(time.perf_counter() - t0, 1),
         "lowbit_version": __version__,
-        "env": _env(),
+        "env": _env(device),
         **zeroshot,
     }
     from rich.console import Console
@@ -207,11 +226,16 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
     return res
 
 
-def _env() -> dict:
+def _env(device=None) -> dict:
     import torch
 
-    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()}
+    from .utils import device_name
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()}
+    if device is not None:
+        env["device"] = device_name(device)
+    return env
 
 
 def cmd_eval(args):
@@ -284,11 +308,11 @@ def cmd_generate(args):
 
     from .api import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, _device(args))
     prompt = args.prompt
     if args.chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt")
+    ids = tok(prompt, return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -303,7 +327,7 @@ def cmd_distill(args):
     fmt = dataclass_from_args(FormatConfig, args)
     fmt.make()  # validate before loading a model
     cfg = dataclass_from_args(DistillConfig, args)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, _device(args))
     _, summary = distill(model, tok, fmt, cfg, args.out, source_model=args.model, progress=not args.quiet)
     log.info("saved %s (final loss %.4f, %.0fs)", args.out, summary["distill"]["final_loss"], summary["quant_time_s"])
 
@@ -337,7 +361,8 @@ def cmd_report(args):
 def cmd_bench(args):
     from .bench import load_recipe, run_bench
 
-    plan = run_bench(load_recipe(args.recipe), force=args.force, dry_run=args.dry_run, quiet=args.quiet)
+    plan = run_bench(load_recipe(args.recipe), force=args.force, dry_run=args.dry_run, quiet=args.quiet,
+                     jobs=args.jobs, device=args.device, log_dir=args.log_dir)
     for p in plan:
         print(f"{p['status']:8s} lowbit {' '.join(p['argv'])}")
 
@@ -353,6 +378,7 @@ def _add_eval_args(p):
     p.add_argument("--model-name", default=None, help="model name in results (default: the model argument's name)")
     from .eval.zeroshot import limit_arg, tasks_arg
 
+    _add_device_arg(p)
     p.add_argument("--tasks", default=None, type=tasks_arg, metavar="T1,T2|all", help="zero-shot tasks, comma-separated, or 'all' (default: none)")
     p.add_argument("--limit", default="500", type=limit_arg, metavar="N|full", help="items per zero-shot task, seeded subset (default: 500)")
 
@@ -374,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
     s.add_argument("model", help="zoo name, HF folder, GGUF file or hub id")
     _add_quant_args(s)
+    _add_device_arg(s)
     s.add_argument("--out", required=True, help="checkpoint folder to write")
     s.set_defaults(fn=cmd_quantize)
 
@@ -396,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(s, FormatConfig)
     add_dataclass_args(s, DistillConfig)
     s.add_argument("--out", required=True, help="checkpoint folder to write (work files go to OUT.distill/)")
+    _add_device_arg(s)
     s.set_defaults(fn=cmd_distill)
 
     s = sub.add_parser("info", help="itemised bits-per-weight of a checkpoint")
@@ -409,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False, help="wrap the prompt in the chat template")
+    _add_device_arg(s)
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("bench-kernels", help="benchmark the CPU kernels (GEMV bandwidth, GEMM throughput)")
@@ -441,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="YAML recipe, e.g. recipes/rtn_grid.yaml")
     s.add_argument("--force", action="store_true", help="rerun grid points whose results JSON already exists")
     s.add_argument("--dry-run", action="store_true", help="print the plan (cached / planned) without running")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="grid points run at once, each in its own process (default: 1; several pay off on a GPU)")
+    s.add_argument("--device", default=None, help="passed to every run as --device (default: each run's own, auto)")
+    s.add_argument("--log-dir", default="out/bench-logs", help="with --jobs > 1: one log file per run here")
     s.set_defaults(fn=cmd_bench)
     return p
 

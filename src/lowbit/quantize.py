@@ -140,7 +140,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     summary = {
         "recipe": recipe.to_dict(),
         "quant_time_s": round(time.perf_counter() - t0, 2),
-        "peak_mem_gb": peak_memory_gb(),
+        "peak_mem_gb": peak_memory_gb(device),
         "lowbit_version": __version__,
     }
     model.lowbit_summary = summary

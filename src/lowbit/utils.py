@@ -41,6 +41,32 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None): the GPU when there is one, else the CPU; otherwise a checked torch device."""
+    from .errors import ConfigError
+
+    if name is None or str(name) == "auto":
+        return default_device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    """A readable device name for results files, e.g. ``cuda (NVIDIA H100 80GB HBM3)`` or ``cpu``."""
+    dev = torch.device(dev)
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return dev.type
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, replace: bool = True):
     """Yield an empty temp folder next to ``target``; on success it becomes ``target``.
