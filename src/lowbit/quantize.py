@@ -52,14 +52,15 @@ def quantize_linear_module(lin: nn.Linear, qw) -> QuantizedLinear:
     """A QuantizedLinear holding ``qw`` (a QuantizedWeight) and ``lin``'s bias.
 
     A method may instead return a finished module (e.g. QuantizedActLinear): it is used as is, given ``lin``'s bias.
+    The new module lives on ``lin``'s device (a calibrated block keeps running on its compute device).
     """
     if isinstance(qw, nn.Module):
         if lin.bias is not None:
             qw.bias = nn.Parameter(lin.bias.detach().float().clone(), requires_grad=False)
-        return qw
+        return qw.to(lin.weight.device)
     # vector codecs (VQ) carry their own layer spec; scalar formats use the group-wise codec
     spec = qw.layer_spec() if hasattr(qw, "layer_spec") else scalar_spec(qw.fmt, lin.out_features, lin.in_features)
-    return QuantizedLinear.from_quantized(qw, spec, lin.bias)
+    return QuantizedLinear.from_quantized(qw, spec, lin.bias).to(lin.weight.device)
 
 
 def _untie(model: nn.Module) -> None:
@@ -84,7 +85,7 @@ def _quantize_embed_and_head(model: nn.Module, arch: ArchSpec, recipe: QuantReci
         spec = scalar_spec(qw.fmt, emb.weight.shape[0], emb.weight.shape[1])
         scale = getattr(emb, "embed_scale", None)
         scale = float(scale) if scale is not None else None
-        q = QuantizedEmbedding.from_quantized(qw, spec, getattr(emb, "padding_idx", None), scale)
+        q = QuantizedEmbedding.from_quantized(qw, spec, getattr(emb, "padding_idx", None), scale).to(emb.weight.device)
         set_module(model, arch.embed, q)
     if tied and (recipe.head is not None or recipe.embed is not None):
         _untie(model)

@@ -176,7 +176,7 @@ _NEEDS = {"act_absmax", "hessian", "inputs"}
 def flattenquant(weight, stats, fmt, cfg: FlattenQuantConfig):
     """FlattenQuant: outlier channels flattened, per-tensor static INT8/INT4 activations, GPTQ weights."""
     if cfg.fq_int4_budget > 0:
-        cand = _build(weight, stats, fmt, 4, 4, cfg)
+        cand = _build(weight, stats, fmt, 4, 4, cfg).to(weight.device)
         err = _rel_error(cand, weight, stats.fq_tokens.to(weight.device))
         if err <= cfg.fq_int4_budget:
             return cand
