@@ -150,6 +150,29 @@ def test_report_plot_and_leaderboard_are_reproducible(tmp_path):
     assert render_leaderboard([]) .startswith("# Leaderboard")
 
 
+def test_comparisons_pivot_methods_by_format():
+    from lowbit.report import render_comparisons
+
+    def run(method, fmt, ppl, tag=None):
+        from lowbit.config import FormatConfig
+
+        r = fake(method, tag or FormatConfig(**fmt).tag(), 4.0, 6.0, ppl)
+        r["config"] = {"fmt": fmt}
+        return r
+
+    int3 = {"format": "int", "bits": 3, "group_size": 128, "sym": False}
+    fp3 = {"format": "fp", "bits": 3, "group_size": 64, "sym": True}
+    md = render_comparisons([run("rtn", int3, 120.0), run("gptq", int3, 70.0), run("awq", int3, 60.0),
+                             run("rtn", fp3, 130.0), run("gptq", int3, 10.0, tag="int3-g128-act_order=True"),
+                             fake("fp32", "", 32, 32, 20.0)])
+    lines = md.splitlines()
+    assert "| format | bits | group | scales | bpw (blocks) | rtn | gptq | awq | best |" in lines
+    assert "| INT | 3 | 128 | asym | 4.000 | 120.00 | 70.00 | 60.00 | awq |" in lines   # non-default gptq run left out
+    assert "| FP | 3 | 64 | sym | 4.000 | 130.00 | - | - | - |" in lines
+    assert lines.index("| INT | 3 | 128 | asym | 4.000 | 120.00 | 70.00 | 60.00 | awq |") < lines.index(
+        "| FP | 3 | 64 | sym | 4.000 | 130.00 | - | - | - |")
+
+
 def test_cli_report(tmp_path, capsys):
     from lowbit.cli import main
 

@@ -161,8 +161,62 @@ def render_leaderboard(results: list[dict], plots: dict[str, str] | None = None)
     return "\n".join(lines)
 
 
+#: weight-only methods compared format by format in comparisons.md
+PIVOT_METHODS = ("rtn", "clip", "gptq", "awq")
+_FORMAT_ORDER = {"int": 0, "fp": 1, "nf": 2}
+
+
+def _fmt_key(fmt: dict) -> tuple:
+    g = fmt.get("group_size", 128)
+    return (-fmt.get("bits", 0), -(g if g > 0 else 10**6), _FORMAT_ORDER.get(fmt.get("format"), 9), not fmt.get("sym"))
+
+
+def render_comparisons(results: list[dict]) -> str:
+    """Per model: one row per weight format, one perplexity column per weight-only method (default settings).
+
+    Rows are the runs whose tag is exactly the format tag (no method options,
+    no quantized embedding or head), so every cell of a row has the same bpw.
+    """
+    from .config import FormatConfig
+
+    lines = ["# Method x format comparisons", "",
+             "Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand. One row per weight format, "
+             "one column per weight-only method at its default settings; cells are perplexity on the model's first "
+             "corpus (protocol in `results.md`). `asym` = asymmetric INT, or two scales (positive and negative "
+             "halves, AFPQ) for FP/NF; `sym` = one scale. A dash: not run.", ""]
+    for model in sorted({r["model"] for r in results}):
+        rows = [r for r in results if r["model"] == model and r["method"] in PIVOT_METHODS]
+        corpus = primary_corpus(rows)
+        cells: dict[tuple, dict] = {}
+        for r in rows:
+            fmt = (r.get("config") or {}).get("fmt")
+            if not fmt or corpus not in r["ppl"] or r.get("tag") != FormatConfig(**fmt).tag():
+                continue
+            key = tuple(sorted(fmt.items()))
+            cells.setdefault(key, {"fmt": fmt, "bpw": r["bpw"]["blocks"]})[r["method"]] = r["ppl"][corpus]
+        if not cells:
+            continue
+        methods = [m for m in PIVOT_METHODS if any(m in c for c in cells.values())]
+        lines += [f"## {model} (ppl {corpus})", "",
+                  "| format | bits | group | scales | bpw (blocks) | " + " | ".join(methods) + " | best |",
+                  "|---|---|---|---|---|" + "---|" * (len(methods) + 1)]
+        for c in sorted(cells.values(), key=lambda c: _fmt_key(c["fmt"])):
+            f = c["fmt"]
+            have = {m: c[m] for m in methods if m in c}
+            best = min(have, key=have.get) if len(have) > 1 else "-"
+            lines.append(f"| {f['format'].upper()} | {f['bits']} | {'pc' if f['group_size'] == -1 else f['group_size']} | "
+                         f"{'sym' if f.get('sym') else 'asym'} | {c['bpw']:.3f} | "
+                         + " | ".join(_fmt_ppl(c.get(m)) for m in methods) + f" | {best} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt_ppl(x) -> str:
+    return "-" if x is None else (f"{x:.2f}" if x < 1e4 else f"{x:.3g}")
+
+
 def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str | None = None) -> dict[str, Path]:
-    """Rebuild ``results.md``, ``leaderboard.md`` and ``plots/pareto_*.png`` from ``results_dir``."""
+    """Rebuild ``results.md``, ``comparisons.md``, ``leaderboard.md`` and ``plots/pareto_*.png`` from ``results_dir``."""
     results_dir = Path(results_dir)
     docs = Path(docs_dir) if docs_dir else results_dir.parent
     results = load_results(results_dir)
@@ -181,6 +235,8 @@ def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str 
     for stale in plots_dir.glob("pareto_*.png") if plots_dir.is_dir() else []:
         if stale.name not in made:
             stale.unlink()
+    out["comparisons"] = docs / "comparisons.md"
+    atomic_write_text(out["comparisons"], render_comparisons(results) + "\n")
     out["leaderboard"] = docs / "leaderboard.md"
     atomic_write_text(out["leaderboard"], render_leaderboard(results, plots) + "\n")
     return out

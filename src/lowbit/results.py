@@ -41,9 +41,18 @@ def _fmt(x, nd=2):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
+def device_label(r: dict) -> str:
+    """``cpu`` or the GPU's name, from the run's env (runs recorded before ``--device`` existed ran on the CPU)."""
+    dev = (r.get("env") or {}).get("device", "cpu")
+    return dev[dev.find("(") + 1 : -1].replace("NVIDIA ", "") if "(" in dev else dev
+
+
 def render_table(results: list[dict]) -> str:
     """A markdown table per model, sorted by method then bpw. Deterministic for the same files."""
-    lines = ["# Results", "", "Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand.", ""]
+    lines = ["# Results", "", "Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand.",
+             "Quantization time and peak memory depend on the device column (GPU peak = CUDA max allocated, "
+             "CPU peak = process RSS); GPU grids ran several points at once on one GPU, so their times are upper bounds.",
+             ""]
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model]
         corpora = sorted({c for r in rows for c in r["ppl"]})
@@ -53,14 +62,15 @@ def render_table(results: list[dict]) -> str:
         lines.append("Protocol: " + "; ".join(protos) + ". Calibration, seed and format per row in the JSON files.")
         lines.append("")
         zs = any(r.get("zeroshot_avg") for r in rows)
-        head = ["method", "config", "bpw (blocks)", "bpw (all-in)"] + [f"ppl {c}" for c in corpora] + ["quant time (s)", "peak mem (GB)"]
+        head = ["method", "config", "bpw (blocks)", "bpw (all-in)"] + [f"ppl {c}" for c in corpora]
+        head += ["quant time (s)", "peak mem (GB)", "device"]
         head += ["zero-shot acc (tasks)"] if zs else []
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         rows.sort(key=lambda r: (r["method"] != "fp32", r["method"], -r["bpw"]["blocks"], r.get("tag", "")))
         for r in rows:
             cells = [r["method"], r.get("tag", "") or "-", _fmt(r["bpw"]["blocks"], 3), _fmt(r["bpw"]["all_in"], 3)]
             cells += [_fmt(r["ppl"].get(c)) for c in corpora]
-            cells += [_fmt(r.get("quant_time_s"), 1), _fmt(r.get("peak_mem_gb"), 2)]
+            cells += [_fmt(r.get("quant_time_s"), 1), _fmt(r.get("peak_mem_gb"), 2), device_label(r)]
             if zs:
                 avg = r.get("zeroshot_avg")
                 cells.append(f"{avg['acc']:.3f} ({avg['n_tasks']})" if avg else "-")
