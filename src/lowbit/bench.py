@@ -250,15 +250,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _expected(args: argparse.Namespace) -> tuple[str, dict]:
     """The results path and config a ``lowbit run`` with ``args`` would write (without running it)."""
-    from .cli import _recipe_from_args, _recipe_tag
+    from .cli import recipe_from_args
     from .results import result_name
 
     model = args.model_name or Path(str(args.model)).name
     if args.method == "fp32":
         name, config = result_name({"model": model, "method": "fp32", "tag": ""}), {"storage": {"dtype": "float32"}}
     else:
-        recipe = _recipe_from_args(args)
-        name = result_name({"model": model, "method": recipe.method, "tag": _recipe_tag(recipe)})
+        recipe = recipe_from_args(args)
+        name = result_name({"model": model, "method": recipe.method, "tag": recipe.tag()})
         config = recipe.to_dict()
     return str(Path(args.results_dir) / name), json.loads(json.dumps(config))
 

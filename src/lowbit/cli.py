@@ -52,7 +52,7 @@ def _device(args):
     return resolve_device(getattr(args, "device", "auto"))
 
 
-def _recipe_from_args(args):
+def recipe_from_args(args):
     from .methods import get_method
     from .quantize import QuantRecipe
 
@@ -75,22 +75,6 @@ def _recipe_from_args(args):
             f.make()  # validate formats before loading a model
     return recipe
 
-
-def _recipe_tag(recipe) -> str:
-    from .methods import get_method
-
-    method = get_method(recipe.method)
-    defaults = asdict(method.config())
-    extra = [f"{k}={v}" for k, v in sorted(recipe.method_config.items()) if defaults.get(k) != v]
-    tag = recipe.fmt.tag() if method.uses_format else (extra.pop(0) if extra else "default")
-    if recipe.embed:
-        extra.append(f"embed={recipe.embed.tag()}")
-    if recipe.head:
-        extra.append(f"head={recipe.head.tag()}")
-    return "-".join([tag] + extra)
-
-
-# ---------------------------------------------------------------- commands
 
 def cmd_list(args):
     from rich.console import Console
@@ -150,7 +134,7 @@ def _resume_dir(args):
 def _quantize(args):
     from .api import load_model, quantize
 
-    recipe = _recipe_from_args(args)
+    recipe = recipe_from_args(args)
     device = _device(args)
     model, tok = load_model(args.model)  # stays on the CPU: the engine moves one block at a time to `device`
     resume = _resume_dir(args)
@@ -250,7 +234,7 @@ def cmd_eval(args):
         method = recipe.get("method", "unknown")
         from .quantize import QuantRecipe
 
-        tag = _recipe_tag(QuantRecipe.from_dict(recipe)) if recipe else ""
+        tag = QuantRecipe.from_dict(recipe).tag() if recipe else ""
         if args.model_name is None:
             args.model_name = Path(str(meta.get("source_model", args.model))).name
         _eval_and_record(args, model, tok, method, tag, recipe, summary)
@@ -270,7 +254,7 @@ def cmd_run(args):
         save(model, args.out, tok, source_model=args.model)
         _finish_resume(resume)
     args.model_name = args.model_name or Path(str(args.model)).name
-    return _eval_and_record(args, model, tok, recipe.method, _recipe_tag(recipe), recipe.to_dict(), summary)
+    return _eval_and_record(args, model, tok, recipe.method, recipe.tag(), recipe.to_dict(), summary)
 
 
 def _print_bpw(model, storage: str, brief: bool = False):

@@ -47,6 +47,22 @@ class QuantRecipe:
             d[k] = from_dict(FormatConfig, d[k]) if d.get(k) else None
         return cls(**d)
 
+    def tag(self) -> str:
+        """Short name for results files: the format tag (or, for methods without a scalar format, the first
+        non-default setting), then the method settings that differ from the defaults, then embed/head formats.
+        """
+        from .methods import get_method
+
+        method = get_method(self.method)
+        defaults = asdict(method.config())
+        extra = [f"{k}={v}" for k, v in sorted(self.method_config.items()) if defaults.get(k) != v]
+        tag = self.fmt.tag() if method.uses_format else (extra.pop(0) if extra else "default")
+        if self.embed:
+            extra.append(f"embed={self.embed.tag()}")
+        if self.head:
+            extra.append(f"head={self.head.tag()}")
+        return "-".join([tag] + extra)
+
 
 def quantize_linear_module(lin: nn.Linear, qw) -> QuantizedLinear:
     """A QuantizedLinear holding ``qw`` (a QuantizedWeight) and ``lin``'s bias.
