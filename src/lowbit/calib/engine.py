@@ -214,15 +214,14 @@ def _save_resume(resume_dir: Path, i: int, block: nn.Module, next_inputs: list[t
 
     from safetensors.torch import save_file
 
-    from ..nn import QuantizedLinear
+    from ..io.checkpoint import module_entries
     from ..utils import atomic_dir
 
-    modules = {n: m.spec for n, m in block.named_modules() if isinstance(m, QuantizedLinear)}
-    biases = {n: m.bias is not None for n, m in block.named_modules() if isinstance(m, QuantizedLinear)}
+    modules = module_entries(block)  # every quantized module type, as checkpoints record them
     with atomic_dir(resume_dir / f"block{i:04d}") as tmp:
         save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp / "block.safetensors"))
         save_file({f"x{j}": x.contiguous() for j, x in enumerate(next_inputs)}, str(tmp / "inputs.safetensors"))
-        (tmp / "block.json").write_text(json.dumps({"modules": modules, "bias": biases, "fingerprint": fingerprint}))
+        (tmp / "block.json").write_text(json.dumps({"modules": modules, "fingerprint": fingerprint}))
 
 
 def _load_resume(resume_dir: Path, n_blocks: int, fingerprint: dict):
@@ -246,11 +245,11 @@ def _restore_block(block: nn.Module, path: Path):
 
     from safetensors.torch import load_file
 
-    from ..nn import QuantizedLinear
+    from ..io.checkpoint import build_module
 
     meta = json.loads((path / "block.json").read_text())
-    for name, spec in meta["modules"].items():
-        set_module(block, name, QuantizedLinear(spec, bias=meta["bias"][name]))
+    for name, entry in meta["modules"].items():
+        set_module(block, name, build_module(name, entry))
     block.load_state_dict(load_file(str(path / "block.safetensors")), strict=True)
 
 

@@ -34,14 +34,15 @@ FORMAT_VERSION = 1
 META_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
 
-__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_meta", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_meta", "module_entries", "build_module", "FORMAT_VERSION"]
 
 
 def is_checkpoint(path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def _module_entries(model: nn.Module) -> dict:
+def module_entries(model: nn.Module) -> dict:
+    """``{module name: entry}`` for every quantized module: its type, spec and what rebuilding it needs."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantizedLinear):
@@ -51,6 +52,17 @@ def _module_entries(model: nn.Module) -> dict:
         elif isinstance(m, QuantizedEmbedding):
             out[name] = {"type": "embedding", "spec": m.spec, "padding_idx": m.padding_idx, "embed_scale": m.embed_scale}
     return out
+
+
+def build_module(name: str, entry: dict) -> nn.Module:
+    """An empty quantized module (zero buffers) from its :func:`module_entries` entry; load the state dict next."""
+    if entry["type"] == "linear":
+        return QuantizedLinear(entry["spec"], bias=entry.get("bias", False))
+    if entry["type"] == "act_linear":
+        return QuantizedActLinear(entry["spec"], bias=entry.get("bias", False))
+    if entry["type"] == "embedding":
+        return QuantizedEmbedding(entry["spec"], entry.get("padding_idx"), entry.get("embed_scale"))
+    raise CheckpointError(f"{META_FILE}: module {name!r} has unknown type {entry['type']!r}")
 
 
 def save_checkpoint(model: nn.Module, path, tokenizer=None, extra: dict | None = None) -> Path:
@@ -74,7 +86,7 @@ def save_checkpoint(model: nn.Module, path, tokenizer=None, extra: dict | None =
         "format_version": FORMAT_VERSION,
         "lowbit_version": __version__,
         "storage_dtype": storage,
-        "modules": _module_entries(model),
+        "modules": module_entries(model),
         "aliases": aliases,
         "n_params": getattr(model, "lowbit_n_params", None),
         "summary": summary,
@@ -155,14 +167,7 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> nn.Module:
                     f"tensor '{name}.{bname}' is {tuple(t.shape)} {t.dtype} but {META_FILE} implies {tuple(shape)} {dtype}: "
                     "the JSON does not match the tensors"
                 )
-        if entry["type"] == "linear":
-            mod = QuantizedLinear(spec, bias=entry.get("bias", False))
-        elif entry["type"] == "act_linear":
-            mod = QuantizedActLinear(spec, bias=entry.get("bias", False))
-        elif entry["type"] == "embedding":
-            mod = QuantizedEmbedding(spec, entry.get("padding_idx"), entry.get("embed_scale"))
-        else:
-            raise CheckpointError(f"{META_FILE}: module {name!r} has unknown type {entry['type']!r}")
+        mod = build_module(name, entry)
         try:
             set_module(model, name, mod)
         except AttributeError:
