@@ -6,12 +6,11 @@ cuda`` takes.
 """
 import pytest
 import torch
+from conftest import tiny_model
 
 import lowbit
 from lowbit.config import FormatConfig
 from lowbit.quantize import QuantRecipe
-
-from conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,6 +1,7 @@
 """The layer-wise engine, GPTQ and AWQ on tiny random models."""
 import pytest
 import torch
+from conftest import tiny_model
 
 import lowbit
 from lowbit.calib import CalibrationError
@@ -10,8 +11,6 @@ from lowbit.methods import get_method
 from lowbit.models.arch import arch_for
 from lowbit.nn import QuantizedLinear
 from lowbit.quantize import QuantRecipe
-
-from conftest import tiny_model
 
 
 def _calib(n=8, seqlen=32, seed=0):

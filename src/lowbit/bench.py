@@ -343,7 +343,7 @@ def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool) -> No
         name = Path(_expected(p["args"])[0]).stem
         logfile = log_dir / f"{name}.log"
         with open(logfile, "w") as fh:
-            rc = subprocess.run([sys.executable, "-m", "lowbit", *p["argv"]], stdout=fh, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run([sys.executable, "-m", "lowbit", *p["argv"]], stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
         return p, rc, logfile
 
     failed = []

@@ -276,8 +276,8 @@ def _print_bpw(model, storage: str, brief: bool = False):
 
 
 def cmd_info(args):
-    from .io import read_meta
     from .api import load
+    from .io import read_meta
 
     meta = read_meta(args.dir)
     model = load(args.dir)

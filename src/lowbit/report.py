@@ -179,11 +179,11 @@ def render_comparisons(results: list[dict]) -> str:
     """
     from .config import FormatConfig
 
-    lines = ["# Method x format comparisons", "",
-             "Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand. One row per weight format, "
+    intro = ("Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand. One row per weight format, "
              "one column per weight-only method at its default settings; cells are perplexity on the model's first "
              "corpus (protocol in `results.md`). `asym` = asymmetric INT, or two scales (positive and negative "
-             "halves, AFPQ) for FP/NF; `sym` = one scale. A dash: not run.", ""]
+             "halves, AFPQ) for FP/NF; `sym` = one scale. A dash: not run.")
+    lines = ["# Method x format comparisons", "", intro, ""]
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model and r["method"] in PIVOT_METHODS]
         corpus = primary_corpus(rows)

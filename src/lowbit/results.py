@@ -49,10 +49,9 @@ def device_label(r: dict) -> str:
 
 def render_table(results: list[dict]) -> str:
     """A markdown table per model, sorted by method then bpw. Deterministic for the same files."""
-    lines = ["# Results", "", "Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand.",
-             "Quantization time and peak memory depend on the device column (GPU peak = CUDA max allocated, "
-             "CPU peak = process RSS); GPU grids ran several points at once on one GPU, so their times are upper bounds.",
-             ""]
+    note = ("Quantization time and peak memory depend on the device column (GPU peak = CUDA max allocated, "
+            "CPU peak = process RSS); GPU grids ran several points at once on one GPU, so their times are upper bounds.")
+    lines = ["# Results", "", "Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand.", note, ""]
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model]
         corpora = sorted({c for r in rows for c in r["ppl"]})
