@@ -71,3 +71,14 @@ def test_device_flag(tiny_dir, text_file, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["-q", "run", str(tiny_dir), "--device", "cuda"]) == 2
         assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+
+
+def test_run_records_activation_precision_mix(tiny_dir, text_file, tmp_path):
+    res = tmp_path / "r"
+    assert main(["-q", "run", str(tiny_dir), "--method", "w8a8", "--format", "int", "--bits", "8", "--sym",
+                 "--group-size", "-1", "--ppl", str(text_file), "--seqlen", "32", "--windows", "2",
+                 "--results-dir", str(res), "--device", "cpu"]) == 0
+    (r,) = [json.loads(p.read_text()) for p in res.glob("*.json")]
+    act = r["act_linears"]
+    assert act["int4_share"] == 0.0 and act["flatten_overhead"] == 0.0
+    assert act["macs_per_token"] == {"W8A8": 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 96)}  # q,o + k,v + MLP, 2 layers

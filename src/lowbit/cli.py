@@ -199,6 +199,12 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
         "env": _env(device),
         **zeroshot,
     }
+    from .nn.w8a8 import act_linear_summary
+
+    act = act_linear_summary(model)
+    if act["macs_per_token"]:  # weight+activation methods: precision mix and flattening overhead
+        res["act_linears"] = {"macs_per_token": act["macs_per_token"], "int4_share": round(act["int4_share"], 4),
+                              "flatten_overhead": round(act["flatten_overhead"], 4)}
     from rich.console import Console
 
     Console().print(f"[bold]{res['model']}[/] {method} {tag}: bpw blocks {res['bpw']['blocks']:.3f} all-in "
