@@ -328,3 +328,18 @@ def test_real_zoo_model_loads(name, monkeypatch):
 def test_real_zoo_text(name, monkeypatch):
     monkeypatch.undo()
     assert len(texts.load_text(name)) > 1_000_000
+
+
+def test_converted_tokenizer_that_lost_its_merges_is_refused():
+    from lowbit.errors import PullError
+    from lowbit.models.zoo import check_tokenizer
+
+    from conftest import tiny_tokenizer
+
+    check_tokenizer(tiny_tokenizer(), "tiny.gguf")  # a real (small) BPE: passes
+
+    def chars(text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text)))}
+
+    with pytest.raises(PullError, match="splits English into characters"):
+        check_tokenizer(chars, "broken.gguf")

@@ -226,6 +226,7 @@ def convert_gguf(gguf: Path, out: Path, source: dict[str, object], sha256: str |
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise PullError(f"transformers could not convert {gguf}: {exc}") from exc
+    check_tokenizer(tokenizer, gguf.name)
     # The weights are already dequantized to fp32; forget the GGUF "quantizer" so the
     # model saves (and later loads) as an ordinary checkpoint.
     if hasattr(model.config, "quantization_config"):
@@ -247,6 +248,28 @@ def convert_gguf(gguf: Path, out: Path, source: dict[str, object], sha256: str |
         })
     log.info("converted model at %s", out)
     return out
+
+
+#: an English sentence; subword tokenizers give about one token per word on it
+_PROBE = "The history of the city begins with a small settlement on the river."
+
+
+def check_tokenizer(tokenizer, source: str) -> None:
+    """Refuse a converted tokenizer that splits plain English into characters.
+
+    Some transformers releases (5.17 was seen doing it for Gemma-3's GGUF) rebuild a GGUF tokenizer
+    without its merges; the model then scores nonsense (perplexity in the thousands) with no error.
+    """
+    import transformers
+
+    n = len(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+    if n >= 0.8 * len(_PROBE):
+        raise PullError(
+            f"the tokenizer transformers {transformers.__version__} built from {source} splits English into "
+            f"characters ({n} tokens for {len(_PROBE)} characters): its GGUF conversion lost the merges. "
+            "Upgrade transformers (5.23 converts it correctly) and pull again, or pass a model folder "
+            "whose tokenizer.json is correct."
+        )
 
 
 def zoo_info(folder: Path) -> dict[str, object] | None:
