@@ -73,3 +73,17 @@ def test_dead_inputs_and_damping_retry():
     x = torch.randn(4, 32)
     U, used = inverse_hessian_factor(x.T @ x, damp=0.0)
     assert used > 0 and torch.isfinite(U).all()
+
+
+@pytest.mark.parametrize("fmt_name", ["fp", "nf", "int"])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_beats_rtn_with_every_format(fmt_name, bits, sym):
+    """The solver only sees the format object: FP/NF tables, one or two scales, gain as INT does."""
+    from lowbit.config import FormatConfig
+
+    W, X, H = _layer(3)
+    fmt = FormatConfig(format=fmt_name, bits=bits, group_size=32, sym=sym).make()
+    q = gptq_quantize(W, H, fmt, block_size=32)
+    r = quantize_rtn(W, fmt)
+    assert _out_err(X, W, q.dequantize()) < 0.9 * _out_err(X, W, r.dequantize())
