@@ -184,3 +184,14 @@ def test_cli_report(tmp_path, capsys):
     assert "leaderboard.md" in capsys.readouterr().out
     assert not (tmp_path / "docs" / "plots" / "pareto_gone.png").exists()   # stale plots removed
     assert json.loads((res / "toy-1m__fp32.json").read_text())["model"] == "toy-1m"
+
+
+def test_report_plots_distillation_loss_curves(tmp_path):
+    res = tmp_path / "docs" / "results"
+    (res / "loss").mkdir(parents=True)
+    for name in ("toy-1m__bitdistiller__int2-cakld", "toy-1m__bitdistiller__int2-ce"):
+        (res / "loss" / f"{name}.csv").write_text("step,loss,lr\n1,5.0,1e-5\n2,4.0,1e-5\n3,3.5,1e-5\n")
+    write_result(fake("fp32", "", 32, 32, 20.0), res)
+    out = write_report(res)
+    png = tmp_path / "docs" / "plots" / "loss_toy-1m.png"
+    assert out["loss:toy-1m"] == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

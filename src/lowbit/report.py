@@ -108,6 +108,35 @@ def plot_pareto(rows: list[dict], out: Path | str, corpus: str | None = None, ti
     return out
 
 
+def plot_loss_curves(csvs: list[Path], out: Path | str, title: str = "distillation loss") -> Path:
+    """Training loss against step for each ``step,loss,...`` CSV (one line per file, named by its stem); a PNG."""
+    import csv
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, path in enumerate(sorted(csvs)):
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
+        ax.plot([r[0] for r in rows], [r[1] for r in rows], color=f"C{i % 10}", lw=1.3, label=Path(path).stem)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (each run's own objective)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if csvs:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", metadata={"Software": None})
+    tmp.replace(out)
+    return out
+
+
 def _slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
 
@@ -233,6 +262,15 @@ def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str 
         out[f"plot:{model}"] = png
         made.add(png.name)
     for stale in plots_dir.glob("pareto_*.png") if plots_dir.is_dir() else []:
+        if stale.name not in made:
+            stale.unlink()
+    losses = sorted((results_dir / "loss").glob("*.csv")) if (results_dir / "loss").is_dir() else []
+    for model in sorted({p.name.split("__")[0] for p in losses}):
+        png = plot_loss_curves([p for p in losses if p.name.startswith(model + "__")],
+                               plots_dir / f"loss_{_slug(model)}.png", title=f"{model}: distillation loss")
+        out[f"loss:{model}"] = png
+        made.add(png.name)
+    for stale in plots_dir.glob("loss_*.png") if plots_dir.is_dir() else []:
         if stale.name not in made:
             stale.unlink()
     out["comparisons"] = docs / "comparisons.md"
