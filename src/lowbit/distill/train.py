@@ -237,7 +237,8 @@ def _make_trainer(student, teacher, ds, cfg: DistillConfig, beta: float | None, 
         "gradient_accumulation_steps": cfg.grad_accum, "learning_rate": cfg.lr, "lr_scheduler_type": cfg.lr_schedule,
         "weight_decay": 0.0, "logging_steps": 1, "save_strategy": "steps", "save_steps": cfg.save_steps,
         "save_total_limit": 2, "report_to": "none", "seed": cfg.seed, "data_seed": cfg.seed,
-        "remove_unused_columns": False, "dataloader_num_workers": 0, "disable_tqdm": not progress, **extra})
+        "remove_unused_columns": False, "dataloader_num_workers": 0, "disable_tqdm": not progress,
+        "dataloader_pin_memory": torch.cuda.is_available(), **extra})
     return DistillTrainer(model=student, args=args, train_dataset=ds, callbacks=[LossCurve(), *(callbacks or [])])
 
 
