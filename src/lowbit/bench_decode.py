@@ -221,6 +221,16 @@ def gguf_bpw(path: Path) -> float:
     return sum(int(t.n_bytes) for t in r.tensors) * 8 / sum(int(t.n_elements) for t in r.tensors)
 
 
+def _llama_f32(name: str) -> tuple[Path, Path]:
+    """The llama.cpp work folder and the zoo model's F32 GGUF in it (written once)."""
+    from .cache import cache_dir
+    from .models.zoo import ZOO
+
+    d = cache_dir() / "bench" / "llama_cpp"
+    d.mkdir(parents=True, exist_ok=True)
+    return d, f32_gguf(cache_dir() / "gguf" / ZOO[name].gguf_file, d / f"{name}-F32.gguf")
+
+
 def _bench_llama_cpp(name: str, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int,
                      progress: bool) -> list[dict]:
     if not llama_cpp_available():
@@ -228,12 +238,7 @@ def _bench_llama_cpp(name: str, prompt_ids: list[int], new_tokens: int, repeats:
         return []
     import llama_cpp
 
-    from .cache import cache_dir
-    from .models.zoo import ZOO
-
-    d = cache_dir() / "bench" / "llama_cpp"
-    d.mkdir(parents=True, exist_ok=True)
-    f32 = f32_gguf(cache_dir() / "gguf" / ZOO[name].gguf_file, d / f"{name}-F32.gguf")
+    d, f32 = _llama_f32(name)
     rows = []
     for qname, ftype in [("F32", None), *LLAMA_QUANTS.items()]:
         path = f32 if ftype is None else d / f"{name}-{qname}.gguf"
@@ -277,18 +282,14 @@ def _bench_llama_bin(name: str, bindir: Path, new_tokens: int, repeats: int, thr
     ``new_tokens`` generated tokens (its ``tg`` test: from an empty context, no sampling, no Python)."""
     import subprocess
 
-    from .cache import cache_dir
     from .errors import ConfigError
-    from .models.zoo import ZOO
 
     quantize, bench = bindir / "llama-quantize", bindir / "llama-bench"
     for prog in (quantize, bench):
         if not prog.is_file():
             raise ConfigError(f"--llama-cpp-bin {bindir}: no {prog.name} there (build llama.cpp's "
                               "llama-quantize and llama-bench targets, or drop the flag)")
-    d = cache_dir() / "bench" / "llama_cpp"
-    d.mkdir(parents=True, exist_ok=True)
-    f32 = f32_gguf(cache_dir() / "gguf" / ZOO[name].gguf_file, d / f"{name}-F32.gguf")
+    d, f32 = _llama_f32(name)
     rows = []
     for qname in ["F32", *LLAMA_QUANTS]:
         path = f32 if qname == "F32" else d / f"{name}-{qname}.gguf"

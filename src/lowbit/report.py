@@ -100,10 +100,15 @@ def plot_pareto(rows: list[dict], out: Path | str, corpus: str | None = None, ti
     if methods:
         ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
+    return _save_png(fig, out)
+
+
+def _save_png(fig, out: Path | str) -> Path:
+    """Write ``fig`` to ``out`` atomically, without a version string (reproducible bytes)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", metadata={"Software": None})   # no version string: reproducible bytes
+    fig.savefig(tmp, format="png", metadata={"Software": None})
     tmp.replace(out)
     return out
 
@@ -129,12 +134,7 @@ def plot_loss_curves(csvs: list[Path], out: Path | str, title: str = "distillati
     if csvs:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    tmp.replace(out)
-    return out
+    return _save_png(fig, out)
 
 
 def _slug(model: str) -> str:
@@ -261,18 +261,16 @@ def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str 
         plots[model] = png.relative_to(docs).as_posix()
         out[f"plot:{model}"] = png
         made.add(png.name)
-    for stale in plots_dir.glob("pareto_*.png") if plots_dir.is_dir() else []:
-        if stale.name not in made:
-            stale.unlink()
     losses = sorted((results_dir / "loss").glob("*.csv")) if (results_dir / "loss").is_dir() else []
     for model in sorted({p.name.split("__")[0] for p in losses}):
         png = plot_loss_curves([p for p in losses if p.name.startswith(model + "__")],
                                plots_dir / f"loss_{_slug(model)}.png", title=f"{model}: distillation loss")
         out[f"loss:{model}"] = png
         made.add(png.name)
-    for stale in plots_dir.glob("loss_*.png") if plots_dir.is_dir() else []:
-        if stale.name not in made:
-            stale.unlink()
+    for pattern in ("pareto_*.png", "loss_*.png"):   # plots of models or runs no longer in the results
+        for stale in plots_dir.glob(pattern) if plots_dir.is_dir() else []:
+            if stale.name not in made:
+                stale.unlink()
     out["comparisons"] = docs / "comparisons.md"
     atomic_write_text(out["comparisons"], render_comparisons(results) + "\n")
     out["leaderboard"] = docs / "leaderboard.md"
