@@ -23,7 +23,12 @@ def test_quantize_info_eval_generate(tiny_dir, text_file, tmp_path, capsys):
     assert r["bpw"]["blocks"] == pytest.approx(3 + 19 / 32)
     assert r["protocol"][str(text_file)]["n_windows"] == 4
     assert (tmp_path / "results.md").is_file()
-    assert main(["-q", "generate", str(out), "the truth", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    texts = []
+    for loop in ("lean", "hf"):  # both decode loops give the same greedy text
+        assert main(["-q", "generate", str(out), "the truth", "--max-new-tokens", "6", "--loop", loop]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
 
 
 def test_run_fp32_and_rtn(tiny_dir, text_file, tmp_path):

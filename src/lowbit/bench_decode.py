@@ -9,6 +9,10 @@ warm-up generation):
   smollm2, a fifth of the weights; left in fp32 it would cap any speed-up), run
   through :class:`lowbit.nn.QuantizedLinear` and so through the fused kernels;
   ``<tag>@ref`` runs the same model with ``LOWBIT_KERNELS=0`` (dequantize + matmul);
+- the decode loop: by default lowbit's :class:`lowbit.runtime.LeanDecoder` (static
+  cache, fused q/k/v and gate/up, fused CPU decode ops); ``<config>@hf`` runs the same
+  model through transformers' ``generate`` instead (bf16 always does: the lean loop is
+  float32). Both loops give the same greedy tokens (tests/test_runtime.py);
 - llama.cpp (optional, ``pip install lowbit[bench]``): the zoo GGUF re-written with
   every tensor dequantized to F32 (the same values as lowbit's fp32 folder), then
   quantized by llama.cpp to Q8_0 / Q4_K_M / Q2_K; bpw is measured from each file.
@@ -33,7 +37,8 @@ __all__ = ["DEFAULT_CONFIGS", "bench_decode", "llama_cpp_available", "write_deco
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIGS = ["fp32", "bf16", "int4-g128", "int3-g128", "int2-g128", "fp4-g128", "int4-g128@ref"]
+DEFAULT_CONFIGS = ["fp32@hf", "bf16@hf", "int4-g128@hf", "fp32", "int4-g128", "int3-g128", "int2-g128", "fp4-g128",
+                   "int4-g128@ref"]
 LLAMA_QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q2_K": 10}  # llama_ftype values
 PROMPT = "The history of the city begins"
 
@@ -58,6 +63,31 @@ def _time_generate(model, ids, new_tokens: int, repeats: int) -> list[float]:
             times.append(time.perf_counter() - t0)
             assert out.shape[1] - ids.shape[1] == new_tokens
     return times
+
+
+def _time_lean(model, ids, new_tokens: int, repeats: int) -> list[float]:
+    from .runtime import LeanDecoder
+
+    dec = LeanDecoder(model, max_len=ids.shape[1] + new_tokens + 8)
+    dec.generate(ids, 8)  # warm-up (builds kernel layouts)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = dec.generate(ids, new_tokens)
+        times.append(time.perf_counter() - t0)
+        assert out.shape[1] - ids.shape[1] == new_tokens
+    return times
+
+
+def _parse_config(cfg: str) -> tuple[str, bool, bool]:
+    """``"int4-g128@ref@hf"`` -> ``("int4-g128", ref, hf)``."""
+    tag, *flags = cfg.split("@")
+    unknown = set(flags) - {"ref", "hf"}
+    if unknown:
+        from .errors import ConfigError
+
+        raise ConfigError(f"decode config {cfg!r}: unknown suffix {sorted(unknown)}; use @hf and/or @ref")
+    return tag, "ref" in flags, "hf" in flags
 
 
 def _lowbit_model(base, tag: str):
@@ -102,8 +132,7 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
         ids = tok(PROMPT, return_tensors="pt")["input_ids"]
         base.generation_config.eos_token_id = None
         for cfg in configs:
-            ref = cfg.endswith("@ref")
-            tag = cfg.removesuffix("@ref")
+            tag, ref, hf = _parse_config(cfg)
             if tag == "fp32":
                 model, bpw = base, 32.0
             elif tag == "bf16":
@@ -114,8 +143,14 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
             old = os.environ.get("LOWBIT_KERNELS")
             if ref:
                 os.environ["LOWBIT_KERNELS"] = "0"
+            from .runtime import lean_supported
+
+            why = None if hf else lean_supported(model)
+            if why and not hf:
+                log.info("%s %s: %s; timing transformers' generate instead", name, cfg, why)
+            loop = "hf generate" if (hf or why) else "lean"
             try:
-                times = _time_generate(model, ids, new_tokens, repeats)
+                times = (_time_generate if loop == "hf generate" else _time_lean)(model, ids, new_tokens, repeats)
             finally:
                 if ref:
                     if old is None:
@@ -123,6 +158,7 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
                     else:
                         os.environ["LOWBIT_KERNELS"] = old
             rows.append(_row(name, "torch" if tag in ("fp32", "bf16") else "lowbit", cfg, bpw, new_tokens, times))
+            rows[-1]["loop"] = loop
             if progress:
                 _print_row(rows[-1])
             if model is not base:
@@ -131,10 +167,12 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
             rows += _bench_llama_bin(name, Path(llama_cpp_bin), new_tokens, repeats, torch.get_num_threads(), progress)
         elif llama_cpp:
             rows += _bench_llama_cpp(name, ids[0].tolist(), new_tokens, repeats, torch.get_num_threads(), progress)
-    fp32 = {r["model"]: r["tok_s"] for r in rows if r["config"] == "fp32"}
-    for r in rows:
-        if r["model"] in fp32:
-            r["speedup_vs_fp32"] = r["tok_s"] / fp32[r["model"]]
+    # ratios to the fp32 model in the same run: through the lean loop and through transformers' generate
+    for key, cfg in (("speedup_vs_fp32", "fp32"), ("speedup_vs_fp32_hf", "fp32@hf")):
+        fp32 = {r["model"]: r["tok_s"] for r in rows if r["config"] == cfg}
+        for r in rows:
+            if r["model"] in fp32:
+                r[key] = r["tok_s"] / fp32[r["model"]]
     return {"rows": rows, "env": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                   "loadavg_before": load0, "loadavg_after": os.getloadavg(),
                                   "new_tokens": new_tokens, "repeats": repeats, "prompt": PROMPT,
@@ -149,7 +187,7 @@ def _row(model: str, engine: str, cfg: str, bpw, new_tokens: int, times: list[fl
 
 def _print_row(r: dict) -> None:
     bpw = f"{r['bpw']:.2f}" if r["bpw"] else "?"
-    print(f"{r['model']:14s} {r['engine']:9s} {r['config']:16s} bpw {bpw:>6s}  {r['tok_s']:7.1f} tok/s  "
+    print(f"{r['model']:14s} {r['engine']:9s} {r.get('loop', ''):11s} {r['config']:18s} bpw {bpw:>6s}  {r['tok_s']:7.1f} tok/s  "
           f"(runs: {', '.join(f'{t:.2f}s' for t in r['times_s'])})", flush=True)
 
 
@@ -334,10 +372,17 @@ def write_decode_report(res: dict, json_path: Path, md_path: Path) -> None:
              f"{e['threads']} torch thread(s); torch {e['torch']}; llama.cpp: {e['llama_cpp'] or 'not installed'}. "
              f"Load average before/after: {', '.join(f'{v:.1f}' for v in e['loadavg_before'])} / "
              f"{', '.join(f'{v:.1f}' for v in e['loadavg_after'])}; {e['date']}.", "",
-             "| model | engine | config | bpw (all-in) | tokens/s | vs fp32 | runs (s) |",
-             "|---|---|---|---:|---:|---:|---|"]
+             ("| model | engine | loop | config | bpw (all-in) | tokens/s | vs fp32 (lean) | vs fp32 (hf generate) "
+              "| runs (s) |"),
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
+
+    def ratio(r, key):
+        return f"{r[key]:.2f}x" if key in r else "-"
+
     for r in res["rows"]:
         bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "?"
-        lines.append(f"| {r['model']} | {r['engine']} | {r['config']} | {bpw} | {r['tok_s']:.1f} | "
-                     f"{r.get('speedup_vs_fp32', float('nan')):.2f}x | {', '.join(f'{t:.2f}' for t in r['times_s'])} |")
+        loop = r.get("loop", "llama-bench" if r["engine"] == "llama.cpp" else "hf generate")
+        lines.append(f"| {r['model']} | {r['engine']} | {loop} | {r['config']} | {bpw} | {r['tok_s']:.1f} | "
+                     f"{ratio(r, 'speedup_vs_fp32')} | {ratio(r, 'speedup_vs_fp32_hf')} | "
+                     f"{', '.join(f'{t:.2f}' for t in r['times_s'])} |")
     _write_between_markers(md_path, "\n".join(lines))

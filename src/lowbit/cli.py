@@ -304,9 +304,22 @@ def cmd_generate(args):
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
-    with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                             temperature=args.temperature if args.temperature > 0 else None, top_p=None, top_k=None)
+    from .runtime import LeanDecoder, lean_supported
+
+    why = lean_supported(model) if args.loop == "lean" else "--loop hf"
+    if why is None:
+        n = ids["input_ids"].shape[1]
+        eos = model.generation_config.eos_token_id
+        out = LeanDecoder(model, max_len=n + args.max_new_tokens).generate(
+            ids["input_ids"], args.max_new_tokens, eos_token_id=eos, temperature=args.temperature,
+            top_k=args.top_k, generator=torch.Generator(model.device).manual_seed(args.seed))
+    else:
+        if args.loop == "lean":
+            log.info("lean decode loop not used (%s); using transformers' generate", why)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                 temperature=args.temperature if args.temperature > 0 else None, top_p=None,
+                                 top_k=args.top_k)
     print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
@@ -426,7 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt")
     s.add_argument("--max-new-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --temperature)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--loop", choices=["lean", "hf"], default="lean",
+                   help="decode loop: lowbit's lean loop (static cache, fused ops; default, where the model fits it) "
+                        "or transformers' generate")
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False, help="wrap the prompt in the chat template")
     _add_device_arg(s)
     s.set_defaults(fn=cmd_generate)
