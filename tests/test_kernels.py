@@ -120,3 +120,25 @@ def test_llama_cpp_bin_without_programs_is_a_clear_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no llama-quantize there"):
         _bench_llama_bin("smollm2-135m", tmp_path, new_tokens=4, repeats=1, threads=1, progress=False)
+
+
+@pytest.mark.parametrize("v", [1, 2, 3, 4, 6, 8, 12, 16])
+@pytest.mark.parametrize("k", [5, 64, 301])
+def test_vq_nearest_matches_reference(monkeypatch, v, k):
+    from lowbit.formats.codebook import nearest
+
+    g = torch.Generator().manual_seed(v * 1000 + k)
+    x = torch.randn(257, v, generator=g)
+    cb = torch.randn(k, v, generator=g)
+    idx, dist = nearest(x, cb)
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    ref_idx, ref_dist = nearest(x, cb)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist, atol=1e-4, rtol=1e-4)
+
+
+def test_vq_nearest_ties_go_to_the_lower_index():
+    cb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]] * 5)  # 20 rows: duplicates everywhere
+    x = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.5, 0.5]])
+    idx, _ = torch.ops.lowbit.vq_nearest(x, cb.T.contiguous(), cb.pow(2).sum(1))
+    assert idx.tolist() == [0, 1, 0]

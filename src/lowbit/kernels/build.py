@@ -27,7 +27,7 @@ __all__ = ["SOURCES", "build_dir", "kernels_available", "load_kernels"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit_kernels.cpp", "decode_ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit_kernels.cpp", "decode_ops.cpp", "vq_ops.cpp")]
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}

@@ -214,8 +214,7 @@ def vptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: VPTQConfig,
     c0sq = C0.pow(2).sum(1) if C0 is not None else None
 
     def assign(cb, sq, x):
-        a = torch.addmm(sq.unsqueeze(0), x, cb.T, alpha=-2.0).argmin(1)
-        return a
+        return nearest(x, cb, sq)[0]
 
     idx = torch.zeros(out_f // v, in_f, dtype=torch.long, device=dev)
     ridx = torch.zeros_like(idx) if R is not None else None
