@@ -61,7 +61,8 @@ def bench_layers(model: str, tokens: int, repeats: int) -> list[dict]:
 
 
 @torch.no_grad()
-def bench_model(model_name: str, method: str, method_config: dict, tokens: int, repeats: int, calib: int) -> dict:
+def bench_model(model_name: str, method: str, method_config: dict, tokens: int, repeats: int, calib: int,
+                bf16: bool = True) -> dict:
     import copy
 
     import lowbit
@@ -74,9 +75,10 @@ def bench_model(model_name: str, method: str, method_config: dict, tokens: int, 
     ids = torch.randint(10, model.config.vocab_size, (tokens // seq, seq))
     res = {"model": model_name, "method": method, "tokens": tokens, "batch": tokens // seq, "seq": seq}
     res["fp32_s"] = _median_s(lambda: model(input_ids=ids, use_cache=False), repeats)
-    mb = copy.deepcopy(model).to(torch.bfloat16)
-    res["bf16_s"] = _median_s(lambda: mb(input_ids=ids, use_cache=False), repeats)
-    mb = None  # free the bf16 copy
+    if bf16:
+        mb = copy.deepcopy(model).to(torch.bfloat16)
+        res["bf16_s"] = _median_s(lambda: mb(input_ids=ids, use_cache=False), repeats)
+        mb = None  # free the bf16 copy
     calib_ids = None
     if method != "w8a8":
         from lowbit.data.calib import sample_windows
@@ -85,7 +87,12 @@ def bench_model(model_name: str, method: str, method_config: dict, tokens: int, 
                                        method_config=method_config), calib_ids=calib_ids, progress=False)
     res["int_s"] = _median_s(lambda: model(input_ids=ids, use_cache=False), repeats)
     for k in ("fp32", "bf16", "int"):
-        res[f"{k}_tok_s"] = round(tokens / res[f"{k}_s"], 1)
+        if f"{k}_s" in res:
+            res[f"{k}_tok_s"] = round(tokens / res[f"{k}_s"], 1)
+    res["int_vs_fp32"] = round(res["fp32_s"] / res["int_s"], 3)
+    from lowbit.nn.w8a8 import act_linear_summary
+
+    res["act_linears"] = act_linear_summary(model)
     print(res)
     return res
 
@@ -99,6 +106,7 @@ def main():
     p.add_argument("--calib", type=int, default=16, help="calibration windows for calibrated methods")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="also time torch bf16")
     p.add_argument("--out", default="docs/results/flatquant_speed.json")
     args = p.parse_args()
     out = Path(args.out)
@@ -108,8 +116,10 @@ def main():
     for m in args.layers:
         data.setdefault("layers", {})[m] = bench_layers(m, args.tokens, args.repeats)
     if args.model:
-        r = bench_model(args.model, args.method, json.loads(args.method_config), args.tokens, args.repeats, args.calib)
-        data.setdefault("end_to_end", {})[f"{args.model}/{args.method}"] = r
+        cfg = json.loads(args.method_config)
+        r = bench_model(args.model, args.method, cfg, args.tokens, args.repeats, args.calib, args.bf16)
+        key = f"{args.model}/{args.method}" + "".join(f"/{k}={v}" for k, v in sorted(cfg.items()))
+        data.setdefault("end_to_end", {})[key] = r
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
     print(f"wrote {out}")

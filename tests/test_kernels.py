@@ -142,3 +142,47 @@ def test_vq_nearest_ties_go_to_the_lower_index():
     x = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.5, 0.5]])
     idx, _ = torch.ops.lowbit.vq_nearest(x, cb.T.contiguous(), cb.pow(2).sum(1))
     assert idx.tolist() == [0, 1, 0]
+
+
+def _vq_layer(v, k, k_res, n_out, norm, out_f=48, in_f=70, seed=0):
+    from lowbit.formats.codebook import VQWeight
+
+    g = torch.Generator().manual_seed(seed)
+    n_main = in_f - n_out
+    qw = VQWeight(out_f, in_f, torch.randn(k, v, generator=g).half(),
+                  torch.randint(0, k, (out_f // v, n_main), generator=g))
+    if k_res:
+        qw.res_codebook = torch.randn(k_res, v, generator=g).half()
+        qw.res_idx = torch.randint(0, k_res, (out_f // v, n_main), generator=g)
+    if n_out:
+        qw.outlier_cols = torch.randperm(in_f, generator=g)[:n_out].sort().values
+        qw.out_codebook = torch.randn(16, 2, generator=g).half()
+        qw.out_idx = torch.randint(0, 16, (out_f // 2, n_out), generator=g)
+    if norm:
+        qw.col_scale = torch.rand(in_f, generator=g).add(0.5).half()
+        qw.col_bias = torch.randn(in_f, generator=g).mul(0.1).half()
+    return QuantizedLinear.from_quantized(qw, qw.layer_spec(), torch.randn(out_f, generator=g))
+
+
+@pytest.mark.parametrize("v", [2, 4, 6, 8, 12, 16])
+@pytest.mark.parametrize("extras", [(0, 0, False), (32, 3, True), (0, 5, False), (40000, 0, True)],
+                         ids=["plain", "res+outliers+norm", "outliers", "k_res>32767+norm"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_vq_linear_matches_reference(v, extras, tokens):
+    from lowbit.kernels import VQKernelLayout
+
+    k_res, n_out, norm = extras
+    m = _vq_layer(v, 300 if v < 12 else 70000 // 16, k_res, n_out, norm)
+    lay = layout_for(m)
+    assert isinstance(lay, VQKernelLayout)
+    x = torch.randn(tokens, 70)
+    ref = F.linear(x, m.dequantize_weight(), m.bias)
+    torch.testing.assert_close(m(x), ref, atol=2e-4, rtol=1e-4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    y1 = m(x)
+    torch.set_num_threads(max(2, threads))
+    try:
+        assert torch.equal(y1, m(x))  # rows are split, never an output's sum
+    finally:
+        torch.set_num_threads(threads)

@@ -9,6 +9,8 @@ warm-up generation):
   smollm2, a fifth of the weights; left in fp32 it would cap any speed-up), run
   through :class:`lowbit.nn.QuantizedLinear` and so through the fused kernels;
   ``<tag>@ref`` runs the same model with ``LOWBIT_KERNELS=0`` (dequantize + matmul);
+- ``ckpt=DIR``: a saved lowbit checkpoint of the model (how VPTQ rows are timed: VQ layers
+  run through the fused VQ GEMV);
 - the decode loop: by default lowbit's :class:`lowbit.runtime.LeanDecoder` (static
   cache, fused q/k/v and gate/up, fused CPU decode ops); ``<config>@hf`` runs the same
   model through transformers' ``generate`` instead (bf16 always does: the lean loop is
@@ -90,6 +92,23 @@ def _parse_config(cfg: str) -> tuple[str, bool, bool]:
     return tag, "ref" in flags, "hf" in flags
 
 
+def _checkpoint_model(path: str, name: str):
+    from .api import load_model
+    from .errors import ConfigError
+    from .io.checkpoint import read_meta
+
+    p = Path(path)
+    if not (p / "lowbit.json").is_file():
+        raise ConfigError(f"decode config ckpt={path}: no lowbit checkpoint there (make one with lowbit quantize)")
+    src = str(read_meta(p).get("source_model", ""))
+    if name not in src:
+        raise ConfigError(f"decode config ckpt={path} was quantized from {src!r}, not from {name!r}; "
+                          f"bench it with --models matching its source")
+    model, _ = load_model(str(p))
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
 def _lowbit_model(base, tag: str):
     from .api import quantize
     from .cli_args import parse_format_tag
@@ -137,6 +156,9 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
                 model, bpw = base, 32.0
             elif tag == "bf16":
                 model, bpw = copy.deepcopy(base).to(torch.bfloat16), 16.0
+            elif tag.startswith("ckpt="):  # a saved lowbit checkpoint of this model (e.g. VPTQ)
+                model = _checkpoint_model(tag.removeprefix("ckpt="), name)
+                bpw = _bpw(model)
             else:
                 model = _lowbit_model(base, tag)
                 bpw = _bpw(model)

@@ -27,7 +27,7 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (1024, 640), (256, 6
 
 #: format tags benchmarked (FormatConfig.tag spelling)
 BENCH_FORMATS = ["int4-g128", "int4-sym-g128", "int3-g128", "int2-g128", "fp4-g128", "nf4-sym-g128",
-                 "fp3-g128", "nf3-g128"]
+                 "fp3-g128", "nf3-g128", "vq-v6-k4096", "vq-v8-k4096-r256"]
 
 GEMM_BATCHES = (16, 64, 512)
 _COLD_BYTES = 96 << 20  # > 2x a 32 MiB L3
@@ -53,11 +53,39 @@ def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 15) -> dict:
     return {"read_gbs": nbytes / t_sum / 1e9, "copy_gbs": 2 * nbytes / t_copy / 1e9, "bytes": nbytes}
 
 
+def _vq_layer(tag: str, out_f: int, in_f: int):
+    """A random VPTQ-shaped layer from ``vq-v<v>-k<k>[-r<k_res>]``: 1% outlier columns (v0 2, k0 256)
+    and the per-column norm, as VPTQ's defaults store them."""
+    import re
+
+    from .errors import ConfigError
+    from .formats.codebook import VQWeight
+    from .nn import QuantizedLinear
+
+    mt = re.fullmatch(r"vq-v(\d+)-k(\d+)(?:-r(\d+))?", tag)
+    if not mt:
+        raise ConfigError(f"VQ tag {tag!r}: expected vq-v<v>-k<k>[-r<k_res>], e.g. vq-v6-k4096")
+    v, k, kr = int(mt[1]), int(mt[2]), int(mt[3] or 0)
+    if out_f % v or out_f % 2:
+        return None, None  # VPTQ picks another vector length for this width
+    n_out = max(1, in_f // 100)
+    qw = VQWeight(out_f, in_f, torch.randn(k, v).half(), torch.randint(0, k, (out_f // v, in_f - n_out)))
+    if kr:
+        qw.res_codebook, qw.res_idx = torch.randn(kr, v).half() * 0.1, torch.randint(0, kr, qw.idx.shape)
+    qw.outlier_cols = torch.randperm(in_f)[:n_out].sort().values
+    qw.out_codebook, qw.out_idx = torch.randn(256, 2).half(), torch.randint(0, 256, (out_f // 2, n_out))
+    qw.col_scale, qw.col_bias = torch.rand(in_f).half() * 0.02, torch.randn(in_f).half() * 0.001
+    m = QuantizedLinear.from_quantized(qw, qw.layer_spec())
+    return m, m.dequantize_weight().clone()
+
+
 def _layer(tag: str, out_f: int, in_f: int):
     from .cli_args import parse_format_tag
     from .formats import quantize_rtn
     from .nn import QuantizedLinear, scalar_spec
 
+    if tag.startswith("vq-"):
+        return _vq_layer(tag, out_f, in_f)
     fmt = parse_format_tag(tag).make()
     w = torch.randn(out_f, in_f) * 0.02
     m = QuantizedLinear.from_quantized(quantize_rtn(w, fmt), scalar_spec(fmt, out_f, in_f))
@@ -78,8 +106,13 @@ class _Copies:
 
 
 def _clone_layout(lay):
-    from dataclasses import replace
+    from dataclasses import fields, replace
 
+    from .kernels import VQKernelLayout
+
+    if isinstance(lay, VQKernelLayout):  # codes are what streams; codebooks are shared and stay in cache anyway
+        return replace(lay, **{f.name: getattr(lay, f.name).clone() for f in fields(lay)
+                               if f.name.endswith("codes") and getattr(lay, f.name) is not None})
     return replace(lay, codes=lay.codes.clone(), scale_a=lay.scale_a.clone(),
                    scale_b=None if lay.scale_b is None else lay.scale_b.clone(),
                    zero=None if lay.zero is None else lay.zero.clone())
@@ -103,6 +136,8 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
     for tag in formats:
         for out_f, in_f in shapes:
             m, w = _layer(tag, out_f, in_f)
+            if m is None:
+                continue
             lay = layout_for(m)
             x1 = torch.randn(1, in_f)
             t_hot = _median_time(lambda: lay.linear(x1), repeats * 4)

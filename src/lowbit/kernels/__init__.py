@@ -19,10 +19,12 @@ from .ops import (
     layout_for,
     register_layout,
 )
+from .vq_layout import VQKernelLayout
 
 __all__ = [
     "FUSED_MAX_BATCH",
     "ScalarKernelLayout",
+    "VQKernelLayout",
     "build_layout",
     "kernel_linear",
     "kernels_available",

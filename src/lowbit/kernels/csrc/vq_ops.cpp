@@ -2,6 +2,8 @@
 //
 //   vq_nearest(x (n, v) float32, codebook_t (v, k) float32, c_sq (k) float32) -> (idx (n) int64, dist (n) float32)
 //   vq_min_dist_(d2 (n) float32, x (n, v), c (v)) -> d2     d2 = min(d2, |x_i - c|^2), in place (k-means++ seeding)
+//   vq_linear(x, codes, codebook, res_codes?, res_codebook?, main_cols, out_codes?, out_codebook?, outlier_cols?,
+//             col_scale?, col_bias?, bias?, v, v0) -> y      the VQ GEMV (see below)
 //
 // For each row x_i: idx_i = argmin_c (|c|^2 - 2 x_i.c) (ties to the lower index) and
 // dist_i = max(0, min + |x_i|^2), the same quantities as the plain-torch
@@ -18,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define LOWBIT_VQ_X86 1
@@ -159,14 +162,177 @@ at::Tensor& vq_min_dist_(at::Tensor& d2, const at::Tensor& x_in, const at::Tenso
   return d2;
 }
 
+
+// ------------------------------------------------------------------ VQ GEMV
+// A VPTQ weight: w[o, c] = (C[idx[o / v, c]][o % v] (+ R[ridx[o / v, c]][o % v])) * s_c + b_c on the main
+// columns, the same with the outlier codebook (vector length v0) on the outlier columns. So
+//   y[o] = sum_main (C[idx] (+ R[ridx]))[o % v] * x'_c + sum_outlier O[oidx][o % v0] * x'_c + sum_c b_c x_c,
+// with x' = s * x: every index adds one codebook row, scaled by one input, into v outputs.
+// Kernel layout (kernels/vq_layout.py): codes int16 (out / v, n_main) (int16 holds the 16-bit index
+// bit pattern), codebooks float32 with rows padded to VP = 8 or 16 floats (one or two AVX2 registers).
+struct VQProblem {
+  const float* xm;        // (M, n_main) scaled inputs of the main columns
+  const float* xo;        // (M, n_out) scaled inputs of the outlier columns
+  const float* beta;      // (M) sum_c b_c x_c
+  const uint16_t* codes;  // (R, n_main)
+  const float* cb;        // (k, VP)
+  const uint16_t* rcodes; // (R, n_main) or null
+  const float* rcb;       // (k_res, VP)
+  const uint16_t* ocodes; // (R0, n_out) or null
+  const float* ocb;       // (k0, v0)
+  const float* bias;
+  float* y;               // (M, out)
+  int64_t M, out, R, n_main, n_out, v, VP, v0;
+};
+
+static void vq_rows_scalar(const VQProblem& p, int64_t r0, int64_t r1) {
+  std::vector<float> acc(p.VP);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t m = 0; m < p.M; ++m) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const float* xm = p.xm + m * p.n_main;
+      for (int64_t i = 0; i < p.n_main; ++i) {
+        const float a = xm[i];
+        const float* row = p.cb + int64_t(p.codes[r * p.n_main + i]) * p.VP;
+        for (int64_t j = 0; j < p.v; ++j) acc[j] += a * row[j];
+        if (p.rcodes) {
+          const float* rr = p.rcb + int64_t(p.rcodes[r * p.n_main + i]) * p.VP;
+          for (int64_t j = 0; j < p.v; ++j) acc[j] += a * rr[j];
+        }
+      }
+      for (int64_t j = 0; j < p.v; ++j) p.y[m * p.out + r * p.v + j] = acc[j] + p.beta[m];
+    }
+}
+
+#if LOWBIT_VQ_X86
+template <int NV>  // NV registers of 8 floats per codebook row (VP = 8 * NV)
+VQ_AVX2 static void vq_rows_avx2(const VQProblem& p, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* cr = p.codes + r * p.n_main;
+    const uint16_t* rcr = p.rcodes ? p.rcodes + r * p.n_main : nullptr;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* xm = p.xm + m * p.n_main;
+      __m256 acc[NV], acc2[NV];  // two chains hide the FMA latency
+      for (int q = 0; q < NV; ++q) acc[q] = _mm256_setzero_ps(), acc2[q] = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 2 <= p.n_main; i += 2) {
+        const __m256 a0 = _mm256_broadcast_ss(xm + i), a1 = _mm256_broadcast_ss(xm + i + 1);
+        const float* w0 = p.cb + int64_t(cr[i]) * 8 * NV;
+        const float* w1 = p.cb + int64_t(cr[i + 1]) * 8 * NV;
+        for (int q = 0; q < NV; ++q) {
+          acc[q] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(w0 + 8 * q), acc[q]);
+          acc2[q] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(w1 + 8 * q), acc2[q]);
+        }
+        if (rcr) {
+          const float* u0 = p.rcb + int64_t(rcr[i]) * 8 * NV;
+          const float* u1 = p.rcb + int64_t(rcr[i + 1]) * 8 * NV;
+          for (int q = 0; q < NV; ++q) {
+            acc[q] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(u0 + 8 * q), acc[q]);
+            acc2[q] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(u1 + 8 * q), acc2[q]);
+          }
+        }
+      }
+      for (; i < p.n_main; ++i) {
+        const __m256 a0 = _mm256_broadcast_ss(xm + i);
+        const float* w0 = p.cb + int64_t(cr[i]) * 8 * NV;
+        for (int q = 0; q < NV; ++q) acc[q] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(w0 + 8 * q), acc[q]);
+        if (rcr) {
+          const float* u0 = p.rcb + int64_t(rcr[i]) * 8 * NV;
+          for (int q = 0; q < NV; ++q) acc[q] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(u0 + 8 * q), acc[q]);
+        }
+      }
+      alignas(32) float tmp[8 * NV];
+      for (int q = 0; q < NV; ++q) _mm256_store_ps(tmp + 8 * q, _mm256_add_ps(acc[q], acc2[q]));
+      for (int64_t j = 0; j < p.v; ++j) p.y[m * p.out + r * p.v + j] = tmp[j] + p.beta[m];
+    }
+  }
+}
+#endif
+
+at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& codebook,
+                     const c10::optional<at::Tensor>& res_codes, const c10::optional<at::Tensor>& res_codebook,
+                     const at::Tensor& main_cols, const c10::optional<at::Tensor>& out_codes,
+                     const c10::optional<at::Tensor>& out_codebook, const c10::optional<at::Tensor>& outlier_cols,
+                     const c10::optional<at::Tensor>& col_scale, const c10::optional<at::Tensor>& col_bias,
+                     const c10::optional<at::Tensor>& bias, int64_t v, int64_t v0) {
+  auto defined = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "x must be float32 on the CPU");
+  TORCH_CHECK(codes.scalar_type() == at::kShort && codes.is_contiguous() && codes.dim() == 2,
+              "codes must be contiguous int16 (out / v, n_main)");
+  TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.is_contiguous() && codebook.size(1) >= v,
+              "codebook must be contiguous float32 (k, VP >= v)");
+  const int64_t R = codes.size(0), n_main = codes.size(1), VP = codebook.size(1), out = R * v;
+  const int64_t in = x_in.size(-1);
+  auto x = x_in.reshape({-1, in}).contiguous();
+  const int64_t M = x.size(0);
+  TORCH_CHECK(main_cols.scalar_type() == at::kLong && main_cols.numel() == n_main, "main_cols must be int64 (n_main)");
+  at::Tensor xs = x;
+  if (defined(col_scale)) xs = x * col_scale->to(at::kFloat);
+  auto xm = xs.index_select(1, main_cols).contiguous();
+  at::Tensor beta = defined(col_bias) ? at::mv(x, col_bias->to(at::kFloat)).contiguous() : at::zeros({M}, x.options());
+  auto y = at::empty({M, out}, x.options());
+  VQProblem p{};
+  p.xm = xm.data_ptr<float>();
+  p.beta = beta.data_ptr<float>();
+  p.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
+  p.cb = codebook.data_ptr<float>();
+  if (defined(res_codes)) {
+    TORCH_CHECK(res_codes->scalar_type() == at::kShort && res_codes->sizes() == codes.sizes() &&
+                    res_codes->is_contiguous() && defined(res_codebook) &&
+                    res_codebook->scalar_type() == at::kFloat && res_codebook->size(1) == VP,
+                "residual codes must match codes, and the residual codebook must be float32 (k_res, VP)");
+    p.rcodes = reinterpret_cast<const uint16_t*>(res_codes->data_ptr<int16_t>());
+    p.rcb = res_codebook->data_ptr<float>();
+  }
+  p.y = y.data_ptr<float>();
+  p.M = M, p.out = out, p.R = R, p.n_main = n_main, p.v = v, p.VP = VP, p.v0 = v0;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_main * 2 * M));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+#if LOWBIT_VQ_X86
+    if (has_avx2() && VP == 8) return vq_rows_avx2<1>(p, r0, r1);
+    if (has_avx2() && VP == 16) return vq_rows_avx2<2>(p, r0, r1);
+#endif
+    vq_rows_scalar(p, r0, r1);
+  });
+  if (defined(out_codes)) {  // outlier columns: a few percent of the inputs, plain loops
+    TORCH_CHECK(out_codes->scalar_type() == at::kShort && out_codes->is_contiguous() && defined(out_codebook) &&
+                    defined(outlier_cols) && out_codebook->scalar_type() == at::kFloat &&
+                    out_codebook->size(1) == v0 && out_codes->size(0) * v0 == out,
+                "outlier codes (out / v0, n_out), codebook float32 (k0, v0) and columns must come together");
+    auto xo = xs.index_select(1, *outlier_cols).contiguous();
+    const int64_t n_out = xo.size(1), R0 = out_codes->size(0);
+    const uint16_t* oc = reinterpret_cast<const uint16_t*>(out_codes->data_ptr<int16_t>());
+    const float* ob = out_codebook->data_ptr<float>();
+    const float* xop = xo.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, R0, 256, [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; ++r)
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = 0; i < n_out; ++i) {
+            const float xv = xop[m * n_out + i];
+            const float* row = ob + int64_t(oc[r * n_out + i]) * v0;
+            for (int64_t j = 0; j < v0; ++j) yp[m * out + r * v0 + j] += xv * row[j];
+          }
+    });
+  }
+  if (defined(bias)) y.add_(bias->to(at::kFloat));
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = out;
+  return y.view(sizes);
+}
+
 }  // namespace lowbit_vq
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("vq_nearest(Tensor x, Tensor codebook_t, Tensor c_sq) -> (Tensor, Tensor)");
   m.def("vq_min_dist_(Tensor(a!) d2, Tensor x, Tensor c) -> Tensor(a!)");
+  m.def("vq_linear(Tensor x, Tensor codes, Tensor codebook, Tensor? res_codes, Tensor? res_codebook, "
+        "Tensor main_cols, Tensor? out_codes, Tensor? out_codebook, Tensor? outlier_cols, Tensor? col_scale, "
+        "Tensor? col_bias, Tensor? bias, int v, int v0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("vq_nearest", &lowbit_vq::vq_nearest);
   m.impl("vq_min_dist_", &lowbit_vq::vq_min_dist_);
+  m.impl("vq_linear", &lowbit_vq::vq_linear);
 }

@@ -1,0 +1,97 @@
+"""Kernel layout for ``vq`` (VPTQ) layers and its fused GEMV (``torch.ops.lowbit.vq_linear``).
+
+Derived at load time from the checkpoint buffers (:mod:`lowbit.nn.vq_codec`), which do not change:
+
+- main (and residual) codes unpacked to int16 ``(out // v, n_main)`` holding the 16-bit index bit
+  pattern (indices are at most 16 bits; the packed checkpoint keeps ``ceil(log2 k)`` bits);
+- codebooks as float32 with rows zero-padded to 8 or 16 floats (one or two AVX2 registers);
+- the outlier codebook as float32 ``(k0, v0)``; column norm as float32 vectors.
+
+The kernel computes ``y = W x + b`` for the weight :meth:`lowbit.formats.codebook.VQWeight.dequantize`
+returns, without building it: every index adds one codebook row, scaled by one (column-scaled)
+input, into ``v`` outputs (``src/lowbit/kernels/csrc/vq_ops.cpp``). Its memory traffic is the int16
+codes plus the codebooks, which stay in cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .build import load_kernels
+from .ops import register_layout
+
+__all__ = ["VQKernelLayout"]
+
+
+def _i16(idx: torch.Tensor) -> torch.Tensor:
+    """Indices ``< 2**16`` as int16 with the same 16-bit pattern (the low half of each little-endian int32)."""
+    return idx.to(torch.int32).contiguous().view(torch.int16)[..., 0::2].contiguous()
+
+
+def _padded(cb: torch.Tensor) -> torch.Tensor:
+    k, v = cb.shape
+    vp = 8 if v <= 8 else 16 if v <= 16 else -(-v // 8) * 8
+    out = torch.zeros(k, vp, dtype=torch.float32)
+    out[:, :v] = cb.float()
+    return out
+
+
+@dataclass
+class VQKernelLayout:
+    out_features: int
+    in_features: int
+    v: int
+    codes: torch.Tensor
+    codebook: torch.Tensor
+    main_cols: torch.Tensor
+    res_codes: torch.Tensor | None = None
+    res_codebook: torch.Tensor | None = None
+    out_codes: torch.Tensor | None = None
+    out_codebook: torch.Tensor | None = None
+    outlier_cols: torch.Tensor | None = None
+    col_scale: torch.Tensor | None = None
+    col_bias: torch.Tensor | None = None
+    v0: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one call reads: codes of every kind, codebooks, column norm."""
+        ts = (self.codes, self.codebook, self.res_codes, self.res_codebook, self.out_codes, self.out_codebook,
+              self.col_scale, self.col_bias)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + bias`` for float32 ``x`` ``(..., in)``."""
+        return torch.ops.lowbit.vq_linear(x, self.codes, self.codebook, self.res_codes, self.res_codebook,
+                                          self.main_cols, self.out_codes, self.out_codebook, self.outlier_cols,
+                                          self.col_scale, self.col_bias, bias, self.v, self.v0)
+
+    def linear_ref(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Plain-torch reference: ``F.linear`` with the dequantized weight ``w``."""
+        return F.linear(x, w, bias)
+
+
+def _vq_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> VQKernelLayout | None:
+    from ..nn.codecs import get_codec
+
+    if buffers["codebook"].device.type != "cpu" or not load_kernels() or not hasattr(torch.ops.lowbit, "vq_linear"):
+        return None
+    if max(spec["k"], spec.get("k_res", 0), spec.get("k0", 0)) > 65536 or spec["v"] > 16:
+        return None
+    qw = get_codec("vq").to_vq_weight(buffers, spec)
+    lay = VQKernelLayout(spec["out_features"], spec["in_features"], spec["v"], _i16(qw.idx),
+                         _padded(qw.codebook.detach()), qw.main_cols().contiguous())
+    if qw.res_codebook is not None:
+        lay.res_codes, lay.res_codebook = _i16(qw.res_idx), _padded(qw.res_codebook.detach())
+    if qw.n_outlier:
+        lay.out_codes, lay.out_codebook = _i16(qw.out_idx), qw.out_codebook.detach().float().contiguous()
+        lay.outlier_cols, lay.v0 = qw.outlier_cols.contiguous(), spec["v0"]
+    if qw.col_scale is not None:
+        lay.col_scale = qw.col_scale.detach().float().contiguous()
+        lay.col_bias = qw.col_bias.detach().float().contiguous()
+    return lay
+
+
+register_layout("vq", _vq_layout)
