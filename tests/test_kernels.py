@@ -186,3 +186,12 @@ def test_vq_linear_matches_reference(v, extras, tokens):
         assert torch.equal(y1, m(x))  # rows are split, never an output's sum
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bench_kernels_vq_rows_run():
+    from lowbit.bench_kernels import bench_kernels
+
+    res = bench_kernels(formats=["vq-v6-k256"], shapes=[(576, 576), (100, 64)], batches=(4,), repeats=2,
+                        progress=False, bandwidth_bytes=1 << 20)
+    assert [(r["out"], r["format"]) for r in res["rows"]] == [(576, "vq-v6-k256")]  # 100 rows: no v=6 split
+    assert res["rows"][0]["bytes"] > 0 and res["rows"][0]["gemv_hot_gbs"] > 0

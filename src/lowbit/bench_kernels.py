@@ -119,7 +119,7 @@ def _clone_layout(lay):
 
 
 def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int = 30, threads: int | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, bandwidth_bytes: int = 512 << 20) -> dict:
     """Run the benchmark; returns a JSON-ready dict (see :func:`write_kernels_report`)."""
     from .kernels import FUSED_MAX_BATCH, layout_for, load_kernels
 
@@ -130,7 +130,7 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
     formats = formats or BENCH_FORMATS
     shapes = shapes or SHAPES
     load0 = os.getloadavg()
-    bw = measure_bandwidth()
+    bw = measure_bandwidth(bandwidth_bytes)
     rows = []
     torch.manual_seed(0)
     for tag in formats:
