@@ -14,11 +14,14 @@ Python. :class:`LeanDecoder` runs the same model with about 20 calls per layer:
 It reads the model's own modules and config, so what it computes is the model's forward
 pass; :func:`lean_supported` says whether a model fits (tests compare logits with the
 model's own forward on every supported architecture). Weights are shared with the model,
-except fused float q/k/v and gate/up weights, which are concatenated copies.
+except fused float q/k/v and gate/up weights, which are concatenated copies. Quantized layers
+are called through their kernel layouts, taken when the decoder is built: build a new decoder
+after changing the model's weights.
 """
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,10 +76,25 @@ class _Fused(nn.Module):
         return self.fn(x)
 
 
+def _direct(m: nn.Module):
+    """``m``'s kernel layout call when it has one (skips the module's per-call dispatch), else ``m``."""
+    from ..kernels import kernels_enabled
+    from ..kernels.build import load_kernels
+    from ..kernels.ops import layout_for
+    from ..nn.qlinear import QuantizedLinear
+
+    if type(m) is QuantizedLinear and m.use_kernels and kernels_enabled() and load_kernels():
+        lay = layout_for(m)
+        if lay is not None:
+            bias = None if m.bias is None else m.bias.detach()
+            return lambda x: lay.linear(x, bias)
+    return m
+
+
 def _fuse(linears: list[nn.Module]):
     """``(kind, fn)``: one callable computing ``cat([m(x) for m in linears], -1)``."""
     if len(linears) == 1:
-        return "single", linears[0]
+        return "single", _direct(linears[0])
     if all(type(m) is nn.Linear for m in linears):
         w = torch.cat([m.weight.detach() for m in linears])
         has_b = [m.bias is not None for m in linears]
@@ -86,7 +104,8 @@ def _fuse(linears: list[nn.Module]):
     fused = _fuse_kernel_layouts(linears)
     if fused is not None:
         return "kernel", fused
-    return "separate", lambda x: torch.cat([m(x) for m in linears], dim=-1)
+    fns = [_direct(m) for m in linears]
+    return "separate", lambda x: torch.cat([f(x) for f in fns], dim=-1)
 
 
 def _fuse_kernel_layouts(linears):
@@ -151,9 +170,9 @@ def _norm_weight(norm: nn.Module, offset: float) -> tuple[torch.Tensor, float]:
 @dataclass
 class _Layer:
     qkv: _Fused
-    o: nn.Module
+    o: Callable[[torch.Tensor], torch.Tensor]
     gate_up: _Fused
-    down: nn.Module
+    down: Callable[[torch.Tensor], torch.Tensor]
     act: nn.Module
     norms: dict[str, tuple[torch.Tensor, float]]   # input, post_attn, pre_ff, post_ff, q, k (those present)
     rope: str          # key of the rotary table
@@ -185,7 +204,7 @@ class LeanDecoder:
         self.max_len = max_len
         self.embed = get_module(model, spec.embed)
         self.final_norm = _norm_weight(get_module(model, spec.final_norm), spec.norm_offset)
-        self.head = get_module(model, spec.head)
+        self.head = _direct(get_module(model, spec.head))
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         from transformers.activations import ACT2FN
 
@@ -210,8 +229,8 @@ class LeanDecoder:
                     norms[key] = _norm_weight(n, spec.norm_offset)
             lt = layer_types[i] if layer_types else "full_attention"
             self.layers.append(_Layer(
-                qkv=_Fused([at.q_proj, at.k_proj, at.v_proj]), o=at.o_proj,
-                gate_up=_Fused([mlp.gate_proj, mlp.up_proj]), down=mlp.down_proj, act=act, norms=norms,
+                qkv=_Fused([at.q_proj, at.k_proj, at.v_proj]), o=_direct(at.o_proj),
+                gate_up=_Fused([mlp.gate_proj, mlp.up_proj]), down=_direct(mlp.down_proj), act=act, norms=norms,
                 rope=lt, window=window if (lt == "sliding_attention" and window) else None))
         self._rope = self._rope_tables(model, sorted({lay.rope for lay in self.layers}), dev)
         shape = (self.n_kv, max_len, self.head_dim)

@@ -207,47 +207,67 @@ static void vq_rows_scalar(const VQProblem& p, int64_t r0, int64_t r1) {
 #if LOWBIT_VQ_X86
 template <int NV>  // NV registers of 8 floats per codebook row (VP = 8 * NV)
 VQ_AVX2 static void vq_rows_avx2(const VQProblem& p, int64_t r0, int64_t r1) {
+  // four independent accumulator chains: one chain would wait on the FMA latency (4 cycles) per index
+  constexpr int CH = 4;
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* cr = p.codes + r * p.n_main;
     const uint16_t* rcr = p.rcodes ? p.rcodes + r * p.n_main : nullptr;
     for (int64_t m = 0; m < p.M; ++m) {
       const float* xm = p.xm + m * p.n_main;
-      __m256 acc[NV], acc2[NV];  // two chains hide the FMA latency
-      for (int q = 0; q < NV; ++q) acc[q] = _mm256_setzero_ps(), acc2[q] = _mm256_setzero_ps();
+      __m256 acc[CH][NV];
+      for (int c = 0; c < CH; ++c)
+        for (int q = 0; q < NV; ++q) acc[c][q] = _mm256_setzero_ps();
       int64_t i = 0;
-      for (; i + 2 <= p.n_main; i += 2) {
-        const __m256 a0 = _mm256_broadcast_ss(xm + i), a1 = _mm256_broadcast_ss(xm + i + 1);
-        const float* w0 = p.cb + int64_t(cr[i]) * 8 * NV;
-        const float* w1 = p.cb + int64_t(cr[i + 1]) * 8 * NV;
-        for (int q = 0; q < NV; ++q) {
-          acc[q] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(w0 + 8 * q), acc[q]);
-          acc2[q] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(w1 + 8 * q), acc2[q]);
-        }
-        if (rcr) {
-          const float* u0 = p.rcb + int64_t(rcr[i]) * 8 * NV;
-          const float* u1 = p.rcb + int64_t(rcr[i + 1]) * 8 * NV;
-          for (int q = 0; q < NV; ++q) {
-            acc[q] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(u0 + 8 * q), acc[q]);
-            acc2[q] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(u1 + 8 * q), acc2[q]);
+      for (; i + CH <= p.n_main; i += CH) {
+        for (int c = 0; c < CH; ++c) {
+          const __m256 a = _mm256_broadcast_ss(xm + i + c);
+          const float* w = p.cb + int64_t(cr[i + c]) * 8 * NV;
+          for (int q = 0; q < NV; ++q) acc[c][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w + 8 * q), acc[c][q]);
+          if (rcr) {
+            const float* u = p.rcb + int64_t(rcr[i + c]) * 8 * NV;
+            for (int q = 0; q < NV; ++q) acc[c][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(u + 8 * q), acc[c][q]);
           }
         }
       }
       for (; i < p.n_main; ++i) {
-        const __m256 a0 = _mm256_broadcast_ss(xm + i);
-        const float* w0 = p.cb + int64_t(cr[i]) * 8 * NV;
-        for (int q = 0; q < NV; ++q) acc[q] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(w0 + 8 * q), acc[q]);
+        const __m256 a = _mm256_broadcast_ss(xm + i);
+        const float* w = p.cb + int64_t(cr[i]) * 8 * NV;
+        for (int q = 0; q < NV; ++q) acc[0][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w + 8 * q), acc[0][q]);
         if (rcr) {
-          const float* u0 = p.rcb + int64_t(rcr[i]) * 8 * NV;
-          for (int q = 0; q < NV; ++q) acc[q] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(u0 + 8 * q), acc[q]);
+          const float* u = p.rcb + int64_t(rcr[i]) * 8 * NV;
+          for (int q = 0; q < NV; ++q) acc[0][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(u + 8 * q), acc[0][q]);
         }
       }
       alignas(32) float tmp[8 * NV];
-      for (int q = 0; q < NV; ++q) _mm256_store_ps(tmp + 8 * q, _mm256_add_ps(acc[q], acc2[q]));
+      for (int q = 0; q < NV; ++q)
+        _mm256_store_ps(tmp + 8 * q, _mm256_add_ps(_mm256_add_ps(acc[0][q], acc[1][q]),
+                                                   _mm256_add_ps(acc[2][q], acc[3][q])));
       for (int64_t j = 0; j < p.v; ++j) p.y[m * p.out + r * p.v + j] = tmp[j] + p.beta[m];
     }
   }
 }
 #endif
+
+// outputs o0..o1-1: add the outlier columns' lookups and the bias
+static void vq_rows_epilogue(const VQProblem& p, int64_t o0, int64_t o1) {
+  for (int64_t m = 0; m < p.M; ++m) {
+    float* y = p.y + m * p.out;
+    if (p.bias)
+      for (int64_t o = o0; o < o1; ++o) y[o] += p.bias[o];
+    if (!p.ocodes) continue;
+    const float* xo = p.xo + m * p.n_out;
+    for (int64_t g = o0 / p.v0; g * p.v0 < o1; ++g) {  // outlier vector groups overlapping o0..o1-1
+      const uint16_t* oc = p.ocodes + g * p.n_out;
+      for (int64_t j = 0; j < p.v0; ++j) {
+        const int64_t o = g * p.v0 + j;
+        if (o < o0 || o >= o1) continue;
+        float s = 0.f;
+        for (int64_t i = 0; i < p.n_out; ++i) s += xo[i] * p.ocb[int64_t(oc[i]) * p.v0 + j];
+        y[o] += s;
+      }
+    }
+  }
+}
 
 at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& codebook,
                      const c10::optional<at::Tensor>& res_codes, const c10::optional<at::Tensor>& res_codebook,
@@ -266,16 +286,56 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   auto x = x_in.reshape({-1, in}).contiguous();
   const int64_t M = x.size(0);
   TORCH_CHECK(main_cols.scalar_type() == at::kLong && main_cols.numel() == n_main, "main_cols must be int64 (n_main)");
-  at::Tensor xs = x;
-  if (defined(col_scale)) xs = x * col_scale->to(at::kFloat);
-  auto xm = xs.index_select(1, main_cols).contiguous();
-  at::Tensor beta = defined(col_bias) ? at::mv(x, col_bias->to(at::kFloat)).contiguous() : at::zeros({M}, x.options());
+  // inputs of the main and outlier columns, column-scaled, and beta = sum_c b_c x_c: plain loops, since
+  // at decode sizes a chain of tensor ops would cost more than the GEMV itself
+  auto f32 = [&](const c10::optional<at::Tensor>& t, int64_t n, const char* name) -> const float* {
+    if (!defined(t)) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n, name,
+                " must be contiguous float32 with ", n, " entries");
+    return t->data_ptr<float>();
+  };
+  const float* sc = f32(col_scale, in, "col_scale");
+  const float* bc = f32(col_bias, in, "col_bias");
+  const float* bias_p = f32(bias, out, "bias");
+  const int64_t n_out = defined(outlier_cols) ? outlier_cols->numel() : 0;
+  const uint16_t* oc = nullptr;
+  const float* ob = nullptr;
+  if (n_out) {
+    TORCH_CHECK(defined(out_codes) && out_codes->scalar_type() == at::kShort && out_codes->is_contiguous() &&
+                    defined(out_codebook) && out_codebook->scalar_type() == at::kFloat &&
+                    out_codebook->is_contiguous() && out_codebook->size(1) == v0 && out_codes->size(0) * v0 == out &&
+                    out_codes->size(1) == n_out && outlier_cols->scalar_type() == at::kLong,
+                "outlier codes (out / v0, n_out), codebook float32 (k0, v0) and int64 columns must come together");
+    oc = reinterpret_cast<const uint16_t*>(out_codes->data_ptr<int16_t>());
+    ob = out_codebook->data_ptr<float>();
+  }
+  auto xm = at::empty({M, n_main}, x.options());
+  auto xo = at::empty({M, std::max<int64_t>(n_out, 1)}, x.options());
+  auto beta = at::zeros({M}, x.options());
+  {
+    const float* xp = x.data_ptr<float>();
+    const int64_t* mc = main_cols.data_ptr<int64_t>();
+    const int64_t* ocol = n_out ? outlier_cols->data_ptr<int64_t>() : nullptr;
+    float *xmp = xm.data_ptr<float>(), *xop = xo.data_ptr<float>(), *bp = beta.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = xp + m * in;
+      for (int64_t i = 0; i < n_main; ++i) xmp[m * n_main + i] = xr[mc[i]] * (sc ? sc[mc[i]] : 1.f);
+      for (int64_t i = 0; i < n_out; ++i) xop[m * n_out + i] = xr[ocol[i]] * (sc ? sc[ocol[i]] : 1.f);
+      if (bc) {
+        float s = 0.f;
+        for (int64_t c = 0; c < in; ++c) s += bc[c] * xr[c];
+        bp[m] = s;
+      }
+    }
+  }
   auto y = at::empty({M, out}, x.options());
   VQProblem p{};
   p.xm = xm.data_ptr<float>();
+  p.xo = xo.data_ptr<float>();
   p.beta = beta.data_ptr<float>();
   p.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
   p.cb = codebook.data_ptr<float>();
+  p.ocodes = oc, p.ocb = ob, p.bias = bias_p;
   if (defined(res_codes)) {
     TORCH_CHECK(res_codes->scalar_type() == at::kShort && res_codes->sizes() == codes.sizes() &&
                     res_codes->is_contiguous() && defined(res_codebook) &&
@@ -285,37 +345,17 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
     p.rcb = res_codebook->data_ptr<float>();
   }
   p.y = y.data_ptr<float>();
-  p.M = M, p.out = out, p.R = R, p.n_main = n_main, p.v = v, p.VP = VP, p.v0 = v0;
+  p.M = M, p.out = out, p.R = R, p.n_main = n_main, p.n_out = n_out, p.v = v, p.VP = VP, p.v0 = v0;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_main * 2 * M));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
 #if LOWBIT_VQ_X86
-    if (has_avx2() && VP == 8) return vq_rows_avx2<1>(p, r0, r1);
-    if (has_avx2() && VP == 16) return vq_rows_avx2<2>(p, r0, r1);
+    if (has_avx2() && VP == 8) vq_rows_avx2<1>(p, r0, r1);
+    else if (has_avx2() && VP == 16) vq_rows_avx2<2>(p, r0, r1);
+    else
 #endif
-    vq_rows_scalar(p, r0, r1);
+      vq_rows_scalar(p, r0, r1);
+    vq_rows_epilogue(p, r0 * v, r1 * v);
   });
-  if (defined(out_codes)) {  // outlier columns: a few percent of the inputs, plain loops
-    TORCH_CHECK(out_codes->scalar_type() == at::kShort && out_codes->is_contiguous() && defined(out_codebook) &&
-                    defined(outlier_cols) && out_codebook->scalar_type() == at::kFloat &&
-                    out_codebook->size(1) == v0 && out_codes->size(0) * v0 == out,
-                "outlier codes (out / v0, n_out), codebook float32 (k0, v0) and columns must come together");
-    auto xo = xs.index_select(1, *outlier_cols).contiguous();
-    const int64_t n_out = xo.size(1), R0 = out_codes->size(0);
-    const uint16_t* oc = reinterpret_cast<const uint16_t*>(out_codes->data_ptr<int16_t>());
-    const float* ob = out_codebook->data_ptr<float>();
-    const float* xop = xo.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, R0, 256, [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; ++r)
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = 0; i < n_out; ++i) {
-            const float xv = xop[m * n_out + i];
-            const float* row = ob + int64_t(oc[r * n_out + i]) * v0;
-            for (int64_t j = 0; j < v0; ++j) yp[m * out + r * v0 + j] += xv * row[j];
-          }
-    });
-  }
-  if (defined(bias)) y.add_(bias->to(at::kFloat));
   auto sizes = x_in.sizes().vec();
   sizes.back() = out;
   return y.view(sizes);
