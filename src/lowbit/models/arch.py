@@ -45,6 +45,9 @@ class ArchSpec:
     norm_offset: float = 0.0
     #: perplexity windows start with BOS (Gemma was trained that way)
     bos_per_window: bool = False
+    #: blocks are pre-norm RMSNorm + rotary attention (q/k/v/o_proj) + gated MLP (gate/up/down_proj),
+    #: which lowbit.runtime.LeanDecoder runs
+    lean_decode: bool = False
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -61,7 +64,7 @@ _LLAMA_GROUPS = (
 
 ARCHS: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", "model.embed_tokens", "model.norm",
-             "lm_head", _LLAMA_GROUPS),
+             "lm_head", _LLAMA_GROUPS, lean_decode=True),
     ArchSpec("gemma3", ("gemma3_text", "gemma3", "gemma2", "gemma"), "model.layers", "model.embed_tokens",
              "model.norm", "lm_head",
              (
@@ -70,7 +73,7 @@ ARCHS: tuple[ArchSpec, ...] = (
                  InputGroup(("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm"),
                  InputGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
              ),
-             norm_offset=1.0, bos_per_window=True),
+             norm_offset=1.0, bos_per_window=True, lean_decode=True),
     ArchSpec("opt", ("opt",), "model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm",
              "lm_head",
              (

@@ -2,14 +2,17 @@
 
 transformers' ``generate`` spends most of a CPU decode step outside the matmuls: about 170
 operator calls per layer and token (cache bookkeeping, masks, rotary views, casts) plus
-Python. :class:`LeanDecoder` runs the same model with about 20 calls per layer:
+Python. :class:`LeanDecoder` runs the same model with about ten calls per layer:
 
 - a preallocated KV cache per layer, written in place (``(kv_heads, max_len, head_dim)``);
 - q/k/v and gate/up computed by one fused linear each (packed codes concatenated by rows,
   so one kernel call streams all of them);
 - rotary tables computed once by the model's own rotary module (every rope type it
   supports), applied to q and k together;
-- ``F.rms_norm`` and ``scaled_dot_product_attention`` with grouped-query heads.
+- on CPU, fused ops for RMSNorm, q/k-norm + rope + cache write and single-query attention
+  (``kernels/csrc/decode_ops.cpp``); elsewhere (or with ``LOWBIT_KERNELS=0``) their plain-torch
+  equivalents: ``F.rms_norm``, ``scaled_dot_product_attention`` with grouped-query heads;
+- quantized layers called through their kernel layouts (no per-call module dispatch).
 
 It reads the model's own modules and config, so what it computes is the model's forward
 pass; :func:`lean_supported` says whether a model fits (tests compare logits with the
@@ -45,8 +48,9 @@ def lean_supported(model) -> str | None:
         spec = arch_for(model)
     except UnsupportedModelError as e:
         return str(e)
-    if spec.name not in ("llama", "gemma3"):
-        return f"the lean decoder covers the llama and gemma3 architecture rows, not {spec.name!r}"
+    if not spec.lean_decode:
+        return (f"the {spec.name!r} architecture row is not marked lean_decode (the lean decoder runs "
+                "RMSNorm + rotary attention + gated-MLP blocks: the llama and gemma3 rows)")
     cfg = _text_config(model)
     if getattr(cfg, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not implemented in the lean decoder"
@@ -98,8 +102,8 @@ def _fuse(linears: list[nn.Module]):
     if all(type(m) is nn.Linear for m in linears):
         w = torch.cat([m.weight.detach() for m in linears])
         has_b = [m.bias is not None for m in linears]
-        b = (torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features) for m in linears])
-             if any(has_b) else None)
+        b = (torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                        for m in linears]) if any(has_b) else None)
         return "float", lambda x: F.linear(x, w, b)
     fused = _fuse_kernel_layouts(linears)
     if fused is not None:
@@ -115,7 +119,8 @@ def _fuse_kernel_layouts(linears):
     from ..kernels.ops import ScalarKernelLayout, layout_for
     from ..nn.qlinear import QuantizedLinear
 
-    if not (kernels_enabled() and load_kernels()) or not all(type(m) is QuantizedLinear for m in linears):
+    if not (kernels_enabled() and load_kernels()) or not all(type(m) is QuantizedLinear and m.use_kernels
+                                                             for m in linears):
         return None
     lays = [layout_for(m) for m in linears]
     if not all(isinstance(lay, ScalarKernelLayout) for lay in lays):
