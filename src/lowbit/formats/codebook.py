@@ -36,10 +36,9 @@ def _vq_kernel(x: torch.Tensor, codebook: torch.Tensor) -> bool:
     """Whether the fused CPU search applies (float32 CPU tensors, kernels built and enabled)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or codebook.dtype != torch.float32 or not len(codebook):
         return False
-    from ..kernels import kernels_enabled
-    from ..kernels.build import load_kernels
+    from ..kernels import kernels_active
 
-    return kernels_enabled() and load_kernels() and hasattr(torch.ops.lowbit, "vq_nearest")
+    return kernels_active("vq_nearest")
 
 
 @torch.no_grad()

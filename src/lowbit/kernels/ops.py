@@ -30,6 +30,7 @@ __all__ = [
     "ScalarKernelLayout",
     "build_layout",
     "kernel_linear",
+    "kernels_active",
     "kernels_enabled",
     "layout_for",
     "register_layout",
@@ -43,6 +44,11 @@ FUSED_MAX_BATCH = 128
 def kernels_enabled() -> bool:
     """``False`` when ``LOWBIT_KERNELS=0`` (forces the plain-torch reference path)."""
     return os.environ.get("LOWBIT_KERNELS", "1") != "0"
+
+
+def kernels_active(op: str | None = None) -> bool:
+    """Kernels enabled, the extension loaded and (when named) ``torch.ops.lowbit.<op>`` registered."""
+    return kernels_enabled() and load_kernels() and (op is None or hasattr(torch.ops.lowbit, op))
 
 
 @dataclass
@@ -164,7 +170,7 @@ def kernel_linear(module, x: torch.Tensor) -> torch.Tensor | None:
     Used by :meth:`lowbit.nn.QuantizedLinear.forward` for CPU float32 inputs that
     do not require grad.
     """
-    if not kernels_enabled() or not load_kernels():
+    if not kernels_active():
         return None
     lay = layout_for(module)
     if lay is None:

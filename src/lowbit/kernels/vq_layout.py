@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .build import load_kernels
 from .ops import register_layout
@@ -32,7 +31,7 @@ def _i16(idx: torch.Tensor) -> torch.Tensor:
 
 def _padded(cb: torch.Tensor) -> torch.Tensor:
     k, v = cb.shape
-    vp = 8 if v <= 8 else 16 if v <= 16 else -(-v // 8) * 8
+    vp = 8 if v <= 8 else 16  # the builder takes v <= 16 only
     out = torch.zeros(k, vp, dtype=torch.float32)
     out[:, :v] = cb.float()
     return out
@@ -67,10 +66,6 @@ class VQKernelLayout:
         return torch.ops.lowbit.vq_linear(x, self.codes, self.codebook, self.res_codes, self.res_codebook,
                                           self.main_cols, self.out_codes, self.out_codebook, self.outlier_cols,
                                           self.col_scale, self.col_bias, bias, self.v, self.v0)
-
-    def linear_ref(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Plain-torch reference: ``F.linear`` with the dequantized weight ``w``."""
-        return F.linear(x, w, bias)
 
 
 def _vq_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> VQKernelLayout | None:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..kernels import kernels_active
 from ..models.arch import arch_for, get_module
 
 __all__ = ["LeanDecoder", "lean_supported"]
@@ -59,19 +60,11 @@ def lean_supported(model) -> str | None:
     return None
 
 
-def _fused_ops_available() -> bool:
-    from ..kernels import kernels_enabled
-    from ..kernels.build import load_kernels
-
-    return kernels_enabled() and load_kernels() and hasattr(torch.ops.lowbit, "rope_cache")
-
-
 class _Fused(nn.Module):
     """Several linears reading the same input, computed by one call; outputs concatenated."""
 
     def __init__(self, linears: list[nn.Module]):
         super().__init__()
-        self.sizes = [m.out_features for m in linears]
         #: how the call is made: "single", "float" (concatenated weights), "kernel" (concatenated
         #: packed rows, one fused kernel call) or "separate" (one call each, outputs concatenated)
         self.kind, self.fn = _fuse(linears)
@@ -82,12 +75,10 @@ class _Fused(nn.Module):
 
 def _direct(m: nn.Module):
     """``m``'s kernel layout call when it has one (skips the module's per-call dispatch), else ``m``."""
-    from ..kernels import kernels_enabled
-    from ..kernels.build import load_kernels
     from ..kernels.ops import layout_for
     from ..nn.qlinear import QuantizedLinear
 
-    if type(m) is QuantizedLinear and m.use_kernels and kernels_enabled() and load_kernels():
+    if type(m) is QuantizedLinear and m.use_kernels and kernels_active():
         lay = layout_for(m)
         if lay is not None:
             bias = None if m.bias is None else m.bias.detach()
@@ -114,12 +105,10 @@ def _fuse(linears: list[nn.Module]):
 
 def _fuse_kernel_layouts(linears):
     """Concatenate the rows of same-kind scalar kernel layouts (the kernels treat rows independently)."""
-    from ..kernels import kernels_enabled
-    from ..kernels.build import load_kernels
     from ..kernels.ops import ScalarKernelLayout, layout_for
     from ..nn.qlinear import QuantizedLinear
 
-    if not (kernels_enabled() and load_kernels()) or not all(type(m) is QuantizedLinear and m.use_kernels
+    if not kernels_active() or not all(type(m) is QuantizedLinear and m.use_kernels
                                                              for m in linears):
         return None
     lays = [layout_for(m) for m in linears]
@@ -243,7 +232,7 @@ class LeanDecoder:
         self.v_cache = [torch.zeros(shape, device=dev) for _ in self.layers]
         self.pos = 0
         #: use the fused CPU ops of kernels/csrc/decode_ops.cpp (else the plain-torch equivalents)
-        self.fused_ops = dev.type == "cpu" and _fused_ops_available()
+        self.fused_ops = dev.type == "cpu" and kernels_active("rope_cache")
         # q and k heads get one rms-norm weight row each (Gemma-3 q_norm / k_norm)
         lay0 = self.layers[0]
         self._qk_norm = "q" in lay0.norms

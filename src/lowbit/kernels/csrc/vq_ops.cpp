@@ -29,23 +29,33 @@
 
 namespace lowbit_vq {
 
+// codewords c0..k-1 of one row in scalar code, updating (best, bi); strict < keeps the lowest index on ties
+static inline void scan_scalar(const float* xi, const float* ct, const float* csq, int64_t v, int64_t k, int64_t c0,
+                               float& best, int64_t& bi) {
+  for (int64_t c = c0; c < k; ++c) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < v; ++j) acc = std::fma(xi[j], ct[j * k + c], acc);
+    const float d = std::fma(-2.f, acc, csq[c]);
+    if (d < best) best = d, bi = c;
+  }
+}
+
+// one row's result: the index and dist = max(0, min + |x|^2)
+static inline void store_row(const float* xi, int64_t v, float best, int64_t bi, int64_t* idx, float* dist) {
+  float xx = 0.f;
+  for (int64_t j = 0; j < v; ++j) xx += xi[j] * xi[j];
+  *idx = bi;
+  *dist = std::max(0.f, best + xx);
+}
+
 // scalar path (and any vector length)
 static void rows_scalar(const float* x, const float* ct, const float* csq, int64_t v, int64_t k, int64_t r0,
                         int64_t r1, int64_t* idx, float* dist) {
   for (int64_t i = r0; i < r1; ++i) {
-    const float* xi = x + i * v;
     float best = std::numeric_limits<float>::infinity();
     int64_t bi = 0;
-    for (int64_t c = 0; c < k; ++c) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < v; ++j) acc = std::fma(xi[j], ct[j * k + c], acc);
-      const float d = std::fma(-2.f, acc, csq[c]);
-      if (d < best) best = d, bi = c;
-    }
-    float xx = 0.f;
-    for (int64_t j = 0; j < v; ++j) xx += xi[j] * xi[j];
-    idx[i] = bi;
-    dist[i] = std::max(0.f, best + xx);
+    scan_scalar(x + i * v, ct, csq, v, k, 0, best, bi);
+    store_row(x + i * v, v, best, bi, idx + i, dist + i);
   }
 }
 
@@ -83,16 +93,8 @@ VQ_AVX2 static void rows_avx2(const float* x, const float* ct, const float* csq,
     int64_t bi = 0;
     for (int l = 0; l < 8; ++l)
       if (bv[l] < b || (bv[l] == b && bix[l] < bi)) b = bv[l], bi = bix[l];
-    for (int64_t c = k8; c < k; ++c) {
-      float acc = xi[0] * ct[c];
-      for (int j = 1; j < V; ++j) acc = std::fma(xi[j], ct[j * k + c], acc);
-      const float d = std::fma(-2.f, acc, csq[c]);
-      if (d < b) b = d, bi = c;
-    }
-    float xx = 0.f;
-    for (int j = 0; j < V; ++j) xx += xi[j] * xi[j];
-    idx[i] = bi;
-    dist[i] = std::max(0.f, b + xx);
+    scan_scalar(xi, ct, csq, V, k, k8, b, bi);
+    store_row(xi, V, b, bi, idx + i, dist + i);
   }
 }
 
