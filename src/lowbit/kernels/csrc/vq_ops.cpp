@@ -27,6 +27,10 @@
 #include <immintrin.h>
 #endif
 
+namespace lowbit {
+int active_isa();  // defined in lowbit_kernels.cpp
+}
+
 namespace lowbit_vq {
 
 // codewords c0..k-1 of one row in scalar code, updating (best, bi); strict < keeps the lowest index on ties
@@ -98,13 +102,8 @@ VQ_AVX2 static void rows_avx2(const float* x, const float* ct, const float* csq,
   }
 }
 
-static bool has_avx2() {
-  static const int ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
-  }();
-  return ok;
-}
+// the extension's active ISA (lowbit_kernels.cpp): 1 = AVX2+FMA, 0 = scalar, forced by lowbit::set_isa
+static bool has_avx2() { return lowbit::active_isa() == 1; }
 #endif
 
 std::tuple<at::Tensor, at::Tensor> vq_nearest(const at::Tensor& x_in, const at::Tensor& ct_in,
