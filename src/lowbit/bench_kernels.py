@@ -213,16 +213,14 @@ def write_kernels_report(res: dict | list[dict], json_path: Path, md_path: Path)
     _write_between_markers(md_path, "\n".join(lines))
 
 
-_BEGIN, _END = "<!-- bench:begin -->", "<!-- bench:end -->"
-
-
-def _write_between_markers(md_path: Path, body: str) -> None:
-    """Replace the generated part of ``md_path`` (between markers), keeping hand-written text around it."""
+def _write_between_markers(md_path: Path, body: str, tag: str = "bench") -> None:
+    """Replace the generated part of ``md_path`` (between ``<!-- {tag}:begin/end -->``), keeping the text around it."""
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
     md_path.parent.mkdir(parents=True, exist_ok=True)
     old = md_path.read_text(encoding="utf-8") if md_path.exists() else ""
-    block = f"{_BEGIN}\n{body}\n{_END}"
-    if _BEGIN in old and _END in old:
-        new = old[: old.index(_BEGIN)] + block + old[old.index(_END) + len(_END):]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
         new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
     md_path.write_text(new, encoding="utf-8")
