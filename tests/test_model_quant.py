@@ -158,3 +158,32 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         lowbit.save(m, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantizing_a_checkpoint_again_is_a_clear_error(tmp_path):
+    from lowbit.errors import ConfigError
+
+    m = lowbit.load(_saved(tmp_path))
+    with pytest.raises(ConfigError, match="already quantized .*lowbit info CKPT"):
+        lowbit.quantize(m, QuantRecipe(fmt=FormatConfig(bits=2, group_size=32)), progress=False)
+
+
+@pytest.mark.parametrize("head", [None, "int4-g32"])
+def test_decode_bench_checkpoint_head(tmp_path, head):
+    """bench-decode's ckpt= rows RTN-quantize a float head on request, leaving the blocks as saved."""
+    from lowbit.bench_decode import _checkpoint_model
+
+    m = tiny_model("llama")
+    lowbit.quantize(m, QuantRecipe(fmt=FormatConfig(bits=4, group_size=32)), progress=False)
+    d = lowbit.save(m, tmp_path / "ckpt", tiny_tokenizer(), source_model="tiny-llama")
+    assert _checkpoint_model(str(d), "other-model", head) == (None, None)
+    got, added = _checkpoint_model(str(d), "tiny-llama", head)
+    blocks = arch_for(got).blocks
+    assert torch.equal(got.get_submodule(blocks)[0].mlp.down_proj.dequantize_weight(),
+                       m.get_submodule(blocks)[0].mlp.down_proj.dequantize_weight())
+    if head is None:
+        assert added is None and isinstance(got.lm_head, torch.nn.Linear)
+    else:
+        assert added == "int4-g32" and isinstance(got.lm_head, QuantizedLinear)
+        again, added2 = _checkpoint_model(str(d), "tiny-llama", head)  # same head every time
+        assert added2 == added and torch.equal(again.lm_head.dequantize_weight(), got.lm_head.dequantize_weight())

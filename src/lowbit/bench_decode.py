@@ -92,8 +92,13 @@ def _parse_config(cfg: str) -> tuple[str, bool, bool]:
     return tag, "ref" in flags, "hf" in flags
 
 
-def _checkpoint_model(path: str, name: str):
-    """The checkpoint at ``path`` if it was quantized from zoo model ``name``, else ``None``."""
+def _checkpoint_model(path: str, name: str, head: str | None = None):
+    """The checkpoint at ``path`` if it was quantized from zoo model ``name``, else ``None``.
+
+    ``head``: a format tag; a float LM head in the checkpoint is RTN-quantized to it (as the
+    format rows quantize theirs), so every lowbit row streams a packed head.
+    Returns ``(model, head_added)``.
+    """
     from .api import load_model
     from .errors import ConfigError
     from .io.checkpoint import read_meta
@@ -104,10 +109,23 @@ def _checkpoint_model(path: str, name: str):
     src = str(read_meta(p).get("source_model", ""))
     if name not in src:
         log.info("decode config ckpt=%s: quantized from %r, so not timed for %s", path, src, name)
-        return None
+        return None, None
     model, _ = load_model(str(p))
     model.generation_config.eos_token_id = None
-    return model.eval()
+    added = None
+    if head:
+        from torch import nn
+
+        from .cli_args import parse_format_tag
+        from .models.arch import arch_for, get_module
+        from .quantize import QuantRecipe, _quantize_embed_and_head
+
+        arch = arch_for(model)
+        if isinstance(get_module(model, arch.head), nn.Linear):
+            fmt = parse_format_tag(head, default_group=128)
+            _quantize_embed_and_head(model, arch, QuantRecipe(method="rtn", fmt=fmt, head=fmt))
+            added = fmt.tag()
+    return model.eval(), added
 
 
 def _lowbit_model(base, tag: str):
@@ -133,8 +151,11 @@ def _bpw(model) -> float | None:
 
 def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, repeats: int = 3,
                  threads: int | None = None, llama_cpp: bool = True, progress: bool = True,
-                 llama_cpp_bin: str | Path | None = None) -> dict:
+                 llama_cpp_bin: str | Path | None = None, ckpt_head: str | None = "int4-g128") -> dict:
     """Run the decode benchmark; returns a JSON-ready dict.
+
+    ``ckpt_head``: format for the float LM head of a ``ckpt=`` row (RTN; None: leave it float); the
+    row's config then reads ``ckpt=DIR+head=<tag>``.
 
     ``llama_cpp_bin``: a folder holding llama.cpp's ``llama-quantize`` and ``llama-bench`` programs, used
     for the llama.cpp rows instead of llama-cpp-python.
@@ -158,9 +179,10 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
             elif tag == "bf16":
                 model, bpw = copy.deepcopy(base).to(torch.bfloat16), 16.0
             elif tag.startswith("ckpt="):  # a saved lowbit checkpoint of this model (e.g. VPTQ)
-                model = _checkpoint_model(tag.removeprefix("ckpt="), name)
+                model, added = _checkpoint_model(tag.removeprefix("ckpt="), name, ckpt_head)
                 if model is None:
                     continue
+                cfg = f"{cfg}+head={added}" if added else cfg
                 bpw = _bpw(model)
             else:
                 model = _lowbit_model(base, tag)

@@ -348,9 +348,14 @@ def cmd_bench_kernels(args):
 def cmd_bench_decode(args):
     from .bench_decode import bench_decode, write_decode_report
 
+    if args.ckpt_head.lower() != "none":
+        from .cli_args import parse_format_tag
+
+        parse_format_tag(args.ckpt_head, default_group=128)  # a bad --ckpt-head fails before any timing
     res = bench_decode(args.models, args.configs, new_tokens=args.new_tokens, repeats=args.repeats,
                        threads=args.threads, llama_cpp=args.llama_cpp, progress=not args.quiet,
-                       llama_cpp_bin=args.llama_cpp_bin)
+                       llama_cpp_bin=args.llama_cpp_bin,
+                       ckpt_head=None if args.ckpt_head.lower() == "none" else args.ckpt_head)
     write_decode_report(res, Path(args.json), Path(args.md))
     log.info("wrote %s and %s", args.json, args.md)
 
@@ -469,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--llama-cpp-bin", default=None, metavar="DIR",
                    help="folder with llama.cpp's llama-quantize and llama-bench: llama.cpp rows from them instead "
                         "of llama-cpp-python")
+    s.add_argument("--ckpt-head", default="int4-g128", metavar="FMT|none",
+                   help="ckpt= rows: RTN-quantize a float LM head to this format, as the format rows do "
+                        "(default: int4-g128; none: keep it float)")
     s.add_argument("--json", default="docs/results/decode.json")
     s.add_argument("--md", default="docs/decode.md")
     s.set_defaults(fn=cmd_bench_decode)

@@ -120,6 +120,19 @@ def finalize_storage(model: nn.Module, storage: StorageConfig) -> None:
                 p.data = p.data.to(dt).to(p.dtype)
 
 
+def _check_float_blocks(model: nn.Module, arch: ArchSpec) -> None:
+    """A clear error when the decoder blocks are already quantized (e.g. a lowbit checkpoint was passed)."""
+    from .errors import ConfigError
+
+    for i, block in enumerate(get_module(model, arch.blocks)):
+        for name in arch.linears:
+            lin = get_module(block, name)
+            if not isinstance(lin, nn.Linear):
+                raise ConfigError(f"{arch.blocks}.{i}.{name} is already quantized ({type(lin).__name__}): this "
+                                  "model is a lowbit checkpoint. Quantize the float model it was made from "
+                                  "instead (`lowbit info CKPT` names it).")
+
+
 def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tensor | None = None,
                    progress: bool = True, resume_dir=None, device=None) -> dict:
     """Quantize ``model``'s decoder-block linears (and optionally embedding/head) in place.
@@ -130,6 +143,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     Returns a summary: quantization time, peak memory, recipe.
     """
     arch = arch_for(model)
+    _check_float_blocks(model, arch)
     method = get_method(recipe.method)
     from .config import from_dict
 
