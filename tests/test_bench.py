@@ -1,5 +1,6 @@
 """Bench recipes (clear errors, cache reuse), Pareto front, leaderboard and plots from synthetic results."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -195,3 +196,14 @@ def test_report_plots_distillation_loss_curves(tmp_path):
     out = write_report(res)
     png = tmp_path / "docs" / "plots" / "loss_toy-1m.png"
     assert out["loss:toy-1m"] == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_curves_one_panel_per_format_and_group():
+    from lowbit.report import loss_panels
+    names = ["m__bitdistiller__int2-g128-cakld-30steps", "m__bitdistiller__int2-g128-gptq-cakld-30steps",
+             "m__bitdistiller__nf3-g128-ce-30steps", "m__bitdistiller__odd"]
+    panels = loss_panels([Path(f"/x/{n}.csv") for n in names])
+    assert list(panels) == ["", "int2-g128", "nf3-g128"]
+    assert [lab for lab, _ in panels["int2-g128"]] == ["cakld-30steps", "gptq-cakld-30steps"]
+    assert [lab for lab, _ in panels["nf3-g128"]] == ["ce-30steps"]
+    assert panels[""][0][0] == "m__bitdistiller__odd"

@@ -87,3 +87,29 @@ def test_run_records_activation_precision_mix(tiny_dir, text_file, tmp_path):
     act = r["act_linears"]
     assert act["int4_share"] == 0.0 and act["flatten_overhead"] == 0.0
     assert act["macs_per_token"] == {"W8A8": 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 96)}  # q,o + k,v + MLP, 2 layers
+
+
+@pytest.mark.parametrize("cmd, flag, words", [
+    (["distill", "--help"], "--init", "student init"),
+    (["run", "--help"], "--ft-steps", "fine-tuning"),
+    (["quantize", "--help"], "--format", "int | fp | nf"),
+])
+def test_generated_flags_carry_their_config_comment_as_help(capsys, cmd, flag, words):
+    with pytest.raises(SystemExit):
+        main(cmd)
+    out = " ".join(capsys.readouterr().out.split())   # argparse wraps help lines
+    options = out.split("options:", 1)[1]
+    assert flag in options and words in options.split(flag, 1)[1][:300]
+
+
+def test_every_config_flag_has_a_description():
+    from lowbit.cli_args import field_docs
+    from lowbit.config import FormatConfig
+    from lowbit.distill.train import DistillConfig
+    from lowbit.methods.vptq import VPTQConfig
+    from lowbit.methods import get_method, method_names
+    from dataclasses import fields, is_dataclass
+    method_cfgs = [get_method(n).config for n in method_names() if is_dataclass(get_method(n).config)]
+    for cls in (FormatConfig, DistillConfig, VPTQConfig, *method_cfgs):
+        undocumented = [f.name for f in fields(cls) if f.init and f.name not in field_docs(cls)]
+        assert undocumented == [], f"{cls.__name__}: add a trailing comment to {undocumented}"

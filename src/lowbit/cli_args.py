@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import re
 import typing
 from dataclasses import MISSING, fields
@@ -16,6 +18,25 @@ def _flag(prefix: str, name: str) -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+?)\s*$")
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """``{field: its trailing comment}`` from the dataclass source, the help text of its flags ({} without source)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            m = _FIELD_COMMENT.match(line)
+            if m:
+                docs[m.group(1)] = m.group(2)
+    return docs
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, prefix: str = "",
                        seen: dict | None = None) -> None:
     """Add one ``--flag`` per field of dataclass ``cls`` (bools as ``--x/--no-x``).
@@ -25,6 +46,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     default can never differ between configs silently.
     """
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in fields(cls):
         if not f.init:
             continue
@@ -37,7 +59,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                 continue
             seen[flag] = default
         typ = hints[f.name]
-        help_ = f"(default: {default})"
+        help_ = f"{docs[f.name]} (default: {default})" if f.name in docs else f"(default: {default})"
+        help_ = help_.replace("%", "%%")
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:

@@ -27,7 +27,7 @@ def from_dict(cls, d: dict | None):
 class FormatConfig:
     """Number format of the quantized weights."""
 
-    format: str = "int"       # int (later: fp, nf, ...)
+    format: str = "int"       # int | fp | nf (asymmetric = two scales for fp/nf)
     bits: int = 4             # bits per weight code
     group_size: int = 128     # columns per group; -1 = one group per output channel
     sym: bool = False         # symmetric (one scale) instead of asymmetric

@@ -113,26 +113,44 @@ def _save_png(fig, out: Path | str) -> Path:
     return out
 
 
+def loss_panels(csvs: list[Path]) -> dict[str, list[tuple[str, Path]]]:
+    """Group loss CSVs by ``FORMAT-GROUP`` (see ``plot_loss_curves``): ``{panel: [(line label, path), ...]}``."""
+    panels: dict[str, list[tuple[str, Path]]] = {}
+    for path in sorted(Path(p) for p in csvs):
+        parts = path.stem.split("__")[-1].split("-")
+        key, label = ("-".join(parts[:2]), "-".join(parts[2:])) if len(parts) > 2 else ("", path.stem)
+        panels.setdefault(key, []).append((label, path))
+    return dict(sorted(panels.items()))
+
+
 def plot_loss_curves(csvs: list[Path], out: Path | str, title: str = "distillation loss") -> Path:
-    """Training loss against step for each ``step,loss,...`` CSV (one line per file, named by its stem); a PNG."""
+    """Training loss against step for each ``step,loss,...`` CSV; a PNG.
+
+    Files named ``MODEL__METHOD__FORMAT-GROUP-REST.csv`` (e.g. ``..__int2-g128-cakld-30steps``) are drawn
+    one panel per ``FORMAT-GROUP``, one line per file labelled ``REST``; other names go to one panel.
+    """
     import csv
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2), dpi=110)
+    panels = loss_panels(csvs)
+    n = max(len(panels), 1)
+    fig = Figure(figsize=(min(4.2 * n, 14), 4.2), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, path in enumerate(sorted(csvs)):
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
-        ax.plot([r[0] for r in rows], [r[1] for r in rows], color=f"C{i % 10}", lw=1.3, label=Path(path).stem)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (each run's own objective)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if csvs:
-        ax.legend(fontsize=7)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (key, items) in zip(axes, list(panels.items()) or [("", [])]):
+        for i, (label, path) in enumerate(items):
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
+            ax.plot([r[0] for r in rows], [r[1] for r in rows], color=f"C{i % 10}", lw=1.3, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(key or title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        if items:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel("training loss (each run's own objective)")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save_png(fig, out)
 

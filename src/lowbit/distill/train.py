@@ -74,7 +74,7 @@ class DistillConfig:
     calib: str = "wiki-train"      # calibration text for clip/gptq/awq init
     nsamples: int = 128            # calibration windows for the init
     calib_seqlen: int = 512        # tokens per calibration window
-    seed: int = 0
+    seed: int = 0                  # seed of teacher sampling, calibration windows and training
     storage: str = "float16"       # storage dtype of the unquantized tensors
     resume: bool = True            # continue from OUT/trainer's newest checkpoint when there is one
     trainer_args: str = ""         # JSON of extra transformers TrainingArguments (bf16, deepspeed, ...)

@@ -46,15 +46,15 @@ class VPTQConfig:
     codebook_size: int = 4096        # k: main codebook entries (index bits = ceil(log2 k))
     residual_size: int = 0           # k_res: residual codebook entries, 0 = off
     outlier_pct: float = 1.0         # % of input columns (largest diag(H)) with their own codebook, 0 = off
-    outlier_vector_len: int = 2      # v0
-    outlier_codebook_size: int = 256  # k0
+    outlier_vector_len: int = 2      # v0: vector length of the outlier columns
+    outlier_codebook_size: int = 256  # k0: codebook entries of the outlier columns
     col_norm: bool = True            # per-input-column scale/bias (fp16 each)
     col_perm: bool = True            # visit columns by decreasing diag(H) (not stored: codes keep column order)
     damp: float = 0.01               # fraction of mean diag(H) added to H (same flag as GPTQ)
     block_size: int = 128            # columns per lazy batch update (same flag as GPTQ)
     kmeans_iters: int = 20           # Lloyd iterations (reference: 100)
     kmeans_tol: float = 1e-5         # relative inertia improvement that stops k-means (reference: 1e-5)
-    kmeans_seed: int = 0
+    kmeans_seed: int = 0             # k-means init seed
     ft_steps: int = 0                # layer-wise fine-tuning Adam steps per block, 0 = off
     ft_lr: float = 1e-3              # Adam step size, relative to each tuned tensor's mean |value|
     ft_windows: int = 4              # calibration windows per fine-tuning step
