@@ -207,3 +207,31 @@ def test_loss_curves_one_panel_per_format_and_group():
     assert [lab for lab, _ in panels["int2-g128"]] == ["cakld-30steps", "gptq-cakld-30steps"]
     assert [lab for lab, _ in panels["nf3-g128"]] == ["ce-30steps"]
     assert panels[""][0][0] == "m__bitdistiller__odd"
+
+
+def test_distillation_table_compares_students_with_their_init():
+    from lowbit.report import render_distillation
+
+    fmt = {"format": "int", "bits": 2, "group_size": 128, "sym": False}
+    small = {"nsamples": 16, "seqlen": 256, "seed": 0, "source": "wiki-train"}
+
+    def run(method, tag, ppl, calib, mc=None):
+        r = fake(method, tag, 2.15, 5.0, ppl)
+        r["config"] = {"fmt": fmt, "calib": calib, "method_config": mc or {}}
+        return r
+
+    md = render_distillation([
+        fake("fp32", "", 32, 32, 20.0),
+        run("clip", "int2-g128", 2000.0, small),
+        run("gptq", "int2-g128", 5000.0, {**small, "nsamples": 128, "seqlen": 512}),
+        run("bitdistiller", "int2-g128-x", 200.0, small, {"init": "clip", "loss": "cakld", "steps": 30, "seqlen": 128}),
+        run("bitdistiller", "int2-g128-y", 300.0, small, {"init": "gptq", "loss": "cakld", "steps": 30, "seqlen": 128}),
+    ])
+    lines = [l for l in md if l.startswith("| ")]
+    # log-gap closed: 1 - log(200/20) / log(2000/20) = 50%
+    assert "| distilled | clip | cakld | 30 steps, seqlen 128 | 16 x 256 | 2.150 | 200.00 | 50% | - |" in lines
+    # the gptq init run used other calibration than the student: no gap claimed
+    assert "| distilled | gptq | cakld | 30 steps, seqlen 128 | 16 x 256 | 2.150 | 300.00 | - | - |" in lines
+    assert lines.index("| PTQ clip | - | - | - | 16 x 256 | 2.150 | 2000.00 | - | - |") < lines.index(
+        "| PTQ gptq | - | - | - | 128 x 512 | 2.150 | 5000.00 | - | - |")
+    assert render_distillation([fake("fp32", "", 32, 32, 20.0)]) == []

@@ -255,7 +255,64 @@ def render_comparisons(results: list[dict]) -> str:
                          f"{'sym' if f.get('sym') else 'asym'} | {c['bpw']:.3f} | "
                          + " | ".join(_fmt_ppl(c.get(m)) for m in methods) + f" | {best} |")
         lines.append("")
+    lines += render_distillation(results)
     return "\n".join(lines)
+
+
+def render_distillation(results: list[dict]) -> list[str]:
+    """Per model and format with distilled runs: the PTQ runs of that format, then every distillation run.
+
+    PTQ rows are the pivot methods' runs of exactly that format (any calibration, stated per row);
+    distilled rows are ``bitdistiller`` runs, one per (init, loss, steps, seqlen). ``gap closed`` is the
+    share of the log-perplexity gap between the run's own init and fp32 that the run closes.
+    """
+    from .config import FormatConfig
+
+    out: list[str] = []
+    for model in sorted({r["model"] for r in results}):
+        rows = [r for r in results if r["model"] == model]
+        corpus = primary_corpus(rows)
+        bd = [r for r in rows if r["method"] == "bitdistiller" and corpus in r.get("ppl", {})]
+        if not bd:
+            continue
+        fp32 = next((r["ppl"][corpus] for r in rows if r["method"] == "fp32" and corpus in r["ppl"]), None)
+        if not out:
+            out += ["## Quantization-aware distillation (BitDistiller)", "",
+                    "Per format: the post-training runs of that format, then the distilled students "
+                    "(`lowbit distill`). `gap closed` = 1 - log(ppl / ppl fp32) / log(ppl init / ppl fp32), with "
+                    "the init run of the same format and the same calibration (a dash where that run is missing). "
+                    "Budget: optimizer steps and tokens per training window (batch size and teacher data: see the "
+                    "run's doc section). Calibration: windows x tokens of the PTQ run or of the student's init.", ""]
+        fmts = sorted({tuple(sorted(r["config"]["fmt"].items())) for r in bd}, key=lambda k: _fmt_key(dict(k)))
+        for key in fmts:
+            fmt = dict(key)
+            same = [r for r in rows if (r.get("config") or {}).get("fmt") == fmt and corpus in r.get("ppl", {})]
+            ptq = sorted((r for r in same if r["method"] in PIVOT_METHODS and r.get("tag") == FormatConfig(**fmt).tag()),
+                         key=lambda r: PIVOT_METHODS.index(r["method"]))
+            dist = sorted((r for r in same if r["method"] == "bitdistiller"),
+                          key=lambda r: tuple(str(r["config"]["method_config"].get(k)) for k in ("init", "steps", "loss")))
+            out += [f"### {model}: {FormatConfig(**fmt).tag()} (ppl {corpus}; fp32 {_fmt_ppl(fp32)})", "",
+                    "| run | init | loss | budget | calibration | bpw (blocks) | ppl | gap closed | zero-shot acc |",
+                    "|---|---|---|---|---|---|---|---|---|"]
+
+            def calib(r):
+                c = (r.get("config") or {}).get("calib") or {}
+                return f"{c['nsamples']} x {c['seqlen']}" if c else "-"
+
+            for r in ptq:
+                out.append(f"| PTQ {r['method']} | - | - | - | {calib(r)} | {r['bpw']['blocks']:.3f} | "
+                           f"{_fmt_ppl(r['ppl'][corpus])} | - | {_zs_avg(r)} |")
+            for r in dist:
+                mc = r["config"]["method_config"]
+                init = next((p for p in ptq if p["method"] == mc.get("init") and calib(p) == calib(r)), None)
+                gap = "-"
+                if init is not None and fp32 and init["ppl"][corpus] > fp32:
+                    frac = 1 - math.log(r["ppl"][corpus] / fp32) / math.log(init["ppl"][corpus] / fp32)
+                    gap = f"{100 * frac:.0f}%"
+                out.append(f"| distilled | {mc.get('init')} | {mc.get('loss')} | {mc.get('steps')} steps, seqlen {mc.get('seqlen')} | "
+                           f"{calib(r)} | {r['bpw']['blocks']:.3f} | {_fmt_ppl(r['ppl'][corpus])} | {gap} | {_zs_avg(r)} |")
+            out.append("")
+    return out
 
 
 def _fmt_ppl(x) -> str:
