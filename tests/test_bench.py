@@ -226,12 +226,16 @@ def test_distillation_table_compares_students_with_their_init():
         run("gptq", "int2-g128", 5000.0, {**small, "nsamples": 128, "seqlen": 512}),
         run("bitdistiller", "int2-g128-x", 200.0, small, {"init": "clip", "loss": "cakld", "steps": 30, "seqlen": 128}),
         run("bitdistiller", "int2-g128-y", 300.0, small, {"init": "gptq", "loss": "cakld", "steps": 30, "seqlen": 128}),
+        {**run("bitdistiller", "int2-g128-z", 100.0, small, {"init": "clip", "loss": "ce", "steps": 150, "seqlen": 128}),
+         "distill": {"batch_size": 4, "grad_accum": 2, "teacher_samples": 256}},
     ])
     lines = [l for l in md if l.startswith("| ")]
     # log-gap closed: 1 - log(200/20) / log(2000/20) = 50%
     assert "| distilled | clip | cakld | 30 steps, seqlen 128 | 16 x 256 | 2.150 | 200.00 | 50% | - |" in lines
     # the gptq init run used other calibration than the student: no gap claimed
     assert "| distilled | gptq | cakld | 30 steps, seqlen 128 | 16 x 256 | 2.150 | 300.00 | - | - |" in lines
+    # the run's recorded training budget: steps x (batch x accumulation) x window, teacher sequences
+    assert "| distilled | clip | ce | 150 x 8 x 128, 256 teacher seqs | 16 x 256 | 2.150 | 100.00 | 65% | - |" in lines
     assert lines.index("| PTQ clip | - | - | - | 16 x 256 | 2.150 | 2000.00 | - | - |") < lines.index(
         "| PTQ gptq | - | - | - | 128 x 512 | 2.150 | 5000.00 | - | - |")
     assert render_distillation([fake("fp32", "", 32, 32, 20.0)]) == []

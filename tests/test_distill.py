@@ -163,3 +163,13 @@ def test_cli_distill_end_to_end(tmp_path, tiny_dir, text_file):
     assert (tmp_path / "ck.distill" / "loss.csv").is_file()
     m = lowbit.load(out)
     assert isinstance(m.model.layers[0].mlp.up_proj, QuantizedLinear)
+    # evaluating the student records the training run beside the scores (the report's budget column)
+    res_dir = tmp_path / "res"
+    assert main(["-q", "eval", str(out), "--ppl", str(text_file), "--seqlen", "16", "--windows", "2",
+                 "--results-dir", str(res_dir)]) == 0
+    import json
+
+    (res_file,) = res_dir.glob("*bitdistiller*.json")
+    res = json.loads(res_file.read_text())
+    assert res["distill"]["steps"] == 2 and res["distill"]["batch_size"] == 2
+    assert res["distill"]["teacher_samples"] == 4 and res["distill"]["loss"] == "forward"

@@ -164,6 +164,11 @@ def cmd_quantize(args):
     _print_bpw(model, recipe.storage.dtype, brief=True)
 
 
+# fields of a distillation run's summary copied into its evaluation result (the report's budget column)
+DISTILL_RESULT_FIELDS = ("loss", "init", "steps", "seqlen", "batch_size", "grad_accum", "lr", "teacher_samples",
+                         "max_new_tokens", "teacher_source", "n_windows", "beta", "final_loss", "seed")
+
+
 def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summary: dict):
     from .api import evaluate_ppl
     from .nn.bpw import bpw_report
@@ -199,6 +204,8 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
         "env": _env(device),
         **zeroshot,
     }
+    if summary.get("distill"):  # distilled checkpoints: the training run that produced them
+        res["distill"] = {k: summary["distill"][k] for k in DISTILL_RESULT_FIELDS if k in summary["distill"]}
     from .nn.w8a8 import act_linear_summary
 
     act = act_linear_summary(model)

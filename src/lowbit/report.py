@@ -281,8 +281,8 @@ def render_distillation(results: list[dict]) -> list[str]:
                     "Per format: the post-training runs of that format, then the distilled students "
                     "(`lowbit distill`). `gap closed` = 1 - log(ppl / ppl fp32) / log(ppl init / ppl fp32), with "
                     "the init run of the same format and the same calibration (a dash where that run is missing). "
-                    "Budget: optimizer steps and tokens per training window (batch size and teacher data: see the "
-                    "run's doc section). Calibration: windows x tokens of the PTQ run or of the student's init.", ""]
+                    "Budget: optimizer steps x batch x tokens per window, and the teacher-generated sequences "
+                    "trained on. Calibration: windows x tokens of the PTQ run or of the student's init.", ""]
         fmts = sorted({tuple(sorted(r["config"]["fmt"].items())) for r in bd}, key=lambda k: _fmt_key(dict(k)))
         for key in fmts:
             fmt = dict(key)
@@ -309,10 +309,20 @@ def render_distillation(results: list[dict]) -> list[str]:
                 if init is not None and fp32 and init["ppl"][corpus] > fp32:
                     frac = 1 - math.log(r["ppl"][corpus] / fp32) / math.log(init["ppl"][corpus] / fp32)
                     gap = f"{100 * frac:.0f}%"
-                out.append(f"| distilled | {mc.get('init')} | {mc.get('loss')} | {mc.get('steps')} steps, seqlen {mc.get('seqlen')} | "
+                out.append(f"| distilled | {mc.get('init')} | {mc.get('loss')} | {_budget(r)} | "
                            f"{calib(r)} | {r['bpw']['blocks']:.3f} | {_fmt_ppl(r['ppl'][corpus])} | {gap} | {_zs_avg(r)} |")
             out.append("")
     return out
+
+
+def _budget(r: dict) -> str:
+    """Training budget of a distilled run: steps x batch x window tokens, and the teacher sequences."""
+    d, mc = r.get("distill") or {}, r["config"]["method_config"]
+    if "batch_size" not in d:
+        return f"{mc.get('steps')} steps, seqlen {mc.get('seqlen')}"
+    batch = d["batch_size"] * d.get("grad_accum", 1)
+    teacher = f", {d['teacher_samples']} teacher seqs" if "teacher_samples" in d else ""
+    return f"{mc.get('steps')} x {batch} x {mc.get('seqlen')}{teacher}"
 
 
 def _fmt_ppl(x) -> str:
