@@ -113,3 +113,20 @@ def test_every_config_flag_has_a_description():
     for cls in (FormatConfig, DistillConfig, VPTQConfig, *method_cfgs):
         undocumented = [f.name for f in fields(cls) if f.init and f.name not in field_docs(cls)]
         assert undocumented == [], f"{cls.__name__}: add a trailing comment to {undocumented}"
+
+
+def test_readme_commands_parse():
+    """Every `lowbit ...` line of the README's command list is accepted by the CLI parser as written."""
+    import shlex
+    from pathlib import Path
+
+    from lowbit.cli import build_parser
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    lines = [l.strip() for l in readme.read_text().splitlines() if l.startswith("    lowbit ")]
+    assert len(lines) >= 15
+    parser = build_parser()
+    for line in lines:
+        argv = shlex.split(line, comments=True)[1:]
+        args = parser.parse_args(argv)  # argparse exits (SystemExit) on an unknown flag or subcommand
+        assert callable(args.fn), line
