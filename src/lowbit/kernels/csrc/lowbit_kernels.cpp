@@ -24,7 +24,8 @@
 //       y = sum_g scale_g * (dot(q_g, x_g) - zero_g * sum(x_g))
 // lut:  w = table[q] * scale_a          (scale_b undefined: one scale)
 //       w = table[q] * (table[q] > 0 ? scale_a : scale_b)   (two scales, AFPQ)
-//       y = sum_g scale_a * dot(t_g, x_g) + (scale_b - scale_a) * dot(min(t_g, 0), x_g)
+//       (two scales: the AVX2 path looks up each group's scaled table, so every weight it
+//       multiplies is exactly the dequantized weight)
 //
 // Threads: rows of W are split across threads (at::parallel_for, OpenMP); every
 // output element is computed by one thread in a fixed order, so results do not
@@ -175,12 +176,16 @@ AVX2_FN static inline __m256i chunk_codes(__m256i v, __m256i hi, int j) {
   return q;
 }
 
+// Table entries of chunk j: t0 holds entries 0-7, t1 entries 8-15. For 4-bit codes no masking is
+// needed: vpermps reads only the low 3 bits of each lane and blendv only the top bit, so the lane is
+// shifted right to put code bits 0-2 at the bottom and left to put code bit 3 at the top.
 template <int BITS>
-AVX2_FN static inline __m256 lut_lookup(__m256i q, __m256 t0, __m256 t1) {
-  if (BITS < 4) return _mm256_permutevar8x32_ps(t0, q);
-  __m256 lo = _mm256_permutevar8x32_ps(t0, q);
-  __m256 hi = _mm256_permutevar8x32_ps(t1, q);
-  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+AVX2_FN static inline __m256 lut_lookup(__m256i v, __m256i hi, int j, __m256 t0, __m256 t1) {
+  if (BITS < 4) return _mm256_permutevar8x32_ps(t0, chunk_codes<BITS>(v, hi, j));
+  const __m256i q = j == 0 ? v : _mm256_srli_epi32(v, 4 * j);
+  const __m256 lo = _mm256_permutevar8x32_ps(t0, q);
+  const __m256 up = _mm256_permutevar8x32_ps(t1, q);
+  return _mm256_blendv_ps(lo, up, _mm256_castsi256_ps(_mm256_slli_epi32(v, 28 - 4 * j)));
 }
 
 AVX2_FN static inline float hsum(__m256 v) {
@@ -197,33 +202,47 @@ template <int BITS, int KIND>
 AVX2_FN static inline __m256 decode(__m256i v, __m256i hi, int j, __m256 t0, __m256 t1) {
   if (InPlace<BITS, KIND>::value)
     return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(((1 << BITS) - 1) << (BITS * j))));
-  __m256i q = chunk_codes<BITS>(v, hi, j);
-  if (KIND == kInt) return _mm256_cvtepi32_ps(q);
-  return lut_lookup<BITS>(q, t0, t1);
+  if (KIND == kInt) return _mm256_cvtepi32_ps(chunk_codes<BITS>(v, hi, j));
+  return lut_lookup<BITS>(v, hi, j, t0, t1);
 }
 
-// RT weight rows x MT input rows at once; NA accumulators per pair (chunk j uses j % NA)
+// RT weight rows x MT input rows at once; NA accumulators per pair (chunk j uses j % NA).
+// One-scale tables look up t[q] and apply the group's scale once, at the end of the group. Two-scale
+// tables look up the group's scaled table (t > 0: t * scale_a, t < 0: t * scale_b), built once per
+// row and group, so each weight is exactly the dequantized value and a two-scale group needs one
+// accumulator, not two (positive and negative parts).
 template <int BITS, int KIND, int MT, int RT>
 AVX2_FN static void tile_avx2(const Problem& p, int64_t o0, int64_t m0) {
   constexpr int NA = MT * RT >= 4 ? 1 : 4 / (MT * RT);
   const int64_t nb = p.gsp / 32, K = p.K();
-  __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 t0 = zero, t1 = zero, pos0 = zero, pos1 = zero;
   if (KIND != kInt) {
     float tab[16] = {0};
     for (int i = 0; i < (1 << BITS); ++i) tab[i] = p.table[i];
     t0 = _mm256_loadu_ps(tab);
     t1 = _mm256_loadu_ps(tab + 8);
+    pos0 = _mm256_cmp_ps(t0, zero, _CMP_GT_OQ);
+    pos1 = _mm256_cmp_ps(t1, zero, _CMP_GT_OQ);
   }
-  const __m256 zero = _mm256_setzero_ps();
   __m256 racc[RT][MT];
   float corr[RT][MT];
   for (int r = 0; r < RT; ++r)
     for (int m = 0; m < MT; ++m) racc[r][m] = zero, corr[r][m] = 0.f;
   for (int64_t g = 0; g < p.G; ++g) {
-    __m256 acc[RT][MT][NA], accn[RT][MT][NA];
+    __m256 acc[RT][MT][NA];
     for (int r = 0; r < RT; ++r)
       for (int m = 0; m < MT; ++m)
-        for (int a = 0; a < NA; ++a) acc[r][m][a] = zero, accn[r][m][a] = zero;
+        for (int a = 0; a < NA; ++a) acc[r][m][a] = zero;
+    __m256 st0[RT], st1[RT];  // two scales: the group's scaled table per row
+    if (KIND == kLutTwo) {
+      for (int r = 0; r < RT; ++r) {
+        const int64_t pg = (o0 + r) * p.G + g;
+        const __m256 va = _mm256_set1_ps(float(p.sa[pg])), vb = _mm256_set1_ps(float(p.sb[pg]));
+        st0[r] = _mm256_blendv_ps(_mm256_mul_ps(t0, vb), _mm256_mul_ps(t0, va), pos0);
+        st1[r] = _mm256_blendv_ps(_mm256_mul_ps(t1, vb), _mm256_mul_ps(t1, va), pos1);
+      }
+    }
     const int64_t nbg = p.nblocks(g);
     for (int64_t b = 0; b < nbg; ++b) {
       const int64_t xoff = g * p.gsp + b * 32;
@@ -234,17 +253,13 @@ AVX2_FN static void tile_avx2(const Problem& p, int64_t o0, int64_t m0) {
       }
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        __m256 w[RT], wn[RT];
-        for (int r = 0; r < RT; ++r) {
-          w[r] = decode<BITS, KIND>(v[r], hi[r], j, t0, t1);
-          wn[r] = KIND == kLutTwo ? _mm256_min_ps(w[r], zero) : zero;
-        }
+        __m256 w[RT];
+        for (int r = 0; r < RT; ++r)
+          w[r] = KIND == kLutTwo ? decode<BITS, KIND>(v[r], hi[r], j, st0[r], st1[r])
+                                 : decode<BITS, KIND>(v[r], hi[r], j, t0, t1);
         for (int m = 0; m < MT; ++m) {
           const __m256 xv = _mm256_loadu_ps(p.xp + (m0 + m) * K + xoff + 8 * j);
-          for (int r = 0; r < RT; ++r) {
-            acc[r][m][j % NA] = _mm256_fmadd_ps(w[r], xv, acc[r][m][j % NA]);
-            if (KIND == kLutTwo) accn[r][m][j % NA] = _mm256_fmadd_ps(wn[r], xv, accn[r][m][j % NA]);
-          }
+          for (int r = 0; r < RT; ++r) acc[r][m][j % NA] = _mm256_fmadd_ps(w[r], xv, acc[r][m][j % NA]);
         }
       }
     }
@@ -255,17 +270,11 @@ AVX2_FN static void tile_avx2(const Problem& p, int64_t o0, int64_t m0) {
       for (int m = 0; m < MT; ++m) {
         __m256 d = acc[r][m][0];
         for (int a = 1; a < NA; ++a) d = _mm256_add_ps(d, acc[r][m][a]);
-        if (KIND == kInt) {
-          racc[r][m] = _mm256_fmadd_ps(vsa, d, racc[r][m]);
-          corr[r][m] += sa * float(p.zero[pg]) * p.xsum[(m0 + m) * p.G + g];
-        } else if (KIND == kLutSym) {
-          racc[r][m] = _mm256_fmadd_ps(vsa, d, racc[r][m]);
+        if (KIND == kLutTwo) {
+          racc[r][m] = _mm256_add_ps(racc[r][m], d);  // the scales are in the group's table
         } else {
-          __m256 dn = accn[r][m][0];
-          for (int a = 1; a < NA; ++a) dn = _mm256_add_ps(dn, accn[r][m][a]);
-          const __m256 vsb = _mm256_set1_ps(float(p.sb[pg]));
-          racc[r][m] = _mm256_fmadd_ps(vsa, _mm256_sub_ps(d, dn), racc[r][m]);
-          racc[r][m] = _mm256_fmadd_ps(vsb, dn, racc[r][m]);
+          racc[r][m] = _mm256_fmadd_ps(vsa, d, racc[r][m]);
+          if (KIND == kInt) corr[r][m] += sa * float(p.zero[pg]) * p.xsum[(m0 + m) * p.G + g];
         }
       }
     }
@@ -277,8 +286,9 @@ AVX2_FN static void tile_avx2(const Problem& p, int64_t o0, int64_t m0) {
 
 template <int BITS, int KIND, int MT>
 static void rows_tile_avx2(const Problem& p, int64_t r0, int64_t r1, int64_t m) {
-  // two weight rows share each input load; the two-scale kind at MT=4 would run out of registers
-  constexpr int RT = (KIND == kLutTwo && MT == 4) ? 1 : 2;
+  // two weight rows share each input load, except where the rows' scaled tables (two scales: one
+  // register per 8 entries and row) would not leave enough of the 16 AVX2 registers
+  constexpr int RT = (KIND == kLutTwo && (MT == 4 || BITS == 4)) ? 1 : 2;
   int64_t o = r0;
   for (; o + RT <= r1; o += RT) tile_avx2<BITS, KIND, MT, RT>(p, o, m);
   for (; o < r1; ++o) tile_avx2<BITS, KIND, MT, 1>(p, o, m);
