@@ -1,0 +1,114 @@
+"""A/B the fused scalar-format kernels of the working tree against those of a git revision, in one process.
+
+The base revision's ``lowbit_kernels.cpp`` is compiled with its ops renamed to ``torch.ops.lowbit_base``;
+both run on the same kernel layouts (the layout code is the working tree's, so the base must share it)
+and their calls alternate, so both see the same machine state. GEMV from DRAM: each call reads a
+different copy of the layer (> 96 MiB of copies). Writes JSON and a markdown table.
+
+    python scripts/ab_kernels.py --base HEAD~1 --formats fp4-g128 nf3-g128 int4-g128 \
+        --json docs/results/speed/kernels_ab.json --md docs/results/speed/kernels_ab.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = "src/lowbit/kernels/csrc/lowbit_kernels.cpp"
+SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 640), (640, 2048)]
+
+
+def build_base(rev: str) -> None:
+    from torch.utils.cpp_extension import load
+
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{SOURCE}"], check=True, capture_output=True,
+                         text=True).stdout
+    src = src.replace("TORCH_LIBRARY(lowbit,", "TORCH_LIBRARY(lowbit_base,").replace(
+        "TORCH_LIBRARY_IMPL(lowbit,", "TORCH_LIBRARY_IMPL(lowbit_base,")
+    work = Path(tempfile.mkdtemp(prefix="lowbit-ab-"))
+    (work / "base_kernels.cpp").write_text(src)
+    load(name="lowbit_base_kernels", sources=[str(work / "base_kernels.cpp")], extra_cflags=["-O3", "-fopenmp"],
+         extra_ldflags=["-fopenmp"], build_directory=str(work), is_python_module=False)
+
+
+def call(ns: str, lay, x):
+    op = getattr(torch.ops, ns)
+    if lay.kind == "int":
+        return op.gemm_int(x, lay.codes, lay.scale_a, lay.zero, None, lay.bits, lay.group_size, lay.in_features)
+    return op.gemm_lut(x, lay.codes, lay.scale_a, lay.scale_b, lay.table, None, lay.bits, lay.group_size,
+                       lay.in_features)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="HEAD", help="git revision to compare against (default: HEAD)")
+    ap.add_argument("--formats", nargs="+", default=["fp4-g128", "fp4-sym-g128", "nf4-g128", "nf3-g128",
+                                                     "int4-g128"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=40, help="calls per kernel and shape (medians)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args()
+
+    from lowbit.bench_kernels import _COLD_BYTES, _clone_layout, _layer
+    from lowbit.kernels import layout_for, load_kernels
+
+    if not load_kernels():
+        raise SystemExit("the lowbit kernels did not build here; nothing to compare")
+    build_base(args.base)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for tag in args.formats:
+        for out_f, in_f in SHAPES:
+            m, w = _layer(tag, out_f, in_f)
+            lay = layout_for(m)
+            lays = [lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))]
+            x = torch.randn(1, in_f)
+            scale = (x.abs() @ w.abs().T).max().item()
+            for ns in ("lowbit", "lowbit_base"):  # both must agree with the dequantized weight
+                err = (call(ns, lay, x) - x @ w.T).abs().max().item() / scale
+                if err > 2e-6:
+                    raise SystemExit(f"{ns} {tag} {out_f}x{in_f}: error {err:.2e} of |x||W|")
+            times = {"lowbit": [], "lowbit_base": []}
+            for rep in range(args.repeats + 4):
+                order = ("lowbit", "lowbit_base") if rep % 2 else ("lowbit_base", "lowbit")
+                for k, ns in enumerate(order):
+                    lay_k = lays[(2 * rep + k) % len(lays)]
+                    t0 = time.perf_counter()
+                    call(ns, lay_k, x)
+                    if rep >= 4:  # warm-up calls are not counted
+                        times[ns].append(time.perf_counter() - t0)
+            new, base = statistics.median(times["lowbit"]), statistics.median(times["lowbit_base"])
+            rows.append({"format": tag, "out": out_f, "in": in_f, "bytes": lay.nbytes, "base_us": base * 1e6,
+                         "new_us": new * 1e6, "speedup": base / new, "new_gbs": lay.nbytes / new / 1e9})
+            print(f"{tag:14s} {out_f:5d}x{in_f:<5d} base {base * 1e6:8.1f} us  new {new * 1e6:8.1f} us  "
+                  f"x{base / new:.2f}", flush=True)
+    env = {"base": args.base, "head": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                                      capture_output=True, text=True).stdout.strip(),
+           "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+           "loadavg_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+    if args.md:
+        lines = [f"Kernel A/B, GEMV (batch 1) from DRAM, {args.threads} threads, medians of {args.repeats} "
+                 f"alternating calls: base = `{args.base}`, new = working tree at {env['head']} "
+                 f"({env['date']}). Generated by `scripts/ab_kernels.py`.", "",
+                 "| format | out x in | KiB | base µs | new µs | base / new | new GB/s |",
+                 "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['format']} | {r['out']}x{r['in']} | {r['bytes'] / 1024:.0f} | {r['base_us']:.1f} | "
+                  f"{r['new_us']:.1f} | {r['speedup']:.2f} | {r['new_gbs']:.1f} |" for r in rows]
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
