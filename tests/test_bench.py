@@ -239,3 +239,33 @@ def test_distillation_table_compares_students_with_their_init():
     assert lines.index("| PTQ clip | - | - | - | 16 x 256 | 2.150 | 2000.00 | - | - |") < lines.index(
         "| PTQ gptq | - | - | - | 128 x 512 | 2.150 | 5000.00 | - | - |")
     assert render_distillation([fake("fp32", "", 32, 32, 20.0)]) == []
+
+
+def test_vector_quantization_table_itemises_bpw():
+    from lowbit.report import render_vector_quantization
+
+    def run(method, tag, blocks, ppl, items=None):
+        r = fake(method, tag, blocks, 5.0, ppl)
+        r["quant_time_s"] = 12.4
+        if items is not None:
+            r["bpw_detail"] = {"blocks_weights": 1000, "blocks_bits": sum(items.values()), "blocks_items": items}
+        return r
+
+    vq = {"idx": 1500, "res_idx": 500, "codebook": 90, "res_codebook": 10, "out_idx": 40, "out_codebook": 10,
+          "outlier_cols": 1, "col_scale": 20, "col_bias": 20}
+    md = render_vector_quantization([
+        fake("fp32", "", 32, 32, 20.0),
+        run("vptq", "vptq_preset=2.0", 2.191, 100.0, vq),
+        run("gptq", "int2-g64", 2.281, 7000.0, {"codes": 2000, "scale": 250, "zero": 31}),
+        run("gptq", "int4-g128", 4.152, 30.0, {"codes": 4000, "scale": 125, "zero": 27}),   # not beside VPTQ
+        run("awq", "int3-g128", 3.161, 60.0),                                               # recorded before items
+    ])
+    lines = [l for l in md if l.startswith("| ")]
+    assert lines[0] == ("| method | config | codes | codebooks | scales | outliers | norms | bpw (blocks) | ppl | "
+                        "zero-shot acc | quant time (s) |")
+    # kinds: codes = idx + res_idx, codebooks = main + residual, outliers = indices + codebook + column list
+    assert lines[1] == "| vptq | vptq_preset=2.0 | 2.000 | 0.100 | 0.000 | 0.051 | 0.040 | 2.191 | 100.00 | - | 12 |"
+    assert lines[2] == "| gptq | int2-g64 | 2.000 | 0.000 | 0.281 | 0.000 | 0.000 | 2.281 | 7000.00 | - | 12 |"
+    assert lines[3] == "| awq | int3-g128 | - | - | - | - | - | 3.161 | 60.00 | - | 12 |"
+    assert len(lines) == 4
+    assert render_vector_quantization([run("gptq", "int2-g64", 2.281, 7000.0)]) == []

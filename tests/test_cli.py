@@ -21,6 +21,9 @@ def test_quantize_info_eval_generate(tiny_dir, text_file, tmp_path, capsys):
     r = json.loads(files[0].read_text())
     assert r["model"] == "tiny" and r["method"] == "rtn"
     assert r["bpw"]["blocks"] == pytest.approx(3 + 19 / 32)
+    items, weights = r["bpw_detail"]["blocks_items"], r["bpw_detail"]["blocks_weights"]
+    assert set(items) == {"codes", "scale", "zero"} and items["codes"] == 3 * weights
+    assert sum(items.values()) == r["bpw_detail"]["blocks_bits"]
     assert r["protocol"][str(text_file)]["n_windows"] == 4
     assert (tmp_path / "results.md").is_file()
     capsys.readouterr()

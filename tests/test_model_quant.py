@@ -90,6 +90,27 @@ def test_bpw_report_blocks_and_all_in():
     assert rep["blocks"] == pytest.approx(4.5)
     assert rep["n_params"] == n
     assert rep["blocks"] < rep["all_in"] < 16
+    # itemised: every block buffer counted once, the items sum to the blocks total
+    assert set(rep["blocks_items"]) == {"codes", "scale"}
+    assert sum(rep["blocks_items"].values()) == rep["blocks_bits"]
+    assert rep["blocks_items"]["codes"] == 4 * rep["blocks_weights"]
+
+
+def test_codec_bits_match_stored_buffers():
+    """Bits from a codec's buffer shapes alone equal the bits a quantized layer stores."""
+    from lowbit.formats import quantize_rtn
+    from lowbit.nn.bpw import codec_bits, item_kind
+    from lowbit.nn.qlinear import scalar_spec
+    from lowbit.quantize import quantize_linear_module
+
+    lin = torch.nn.Linear(100, 24, bias=False)
+    for fc in (FormatConfig(bits=3, group_size=32), FormatConfig(format="fp", bits=4, group_size=64, sym=False),
+               FormatConfig(format="nf", bits=3, group_size=-1, sym=True)):
+        fmt = fc.make()
+        q = quantize_linear_module(lin, quantize_rtn(lin.weight, fmt))
+        assert codec_bits("scalar", scalar_spec(fmt, 24, 100)) == layer_bits(q, "float16")["items"]
+    assert [item_kind(n) for n in ("codes", "scale_neg", "zero", "col_bias", "bias")] == \
+        ["codes", "scales", "scales", "norms", "other"]
 
 
 def test_unknown_architecture():

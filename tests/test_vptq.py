@@ -5,9 +5,9 @@ import torch
 import lowbit
 from lowbit.errors import ConfigError
 from lowbit.formats.codebook import nearest, weighted_kmeans
-from lowbit.methods.vptq import VPTQConfig, preset_for, vptq_quantize, vq_layer_bits
+from lowbit.methods.vptq import VPTQConfig, preset_for, vptq_quantize, vq_layer_bits, vq_spec
 from lowbit.nn import QuantizedLinear
-from lowbit.nn.bpw import layer_bits
+from lowbit.nn.bpw import codec_bits, layer_bits
 from lowbit.packing import pack, unpack
 from lowbit.quantize import QuantRecipe, quantize_linear_module
 
@@ -134,6 +134,7 @@ def test_codec_roundtrip_and_bpw_counts_everything():
     assert torch.equal(m.dequantize_weight(), qw.dequantize())
     rep = layer_bits(m)
     assert sum(rep["items"].values()) == vq_layer_bits(cfg, 48, 64)
+    assert rep["items"] == codec_bits("vq", vq_spec(cfg, 48, 64))   # buffer by buffer, from the config alone
     assert set(rep["items"]) == {"idx", "codebook", "res_idx", "res_codebook", "outlier_cols", "out_idx",
                                  "out_codebook", "col_scale", "col_bias"}
     # idx: 12 x 60 codes of 6 bits; codebook 64 x 4 fp16

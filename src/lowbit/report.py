@@ -256,7 +256,57 @@ def render_comparisons(results: list[dict]) -> str:
                          + " | ".join(_fmt_ppl(c.get(m)) for m in methods) + f" | {best} |")
         lines.append("")
     lines += render_distillation(results)
+    lines += render_vector_quantization(results)
     return "\n".join(lines)
+
+
+#: scalar runs shown beside VPTQ: (method, format tag), the issue's GPTQ int2/int3 at g128 and g64
+_VQ_BESIDE = tuple((m, f"int{b}-g{g}") for m in ("gptq", "awq") for b in (2, 3) for g in (128, 64))
+
+
+def render_vector_quantization(results: list[dict]) -> list[str]:
+    """Per model: every ``vptq`` run beside GPTQ/AWQ int2/int3 (g128, g64), with bpw itemised by kind.
+
+    Item columns are bits per block weight of each kind of stored buffer (``lowbit.nn.bpw.ITEM_KINDS``):
+    they sum to the blocks bpw. Runs recorded before itemised accounting show dashes there.
+    """
+    from .nn.bpw import ITEM_KINDS, item_kind
+
+    out: list[str] = []
+    for model in sorted({r["model"] for r in results}):
+        rows = [r for r in results if r["model"] == model]
+        corpus = primary_corpus(rows)
+        vq = [r for r in rows if r["method"] == "vptq" and corpus in r.get("ppl", {})]
+        if not vq:
+            continue
+        if not out:
+            out += ["## Vector quantization (VPTQ): where the bits go", "",
+                    "Every VPTQ run beside GPTQ and AWQ at int2/int3 (g128, g64). Item columns are bits per block "
+                    "weight of each kind of stored buffer: codes (indices, residual indices), codebooks (main and "
+                    "residual, fp16), scales (fp16 scales and packed zero points), outliers (outlier columns' "
+                    "indices, codebook and column list), norms (per-column scale and bias), other (biases); they "
+                    "sum to the blocks bpw. Quantization time is the recorded wall time (device and notes in each result JSON).", ""]
+        beside = [r for r in rows if (r["method"], r.get("tag")) in _VQ_BESIDE and corpus in r.get("ppl", {})]
+        named = {n for r in vq + beside for n in ((r.get("bpw_detail") or {}).get("blocks_items") or {})}
+        kinds = [k for k, _ in ITEM_KINDS] + (["other"] if any(item_kind(n) == "other" for n in named) else [])
+        fp32 = next((r["ppl"][corpus] for r in rows if r["method"] == "fp32" and corpus in r["ppl"]), None)
+        out += [f"### {model} (ppl {corpus}; fp32 {_fmt_ppl(fp32)})", "",
+                "| method | config | " + " | ".join(kinds) + " | bpw (blocks) | ppl | zero-shot acc | quant time (s) |",
+                "|---|---|" + "---|" * len(kinds) + "---|---|---|---|"]
+        for r in sorted(vq + beside, key=lambda r: (r["bpw"]["blocks"], r["method"], r.get("tag", ""))):
+            detail = r.get("bpw_detail") or {}
+            items = detail.get("blocks_items")
+            cells = ["-"] * len(kinds)
+            if items:
+                per = {k: 0 for k in kinds}
+                for name, bits in items.items():
+                    per[item_kind(name)] += bits
+                cells = [f"{per[k] / detail['blocks_weights']:.3f}" for k in kinds]
+            out.append(f"| {r['method']} | {r.get('tag') or '-'} | " + " | ".join(cells)
+                       + f" | {r['bpw']['blocks']:.3f} | {_fmt_ppl(r['ppl'][corpus])} | {_zs_avg(r)} | "
+                       f"{r.get('quant_time_s', 0):.0f} |")
+        out.append("")
+    return out
 
 
 def render_distillation(results: list[dict]) -> list[str]:

@@ -37,7 +37,7 @@ from .registry import register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VPTQConfig", "vptq_quantize", "preset_for", "layer_config", "vq_layer_bits", "vptq_finetune_block"]
+__all__ = ["VPTQConfig", "vptq_quantize", "preset_for", "layer_config", "vq_layer_bits", "vq_spec", "vptq_finetune_block"]
 
 
 @dataclass(frozen=True)
@@ -80,18 +80,18 @@ def _n_outlier(cfg: VPTQConfig, in_f: int) -> int:
     return math.ceil(cfg.outlier_pct / 100 * in_f) if cfg.outlier_pct > 0 else 0
 
 
+def vq_spec(cfg: VPTQConfig, out_f: int, in_f: int) -> dict:
+    """The ``vq`` codec spec of one ``(out, in)`` layer under ``cfg`` (a preset resolved already)."""
+    return {"out_features": out_f, "in_features": in_f, "v": cfg.vector_len, "k": cfg.codebook_size,
+            "k_res": cfg.residual_size, "n_outlier": _n_outlier(cfg, in_f), "v0": cfg.outlier_vector_len,
+            "k0": cfg.outlier_codebook_size, "norm": cfg.col_norm}
+
+
 def vq_layer_bits(cfg: VPTQConfig, out_f: int, in_f: int) -> int:
     """Exact stored bits of one ``(out, in)`` layer under ``cfg`` (the codec's own buffer sizes)."""
-    from ..nn.vq_codec import VQCodec
+    from ..nn.bpw import codec_bits
 
-    n_out = _n_outlier(cfg, in_f)
-    spec = {"out_features": out_f, "in_features": in_f, "v": cfg.vector_len, "k": cfg.codebook_size,
-            "k_res": cfg.residual_size, "n_outlier": n_out, "v0": cfg.outlier_vector_len,
-            "k0": cfg.outlier_codebook_size, "norm": cfg.col_norm}
-    bits = 0
-    for shape, dtype in VQCodec().buffer_shapes(spec).values():
-        bits += math.prod(shape) * (8 if dtype == torch.uint8 else 16)
-    return bits
+    return sum(codec_bits("vq", vq_spec(cfg, out_f, in_f)).values())
 
 
 def preset_for(target_bpw: float, shapes, base: VPTQConfig | None = None, k_max: int = 4096,

@@ -10,13 +10,15 @@ unquantized tensors at the storage dtype. Two totals:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..models.arch import arch_for, get_module
 from .qlinear import _PackedWeight
 
-__all__ = ["layer_bits", "bpw_report", "count_params"]
+__all__ = ["layer_bits", "bpw_report", "count_params", "codec_bits", "ITEM_KINDS", "item_kind"]
 
 _DTYPE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
 
@@ -40,6 +42,29 @@ def layer_bits(module: nn.Module, storage_dtype: str = "float16") -> dict:
     return {"items": items, "weights": n, "bpw": sum(items.values()) / n}
 
 
+def codec_bits(codec: str, spec: dict) -> dict[str, int]:
+    """Bits per stored buffer of one layer under ``spec``, from the codec's buffer shapes (no weights needed)."""
+    from .codecs import get_codec
+
+    return {name: math.prod(shape) * torch.empty(0, dtype=dtype).element_size() * 8
+            for name, (shape, dtype) in get_codec(codec).buffer_shapes(spec).items()}
+
+
+#: what each stored buffer is, for itemised reports: (kind, buffer names)
+ITEM_KINDS = (
+    ("codes", ("codes", "idx", "res_idx", "qweight")),
+    ("codebooks", ("codebook", "res_codebook")),
+    ("scales", ("scale", "zero", "scale_pos", "scale_neg", "w_scale", "act_scale")),
+    ("outliers", ("outlier_cols", "out_idx", "out_codebook")),
+    ("norms", ("col_scale", "col_bias")),
+)
+
+
+def item_kind(name: str) -> str:
+    """The kind (``codes``, ``codebooks``, ``scales``, ``outliers``, ``norms``, else ``other``) of a buffer."""
+    return next((kind for kind, names in ITEM_KINDS if name in names), "other")
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters of a float model, tied tensors counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -59,13 +84,15 @@ def _stored_bits(model: nn.Module, storage_dtype: str) -> int:
 def bpw_report(model: nn.Module, storage_dtype: str = "float16", n_params: int | None = None) -> dict:
     """Per-layer and whole-model bpw. ``n_params``: original parameter count for ``all_in``."""
     arch = arch_for(model)
-    layers, bits, weights = {}, 0, 0
+    layers, bits, weights, items = {}, 0, 0, {}
     for i, block in enumerate(get_module(model, arch.blocks)):
         for name in arch.linears:
             rep = layer_bits(get_module(block, name), storage_dtype)
             layers[f"{arch.blocks}.{i}.{name}"] = rep
             bits += sum(rep["items"].values())
             weights += rep["weights"]
+            for item, b in rep["items"].items():
+                items[item] = items.get(item, 0) + b
     for path in (arch.embed, arch.head):
         layers[path] = layer_bits(get_module(model, path), storage_dtype)
     total_bits = _stored_bits(model, storage_dtype)
@@ -75,6 +102,7 @@ def bpw_report(model: nn.Module, storage_dtype: str = "float16", n_params: int |
         "all_in": total_bits / n_params,
         "blocks_bits": bits,
         "blocks_weights": weights,
+        "blocks_items": items,
         "total_bits": total_bits,
         "n_params": n_params,
         "storage_dtype": storage_dtype,
