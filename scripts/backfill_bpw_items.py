@@ -37,15 +37,18 @@ def block_shapes(model_name: str, cache: dict) -> list[tuple[int, int]]:
     return cache[model_name]
 
 
-def items_for(res: dict, shapes: list[tuple[int, int]]) -> dict[str, int] | None:
-    """Recomputed ``{buffer: bits}`` over the blocks, or None for a method this cannot rebuild."""
+def items_for(res: dict, cache: dict) -> dict[str, int] | None:
+    """Recomputed ``{buffer: bits}`` over the blocks, or None for a method this cannot rebuild.
+
+    The model is loaded (once per name, into ``cache``) only for the runs that can be rebuilt.
+    """
     cfg = res.get("config") or {}
     if res["method"] == "vptq":
         base = VPTQConfig(**cfg["method_config"])
-        specs = [("vq", vq_spec(layer_config(base, o, i), o, i)) for o, i in shapes]
+        specs = [("vq", vq_spec(layer_config(base, o, i), o, i)) for o, i in block_shapes(res["model"], cache)]
     elif res["method"] in SCALAR_METHODS and cfg.get("fmt"):
         fmt = FormatConfig(**cfg["fmt"]).make()
-        specs = [("scalar", scalar_spec(fmt, o, i)) for o, i in shapes]
+        specs = [("scalar", scalar_spec(fmt, o, i)) for o, i in block_shapes(res["model"], cache)]
     else:
         return None
     items: dict[str, int] = {}
@@ -68,9 +71,7 @@ def main() -> None:
         detail = res["bpw_detail"]
         if "blocks_items" in detail:
             continue
-        items = None
-        if res["method"] == "vptq" or res["method"] in SCALAR_METHODS:
-            items = items_for(res, block_shapes(res["model"], cache))
+        items = items_for(res, cache)
         if items is None:
             print(f"skip  {path.name}: method {res['method']} not rebuilt")
             continue

@@ -285,11 +285,12 @@ def render_vector_quantization(results: list[dict]) -> list[str]:
                     "weight of each kind of stored buffer: codes (indices, residual indices), codebooks (main and "
                     "residual, fp16), scales (fp16 scales and packed zero points), outliers (outlier columns' "
                     "indices, codebook and column list), norms (per-column scale and bias), other (biases); they "
-                    "sum to the blocks bpw. Quantization time is the recorded wall time (device and notes in each result JSON).", ""]
+                    "sum to the blocks bpw. Quantization time is the recorded wall time (device and notes in each "
+                    "result JSON).", ""]
         beside = [r for r in rows if (r["method"], r.get("tag")) in _VQ_BESIDE and corpus in r.get("ppl", {})]
         named = {n for r in vq + beside for n in ((r.get("bpw_detail") or {}).get("blocks_items") or {})}
         kinds = [k for k, _ in ITEM_KINDS] + (["other"] if any(item_kind(n) == "other" for n in named) else [])
-        fp32 = next((r["ppl"][corpus] for r in rows if r["method"] == "fp32" and corpus in r["ppl"]), None)
+        fp32 = _fp32_ppl(rows, corpus)
         out += [f"### {model} (ppl {corpus}; fp32 {_fmt_ppl(fp32)})", "",
                 "| method | config | " + " | ".join(kinds) + " | bpw (blocks) | ppl | zero-shot acc | quant time (s) |",
                 "|---|---|" + "---|" * len(kinds) + "---|---|---|---|"]
@@ -325,7 +326,7 @@ def render_distillation(results: list[dict]) -> list[str]:
         bd = [r for r in rows if r["method"] == "bitdistiller" and corpus in r.get("ppl", {})]
         if not bd:
             continue
-        fp32 = next((r["ppl"][corpus] for r in rows if r["method"] == "fp32" and corpus in r["ppl"]), None)
+        fp32 = _fp32_ppl(rows, corpus)
         if not out:
             out += ["## Quantization-aware distillation (BitDistiller)", "",
                     "Per format: the post-training runs of that format, then the distilled students "
@@ -373,6 +374,11 @@ def _budget(r: dict) -> str:
     batch = d["batch_size"] * d.get("grad_accum", 1)
     teacher = f", {d['teacher_samples']} teacher seqs" if "teacher_samples" in d else ""
     return f"{mc.get('steps')} x {batch} x {mc.get('seqlen')}{teacher}"
+
+
+def _fp32_ppl(rows: list[dict], corpus: str | None) -> float | None:
+    """Perplexity of the model's fp32 run on ``corpus``, or None when there is none."""
+    return next((r["ppl"][corpus] for r in rows if r["method"] == "fp32" and corpus in r["ppl"]), None)
 
 
 def _fmt_ppl(x) -> str:

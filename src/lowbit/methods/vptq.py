@@ -37,7 +37,8 @@ from .registry import register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VPTQConfig", "vptq_quantize", "preset_for", "layer_config", "vq_layer_bits", "vq_spec", "vptq_finetune_block"]
+__all__ = ["VPTQConfig", "vptq_quantize", "preset_for", "layer_config", "vq_layer_bits", "vq_spec",
+           "vptq_finetune_block"]
 
 
 @dataclass(frozen=True)

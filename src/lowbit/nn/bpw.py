@@ -46,7 +46,7 @@ def codec_bits(codec: str, spec: dict) -> dict[str, int]:
     """Bits per stored buffer of one layer under ``spec``, from the codec's buffer shapes (no weights needed)."""
     from .codecs import get_codec
 
-    return {name: math.prod(shape) * torch.empty(0, dtype=dtype).element_size() * 8
+    return {name: math.prod(shape) * dtype.itemsize * 8
             for name, (shape, dtype) in get_codec(codec).buffer_shapes(spec).items()}
 
 
