@@ -174,6 +174,36 @@ def test_comparisons_pivot_methods_by_format():
         "| FP | 3 | 64 | sym | 4.000 | 130.00 | - | - | - |")
 
 
+def test_afpq_table_formats_side_by_side():
+    from lowbit.config import FormatConfig
+    from lowbit.report import render_afpq
+
+    def run(method, fmt, sym, bits, group, ppl, bpw):
+        f = {"format": fmt, "bits": bits, "group_size": group, "sym": sym}
+        r = fake(method, FormatConfig(**f).tag(), bpw, bpw + 2, ppl)
+        r["config"] = {"fmt": f}
+        return r
+
+    res = [run("rtn", "int", False, 3, 128, 100.0, 3.16), run("rtn", "fp", True, 3, 128, 200.0, 3.13),
+           run("rtn", "fp", False, 3, 128, 120.0, 3.27), run("rtn", "nf", True, 3, 128, 110.0, 3.13),
+           run("rtn", "nf", False, 3, 128, 80.0, 3.27),
+           run("rtn", "fp", True, 3, 64, 110.0, 3.25), run("rtn", "nf", True, 3, 64, 70.0, 3.25),
+           run("gptq", "nf", False, 4, 64, 27.0, 4.5), fake("fp32", "", 32, 32, 20.0)]
+    lines = render_afpq(res)
+    assert "### toy-1m (ppl wiki; fp32 20.00; 8 of 90 cells run)" in lines
+    assert ("| rtn | 3 | 128 | 100.00 (3.160) | 200.00 (3.130) | 120.00 (3.270) | 110.00 (3.130) | "
+            "**80.00 (3.270)** |") in lines
+    assert "| rtn | 3 | 64 | - | 110.00 (3.250) | - | **70.00 (3.250)** | - |" in lines
+    assert "| gptq | 4 | 64 | - | - | - | - | 27.00 (4.500) |" in lines   # a lone cell is not marked best
+    summary = lines[-2]
+    # two scales beat one at g128 for FP (120 < 200) and NF (80 < 110); at equal bpw (two-scale g128 vs
+    # one-scale g64) FP loses (120 > 110) and NF loses (80 > 70); the one complete row's best is NF-asym
+    assert "FP 1 of 1, NF 1 of 1 (solver, bits, group) points" in summary
+    assert "At equal bpw (two scales at group g against one scale at g/2): FP 0 of 1, NF 0 of 1." in summary
+    assert "two-scale format in 1 of 1 rows" in summary
+    assert render_afpq([run("rtn", "int", False, 3, 128, 100.0, 3.16)]) == []   # no FP/NF run: no section
+
+
 def test_cli_report(tmp_path, capsys):
     from lowbit.cli import main
 

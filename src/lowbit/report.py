@@ -255,9 +255,93 @@ def render_comparisons(results: list[dict]) -> str:
                          f"{'sym' if f.get('sym') else 'asym'} | {c['bpw']:.3f} | "
                          + " | ".join(_fmt_ppl(c.get(m)) for m in methods) + f" | {best} |")
         lines.append("")
+    lines += render_afpq(results)
     lines += render_distillation(results)
     lines += render_vector_quantization(results)
     return "\n".join(lines)
+
+
+#: the AFPQ table's columns: (label, format, sym) — INT-asym, FP and NF with one scale and with two
+AFPQ_COLUMNS = (("INT-asym", "int", False), ("FP-sym", "fp", True), ("FP-asym (AFPQ)", "fp", False),
+                ("NF-sym", "nf", True), ("NF-asym", "nf", False))
+AFPQ_SOLVERS = ("rtn", "gptq", "awq")
+AFPQ_GRID = tuple((b, g) for b in (4, 3) for g in (128, 64, 32))
+
+
+def render_afpq(results: list[dict]) -> list[str]:
+    """The AFPQ table: per model and solver, rows (bits, group), one column per format, cells ppl (bpw).
+
+    Shown for each model with at least one FP/NF run of the grid (``recipes/afpq_grid.yaml``). The best
+    cell of each row is bold; under each model, counts of the (solver, bits, group) points where two
+    scales beat one (FP and NF separately) and where the best cell is a two-scale format, over the
+    points that have all the cells compared. Only runs whose tag is exactly the format tag count.
+    """
+    from .config import FormatConfig
+
+    out: list[str] = []
+    for model in sorted({r["model"] for r in results}):
+        rows = [r for r in results if r["model"] == model and r["method"] in AFPQ_SOLVERS]
+        corpus = primary_corpus(rows)
+        cell: dict[tuple, tuple[float, float]] = {}
+        for r in rows:
+            fmt = (r.get("config") or {}).get("fmt")
+            if not fmt or corpus not in r.get("ppl", {}) or r.get("tag") != FormatConfig(**fmt).tag():
+                continue
+            key = (r["method"], fmt.get("bits"), fmt.get("group_size"), fmt.get("format"), bool(fmt.get("sym")))
+            if (key[1], key[2]) in AFPQ_GRID:
+                cell[key] = (r["ppl"][corpus], r["bpw"]["blocks"])
+        if not any(k[3] in ("fp", "nf") for k in cell):
+            continue
+        if not out:
+            out += ["## Number formats (AFPQ): one scale against two", "",
+                    "The grid of `recipes/afpq_grid.yaml`: INT-asym, FP and NF with one fp16 scale per group (sym) "
+                    "and with two (asym: positive and negative halves, AFPQ), under RTN, GPTQ and AWQ. Cells: "
+                    "perplexity (blocks bpw); bold: best of the row. FP3 is {0, ±1, ±2, ±4} "
+                    "(`docs/formats.md`). A dash: not run.", ""]
+        fp32 = _fp32_ppl([r for r in results if r["model"] == model], corpus)
+        n_cells = sum(1 for s in AFPQ_SOLVERS for bg in AFPQ_GRID for _, f, sym in AFPQ_COLUMNS
+                      if (s, *bg, f, sym) in cell)
+        total = len(AFPQ_SOLVERS) * len(AFPQ_GRID) * len(AFPQ_COLUMNS)
+        out += [f"### {model} (ppl {corpus}; fp32 {_fmt_ppl(fp32)}; {n_cells} of {total} cells run)", "",
+                "| solver | bits | group | " + " | ".join(c[0] for c in AFPQ_COLUMNS) + " |",
+                "|---|---|---|" + "---|" * len(AFPQ_COLUMNS)]
+        wins = {"fp": [0, 0], "nf": [0, 0]}
+        same_bits = {"fp": [0, 0], "nf": [0, 0]}   # two scales at group g against one scale at g/2: equal bpw
+        best_two = [0, 0]
+        for s in AFPQ_SOLVERS:
+            for b, g in AFPQ_GRID:
+                have = {(f, sym): cell[(s, b, g, f, sym)] for _, f, sym in AFPQ_COLUMNS if (s, b, g, f, sym) in cell}
+                if not have:
+                    continue
+                best = min(have, key=lambda k: have[k][0])
+                texts = []
+                for _, f, sym in AFPQ_COLUMNS:
+                    if (f, sym) not in have:
+                        texts.append("-")
+                        continue
+                    ppl, bpw = have[(f, sym)]
+                    t = f"{_fmt_ppl(ppl)} ({bpw:.3f})"
+                    texts.append(f"**{t}**" if (f, sym) == best and len(have) > 1 else t)
+                out.append(f"| {s} | {b} | {g} | " + " | ".join(texts) + " |")
+                for f in ("fp", "nf"):
+                    if (f, True) in have and (f, False) in have:
+                        wins[f][1] += 1
+                        wins[f][0] += have[(f, False)][0] < have[(f, True)][0]
+                    half = cell.get((s, b, g // 2, f, True))
+                    if (f, False) in have and half is not None:
+                        same_bits[f][1] += 1
+                        same_bits[f][0] += have[(f, False)][0] < half[0]
+                if len(have) == len(AFPQ_COLUMNS):
+                    best_two[1] += 1
+                    best_two[0] += best[0] != "int" and not best[1]
+        out.append("")
+        out.append(f"Two scales beat one at the same bits and group: FP {wins['fp'][0]} of {wins['fp'][1]}, "
+                   f"NF {wins['nf'][0]} of {wins['nf'][1]} (solver, bits, group) points. At equal bpw (two scales "
+                   f"at group g against one scale at g/2): FP {same_bits['fp'][0]} of {same_bits['fp'][1]}, NF "
+                   f"{same_bits['nf'][0]} of {same_bits['nf'][1]}. The best cell of a complete row is a two-scale "
+                   f"format in {best_two[0]} of {best_two[1]} rows (at 16/group more bits than one scale).")
+        out.append("")
+    return out
 
 
 #: scalar runs shown beside VPTQ: (method, format tag), the issue's GPTQ int2/int3 at g128 and g64
