@@ -195,3 +195,35 @@ def test_bench_kernels_vq_rows_run():
                         progress=False, bandwidth_bytes=1 << 20)
     assert [(r["out"], r["format"]) for r in res["rows"]] == [(576, "vq-v6-k256")]  # 100 rows: no v=6 split
     assert res["rows"][0]["bytes"] > 0 and res["rows"][0]["gemv_hot_gbs"] > 0
+
+
+def test_direct_bindings_equal_the_torch_ops():
+    """``kernel_module()`` binds the torch ops' own functions: same outputs, same checks, bitwise."""
+    from lowbit.kernels.build import kernel_module
+
+    mod = kernel_module()
+    assert mod is not None
+    x = torch.randn(3, 100)
+    for fmt in (IntFormat(4, 32, False), FPFormat(4, 32, False), NFFormat(3, 32, True)):
+        m = _layer(fmt, 40, 100, 32)
+        lay = layout_for(m)
+        if lay.kind == "int":
+            args = (x, lay.codes, lay.scale_a, lay.zero, m.bias, lay.bits, lay.group_size, lay.in_features)
+            assert torch.equal(mod.gemm_int(*args), torch.ops.lowbit.gemm_int(*args))
+        else:
+            args = (x, lay.codes, lay.scale_a, lay.scale_b, lay.table, m.bias, lay.bits, lay.group_size,
+                    lay.in_features)
+            assert torch.equal(mod.gemm_lut(*args), torch.ops.lowbit.gemm_lut(*args))
+        assert torch.equal(lay.linear(x, m.bias), torch.ops.lowbit.gemm_int(*args) if lay.kind == "int"
+                           else torch.ops.lowbit.gemm_lut(*args))
+    m = _vq_layer(4, 300, 32, 3, True)
+    vl = layout_for(m)
+    xv = torch.randn(2, 70)
+    vargs = (xv, vl.codes, vl.codebook, vl.res_codes, vl.res_codebook, vl.main_cols, vl.out_codes, vl.out_codebook,
+             vl.outlier_cols, vl.col_scale, vl.col_bias, m.bias, vl.v, vl.v0)
+    assert torch.equal(mod.vq_linear(*vargs), torch.ops.lowbit.vq_linear(*vargs))
+    w = torch.randn(100)
+    assert torch.equal(mod.rms_norm(x, w, 1e-6), torch.ops.lowbit.rms_norm(x, w, 1e-6))
+    il = layout_for(_layer(IntFormat(4, 32, False), 40, 100, 32))
+    with pytest.raises(RuntimeError, match="x must be float32"):   # the op's own checks, not a crash
+        mod.gemm_int(x.double(), il.codes, il.scale_a, il.zero, None, 4, 32, 100)

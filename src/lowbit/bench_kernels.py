@@ -110,9 +110,9 @@ def _clone_layout(lay):
 
     from .kernels import VQKernelLayout
 
-    if isinstance(lay, VQKernelLayout):  # codes are what streams; codebooks are shared and stay in cache anyway
+    if isinstance(lay, VQKernelLayout):  # every buffer a call reads (nbytes counts them): each layer has its own
         return replace(lay, **{f.name: getattr(lay, f.name).clone() for f in fields(lay)
-                               if f.name.endswith("codes") and getattr(lay, f.name) is not None})
+                               if isinstance(getattr(lay, f.name), torch.Tensor)})
     return replace(lay, codes=lay.codes.clone(), scale_a=lay.scale_a.clone(),
                    scale_b=None if lay.scale_b is None else lay.scale_b.clone(),
                    zero=None if lay.zero is None else lay.zero.clone())

@@ -23,14 +23,15 @@ import torch
 
 from ..cache import cache_dir
 
-__all__ = ["SOURCES", "build_dir", "kernels_available", "load_kernels"]
+__all__ = ["SOURCES", "build_dir", "kernel_module", "kernels_available", "load_kernels"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit_kernels.cpp", "decode_ops.cpp", "vq_ops.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit_kernels.cpp", "decode_ops.cpp", "vq_ops.cpp",
+                                                                    "bindings.cpp")]
 
 _lock = threading.Lock()
-_state: dict[str, bool] = {}
+_state: dict[str, object] = {}
 
 
 def build_dir() -> Path:
@@ -52,16 +53,17 @@ def load_kernels(verbose: bool = False) -> bool:
         try:
             from torch.utils.cpp_extension import load
 
-            load(
+            mod = load(
                 name="lowbit_kernels",
                 sources=[str(s) for s in SOURCES],
                 extra_cflags=["-O3", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir()),
-                is_python_module=False,
+                is_python_module=True,
                 verbose=verbose,
             )
             ok = hasattr(torch.ops.lowbit, "gemm_int")
+            _state["module"] = mod if ok else None
             isa = "avx2+fma" if ok and torch.ops.lowbit.isa() == 1 else "scalar"
             log.debug("lowbit CPU kernels loaded (%s path) from %s", isa, build_dir())
         except Exception as e:  # no compiler, no ninja, a failed build: fall back, never fail
@@ -70,6 +72,15 @@ def load_kernels(verbose: bool = False) -> bool:
                         msg[-1] if msg else type(e).__name__)
         _state["ok"] = ok
         return ok
+
+
+def kernel_module():
+    """The extension as a Python module (direct bindings of the decode-path kernels), or ``None``.
+
+    Its functions are the torch ops' own C++ functions, called without the dispatcher (about 1 µs per
+    call instead of about 6) and with the GIL released; same arguments as ``torch.ops.lowbit.<name>``.
+    """
+    return _state.get("module") if load_kernels() else None
 
 
 def kernels_available() -> bool:

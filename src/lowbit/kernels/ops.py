@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .build import load_kernels
+from .build import kernel_module, load_kernels
 from .layout import KERNEL_BITS, kernel_geometry, repack_codes
 from .reference import dequant_ref
 
@@ -92,11 +92,12 @@ class ScalarKernelLayout:
         """``x @ W.T + bias`` for float32 ``x`` ``(..., in)``."""
         if x.numel() // self.in_features > FUSED_MAX_BATCH or not load_kernels():
             return F.linear(x, self.dequantize(), bias)
+        ops = kernel_module()   # the torch ops' functions, bound directly (no dispatcher cost per call)
         if self.kind == "int":
-            return torch.ops.lowbit.gemm_int(x, self.codes, self.scale_a, self.zero, bias, self.bits,
-                                             self.group_size, self.in_features)
-        return torch.ops.lowbit.gemm_lut(x, self.codes, self.scale_a, self.scale_b, self.table, bias, self.bits,
-                                         self.group_size, self.in_features)
+            return ops.gemm_int(x, self.codes, self.scale_a, self.zero, bias, self.bits, self.group_size,
+                                self.in_features)
+        return ops.gemm_lut(x, self.codes, self.scale_a, self.scale_b, self.table, bias, self.bits,
+                            self.group_size, self.in_features)
 
 
 def _scalar_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> ScalarKernelLayout | None:

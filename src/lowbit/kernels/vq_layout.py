@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .build import load_kernels
+from .build import kernel_module, load_kernels
 from .ops import register_layout
 
 __all__ = ["VQKernelLayout"]
@@ -63,9 +63,9 @@ class VQKernelLayout:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + bias`` for float32 ``x`` ``(..., in)``."""
-        return torch.ops.lowbit.vq_linear(x, self.codes, self.codebook, self.res_codes, self.res_codebook,
-                                          self.main_cols, self.out_codes, self.out_codebook, self.outlier_cols,
-                                          self.col_scale, self.col_bias, bias, self.v, self.v0)
+        return kernel_module().vq_linear(x, self.codes, self.codebook, self.res_codes, self.res_codebook,
+                                         self.main_cols, self.out_codes, self.out_codebook, self.outlier_cols,
+                                         self.col_scale, self.col_bias, bias, self.v, self.v0)
 
 
 def _vq_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> VQKernelLayout | None:

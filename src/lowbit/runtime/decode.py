@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..kernels import kernels_active
+from ..kernels.build import kernel_module
 from ..models.arch import arch_for, get_module
 
 __all__ = ["LeanDecoder", "lean_supported"]
@@ -138,7 +139,7 @@ def _rms_torch(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rms_cpp(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.ops.lowbit.rms_norm(x, w, eps)
+    return kernel_module().rms_norm(x, w, eps)
 
 
 def _rope_cache_torch(qkv, cos, ssin, kc, vc, pos: int, nq: int, nk: int, qk_w, qk_eps: float) -> torch.Tensor:
@@ -277,6 +278,7 @@ class LeanDecoder:
         t = p0 + n
         masks: dict[int | None, torch.Tensor | None] = {}
         fused = self.fused_ops
+        ops = kernel_module() if fused else None   # torch.ops.lowbit's functions, bound directly
         norm = _rms_cpp if fused else _rms_torch
         for li, lay in enumerate(self.layers):
             x = norm(h, *lay.norms["input"])
@@ -285,12 +287,12 @@ class LeanDecoder:
             cos, ssin = self._rope[lay.rope]
             qk_eps = lay.norms["q"][1] if self._qk_norm else 0.0
             if fused:  # q/k norm + rope + cache write in one op
-                q = torch.ops.lowbit.rope_cache(qkv, cos, ssin, kc, vc, p0, nq, nk, self._qk_w[li], qk_eps)
+                q = ops.rope_cache(qkv, cos, ssin, kc, vc, p0, nq, nk, self._qk_w[li], qk_eps)
             else:
                 q = _rope_cache_torch(qkv, cos, ssin, kc, vc, p0, nq, nk, self._qk_w[li], qk_eps)
             lo = 0 if lay.window is None else max(0, t - lay.window)
             if fused and n == 1:
-                a = torch.ops.lowbit.attn_decode(q, kc, vc, lo, t, self.scale)
+                a = ops.attn_decode(q, kc, vc, lo, t, self.scale)
             else:
                 if lay.window not in masks:
                     masks[lay.window] = self._mask(p0, n, lo, t, lay.window)
