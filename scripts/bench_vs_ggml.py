@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,8 @@ def build_ggml_bench(llama_cpp: Path, out: Path) -> Path:
     if not (lib / "libggml.so").exists():
         sys.exit(f"no libggml.so under {lib}: build llama.cpp first (cmake -B build && cmake --build build)")
     src = HERE / "ggml_gemv_bench.c"
+    if shutil.which("gcc") is None:
+        sys.exit("gcc is needed to compile scripts/ggml_gemv_bench.c against llama.cpp")
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         subprocess.run(["gcc", "-O2", "-o", str(out), str(src), f"-I{llama_cpp / 'ggml' / 'include'}", f"-L{lib}",
                         "-lggml", "-lggml-base", "-lggml-cpu", f"-Wl,-rpath,{lib}"], check=True)
