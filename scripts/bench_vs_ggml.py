@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench_kernels import SHAPES, _clone_layout, _Copies, _COLD_BYTES, _layer, _median_time, measure_bandwidth
+from lowbit.bench_kernels import SHAPES, _COLD_BYTES, _layer, gemv_times, measure_bandwidth
 
 #: (lowbit format, ggml type) pairs compared; the ggml types that exist for any width first
 PAIRS = [("int4-g128", "q4_0"), ("int4-g32", "q4_1"), ("int2-g128", "q2_K"), ("vq-v6-k4096", None),
@@ -59,10 +59,7 @@ def lowbit_row(tag: str, out_f: int, in_f: int, repeats: int) -> dict | None:
     if m is None:
         return None
     lay = layout_for(m)
-    x1 = torch.randn(1, in_f)
-    t_hot = _median_time(lambda: lay.linear(x1), repeats * 4)
-    copies = _Copies([lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))])
-    t_cold = _median_time(lambda: copies(x1), max(repeats * 4, len(copies.lays)))
+    t_hot, t_cold = gemv_times(lay, torch.randn(1, in_f), repeats)
     bpw = 8 * lay.nbytes / (out_f * in_f)
     return {"format": tag, "out": out_f, "in": in_f, "bytes": lay.nbytes, "bpw": bpw, "hot_us": t_hot * 1e6,
             "cold_us": t_cold * 1e6, "hot_gbs": lay.nbytes / t_hot / 1e9, "cold_gbs": lay.nbytes / t_cold / 1e9}

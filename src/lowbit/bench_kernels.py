@@ -118,6 +118,13 @@ def _clone_layout(lay):
                    zero=None if lay.zero is None else lay.zero.clone())
 
 
+def gemv_times(lay, x1: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``lay.linear(x1)``: hot (one layout) and cold (copies > 96 MiB in rotation)."""
+    t_hot = _median_time(lambda: lay.linear(x1), repeats * 4)
+    copies = _Copies([lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))])
+    return t_hot, _median_time(lambda: copies(x1), max(repeats * 4, len(copies.lays)))
+
+
 def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int = 30, threads: int | None = None,
                   progress: bool = True, bandwidth_bytes: int = 512 << 20) -> dict:
     """Run the benchmark; returns a JSON-ready dict (see :func:`write_kernels_report`)."""
@@ -140,15 +147,12 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
                 continue
             lay = layout_for(m)
             x1 = torch.randn(1, in_f)
-            t_hot = _median_time(lambda: lay.linear(x1), repeats * 4)
-            copies = _Copies([lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))])
-            t_cold = _median_time(lambda: copies(x1), max(repeats * 4, len(copies.lays)))
+            t_hot, t_cold = gemv_times(lay, x1, repeats)
             t_f32 = _median_time(lambda: F.linear(x1, w), repeats * 4)
             row = {"format": tag, "out": out_f, "in": in_f, "bytes": lay.nbytes,
                    "gemv_hot_us": t_hot * 1e6, "gemv_cold_us": t_cold * 1e6, "fp32_gemv_us": t_f32 * 1e6,
                    "gemv_hot_gbs": lay.nbytes / t_hot / 1e9, "gemv_cold_gbs": lay.nbytes / t_cold / 1e9,
                    "cold_frac_of_read_bw": lay.nbytes / t_cold / 1e9 / bw["read_gbs"], "gemm": {}}
-            copies = None  # free the clones before the GEMM runs
             for b in batches:
                 xb = torch.randn(b, in_f)
                 t = _median_time(lambda: lay.linear(xb), max(5, repeats // (1 + b // 64)))

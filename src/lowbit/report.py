@@ -218,14 +218,23 @@ def _fmt_key(fmt: dict) -> tuple:
     return (-fmt.get("bits", 0), -(g if g > 0 else 10**6), _FORMAT_ORDER.get(fmt.get("format"), 9), not fmt.get("sym"))
 
 
+def _plain_format_runs(rows: list[dict], corpus: str | None):
+    """``(run, fmt)`` for the runs with a perplexity on ``corpus`` whose tag is exactly their format's tag
+    (no method options, no quantized embedding or head)."""
+    from .config import FormatConfig
+
+    for r in rows:
+        fmt = (r.get("config") or {}).get("fmt")
+        if fmt and corpus in r.get("ppl", {}) and r.get("tag") == FormatConfig(**fmt).tag():
+            yield r, fmt
+
+
 def render_comparisons(results: list[dict]) -> str:
     """Per model: one row per weight format, one perplexity column per weight-only method (default settings).
 
     Rows are the runs whose tag is exactly the format tag (no method options,
     no quantized embedding or head), so every cell of a row has the same bpw.
     """
-    from .config import FormatConfig
-
     intro = ("Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand. One row per weight format, "
              "one column per weight-only method at its default settings; cells are perplexity on the model's first "
              "corpus (protocol in `results.md`). `asym` = asymmetric INT, or two scales (positive and negative "
@@ -235,10 +244,7 @@ def render_comparisons(results: list[dict]) -> str:
         rows = [r for r in results if r["model"] == model and r["method"] in PIVOT_METHODS]
         corpus = primary_corpus(rows)
         cells: dict[tuple, dict] = {}
-        for r in rows:
-            fmt = (r.get("config") or {}).get("fmt")
-            if not fmt or corpus not in r["ppl"] or r.get("tag") != FormatConfig(**fmt).tag():
-                continue
+        for r, fmt in _plain_format_runs(rows, corpus):
             key = tuple(sorted(fmt.items()))
             cells.setdefault(key, {"fmt": fmt, "bpw": r["bpw"]["blocks"]})[r["method"]] = r["ppl"][corpus]
         if not cells:
@@ -276,17 +282,12 @@ def render_afpq(results: list[dict]) -> list[str]:
     scales beat one (FP and NF separately) and where the best cell is a two-scale format, over the
     points that have all the cells compared. Only runs whose tag is exactly the format tag count.
     """
-    from .config import FormatConfig
-
     out: list[str] = []
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model and r["method"] in AFPQ_SOLVERS]
         corpus = primary_corpus(rows)
         cell: dict[tuple, tuple[float, float]] = {}
-        for r in rows:
-            fmt = (r.get("config") or {}).get("fmt")
-            if not fmt or corpus not in r.get("ppl", {}) or r.get("tag") != FormatConfig(**fmt).tag():
-                continue
+        for r, fmt in _plain_format_runs(rows, corpus):
             key = (r["method"], fmt.get("bits"), fmt.get("group_size"), fmt.get("format"), bool(fmt.get("sym")))
             if (key[1], key[2]) in AFPQ_GRID:
                 cell[key] = (r["ppl"][corpus], r["bpw"]["blocks"])

@@ -90,9 +90,9 @@ class ScalarKernelLayout:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + bias`` for float32 ``x`` ``(..., in)``."""
-        if x.numel() // self.in_features > FUSED_MAX_BATCH or not load_kernels():
-            return F.linear(x, self.dequantize(), bias)
         ops = kernel_module()   # the torch ops' functions, bound directly (no dispatcher cost per call)
+        if ops is None or x.numel() // self.in_features > FUSED_MAX_BATCH:
+            return F.linear(x, self.dequantize(), bias)
         if self.kind == "int":
             return ops.gemm_int(x, self.codes, self.scale_a, self.zero, bias, self.bits, self.group_size,
                                 self.in_features)

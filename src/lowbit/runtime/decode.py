@@ -138,10 +138,6 @@ def _rms_torch(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
-def _rms_cpp(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return kernel_module().rms_norm(x, w, eps)
-
-
 def _rope_cache_torch(qkv, cos, ssin, kc, vc, pos: int, nq: int, nk: int, qk_w, qk_eps: float) -> torch.Tensor:
     """Plain-torch ``lowbit::rope_cache`` (kernels/csrc/decode_ops.cpp): returns the rotated q ``(n, nq, d)``."""
     n, d = qkv.shape[0], kc.shape[-1]
@@ -279,7 +275,7 @@ class LeanDecoder:
         masks: dict[int | None, torch.Tensor | None] = {}
         fused = self.fused_ops
         ops = kernel_module() if fused else None   # torch.ops.lowbit's functions, bound directly
-        norm = _rms_cpp if fused else _rms_torch
+        norm = ops.rms_norm if fused else _rms_torch
         for li, lay in enumerate(self.layers):
             x = norm(h, *lay.norms["input"])
             qkv = lay.qkv(x)  # (n, (nq + 2 nk) d)
