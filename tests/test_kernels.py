@@ -75,10 +75,13 @@ def test_gemm_matches_reference(fmt, isa):
     assert torch.equal(m(x), F.linear(x, m.dequantize_weight(), m.bias))
 
 
-@pytest.mark.parametrize("fmt", [IntFormat(4, 64), IntFormat(3, 64, True), FPFormat(4, 64), NFFormat(3, 64, True)],
-                         ids=_fid)
-def test_thread_count_invariance(fmt):
-    m = _layer(fmt, 300, 200, 64)
+@pytest.mark.parametrize("fmt,act", [(IntFormat(4, 64), "fp32"), (IntFormat(3, 64, True), "fp32"),
+                                     (FPFormat(4, 64), "fp32"), (NFFormat(3, 64, True), "fp32"),
+                                     (IntFormat(4, 64), "q8"), (FPFormat(4, 32), "q8")],
+                         ids=lambda v: v if isinstance(v, str) else _fid(v))
+def test_thread_count_invariance(monkeypatch, fmt, act):
+    monkeypatch.setenv("LOWBIT_KERNEL_ACT", act)
+    m = _layer(fmt, 300, 200, fmt.group_size)
     x = torch.randn(5, 200)
     prev = torch.get_num_threads()
     try:
@@ -227,3 +230,78 @@ def test_direct_bindings_equal_the_torch_ops():
     il = layout_for(_layer(IntFormat(4, 32, False), 40, 100, 32))
     with pytest.raises(RuntimeError, match="x must be float32"):   # the op's own checks, not a crash
         mod.gemm_int(x.double(), il.codes, il.scale_a, il.zero, None, 4, 32, 100)
+
+
+# ------------------------------------------------------------------ int8 activations (LOWBIT_KERNEL_ACT=q8)
+
+Q8_FORMATS = [IntFormat(4, 128, False), IntFormat(4, 128, True), FPFormat(4, 128, False), FPFormat(4, 128, True)]
+
+
+def test_quantize_act_q8_is_blockwise_int8():
+    from lowbit.kernels.reference import quantize_act_q8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 100, generator=g) * torch.logspace(-3, 2, 100)  # widely spread magnitudes
+    for gs in (32, 48, 128, -1):
+        xh = quantize_act_q8(x, gs)
+        width = 100 if gs == -1 else gs
+        for c0 in range(0, 100, width):  # each 32-column block of each group has its own step d
+            for b0 in range(c0, min(c0 + width, 100), 32):
+                blk = slice(b0, min(b0 + 32, c0 + width, 100))
+                d = x[:, blk].abs().amax(dim=1, keepdim=True) / 127
+                q = xh[:, blk] / d
+                assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127.001
+                assert ((xh[:, blk] - x[:, blk]).abs() <= d / 2 * 1.0001).all()
+    assert torch.equal(quantize_act_q8(torch.zeros(2, 40), 32), torch.zeros(2, 40))
+
+
+@pytest.mark.parametrize("fmt", Q8_FORMATS, ids=_fid)
+def test_q8_gemv_matches_reference(monkeypatch, fmt, isa):
+    from lowbit.kernels.reference import linear_q8_ref
+
+    monkeypatch.setenv("LOWBIT_KERNEL_ACT", "q8")
+    g = torch.Generator().manual_seed(2)
+    for out_f, in_f, gs in SHAPES + [(5, 33, 32), (4, 96, 96), (3, 576, 128)]:
+        m = _layer(fmt, out_f, in_f, gs)
+        lay = layout_for(m)
+        assert lay.q8_capable
+        for batch in (1, 3):
+            x = torch.randn(batch, in_f, generator=g)
+            y = m(x)
+            ref = linear_q8_ref(x, lay, m.bias)
+            scale = (x.abs() @ m.dequantize_weight().abs().T).max() + m.bias.abs().max()
+            assert (y - ref).abs().max() <= 2e-6 * scale, (fmt, out_f, in_f, gs, batch)
+            # and it is not the exact-input product: the int8 input is what makes it faster
+            assert not torch.equal(y, F.linear(x, m.dequantize_weight(), m.bias))
+
+
+def test_q8_leaves_other_formats_exact(monkeypatch):
+    """NF4 (non-integer levels) and 2/3-bit codes keep the exact float kernel under LOWBIT_KERNEL_ACT=q8."""
+    from lowbit.kernels import kernel_activations
+
+    monkeypatch.setenv("LOWBIT_KERNEL_ACT", "q8")
+    assert kernel_activations() == "q8"
+    x = torch.randn(2, 100)
+    for fmt in (NFFormat(4, 32, False), IntFormat(3, 32, False), FPFormat(3, 32, False)):
+        m = _layer(fmt, 7, 100, 32)
+        assert not layout_for(m).q8_capable
+        y = m(x)
+        monkeypatch.setenv("LOWBIT_KERNEL_ACT", "fp32")
+        assert torch.equal(y, m(x))
+        monkeypatch.setenv("LOWBIT_KERNEL_ACT", "q8")
+    monkeypatch.setenv("LOWBIT_KERNEL_ACT", "int8")
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="LOWBIT_KERNEL_ACT"):
+        kernel_activations()
+
+
+def test_q8_direct_binding_equals_the_torch_op():
+    from lowbit.kernels.build import kernel_module
+
+    x = torch.randn(2, 100)
+    for fmt in (IntFormat(4, 32, False), FPFormat(4, 64, False)):
+        lay = layout_for(_layer(fmt, 40, 100, fmt.group_size))
+        pos, neg, ls = lay.q8 or (None, None, 1.0)
+        args = (x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, pos, neg, ls, None, lay.group_size, 100)
+        assert torch.equal(kernel_module().gemm_q8(*args), torch.ops.lowbit.gemm_q8(*args))

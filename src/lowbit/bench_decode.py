@@ -9,6 +9,8 @@ warm-up generation):
   smollm2, a fifth of the weights; left in fp32 it would cap any speed-up), run
   through :class:`lowbit.nn.QuantizedLinear` and so through the fused kernels;
   ``<tag>@ref`` runs the same model with ``LOWBIT_KERNELS=0`` (dequantize + matmul);
+  ``<tag>@q8`` with ``LOWBIT_KERNEL_ACT=q8`` (int8 activations in the 4-bit INT / FP4 GEMVs,
+  as llama.cpp multiplies its quantized weights);
 - ``ckpt=DIR``: a saved lowbit checkpoint of the model (how VPTQ rows are timed: VQ layers
   run through the fused VQ GEMV);
 - the decode loop: by default lowbit's :class:`lowbit.runtime.LeanDecoder` (static
@@ -25,6 +27,7 @@ exactly ``new_tokens`` tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -39,8 +42,8 @@ __all__ = ["DEFAULT_CONFIGS", "bench_decode", "llama_cpp_available", "write_deco
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIGS = ["fp32@hf", "bf16@hf", "int4-g128@hf", "fp32", "int4-g128", "int3-g128", "int2-g128", "fp4-g128",
-                   "int4-g128@ref"]
+DEFAULT_CONFIGS = ["fp32@hf", "bf16@hf", "int4-g128@hf", "fp32", "int4-g128", "int4-g128@q8", "int3-g128", "int2-g128",
+                   "fp4-g128", "fp4-g128@q8", "int4-g128@ref"]
 LLAMA_QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q2_K": 10}  # llama_ftype values
 PROMPT = "The history of the city begins"
 
@@ -81,15 +84,15 @@ def _time_lean(model, ids, new_tokens: int, repeats: int) -> list[float]:
     return times
 
 
-def _parse_config(cfg: str) -> tuple[str, bool, bool]:
-    """``"int4-g128@ref@hf"`` -> ``("int4-g128", ref, hf)``."""
+def _parse_config(cfg: str) -> tuple[str, bool, bool, bool]:
+    """``"int4-g128@ref@hf"`` -> ``("int4-g128", ref, hf, q8)``."""
     tag, *flags = cfg.split("@")
-    unknown = set(flags) - {"ref", "hf"}
+    unknown = set(flags) - {"ref", "hf", "q8"}
     if unknown:
         from .errors import ConfigError
 
-        raise ConfigError(f"decode config {cfg!r}: unknown suffix {sorted(unknown)}; use @hf and/or @ref")
-    return tag, "ref" in flags, "hf" in flags
+        raise ConfigError(f"decode config {cfg!r}: unknown suffix {sorted(unknown)}; use @hf, @ref and/or @q8")
+    return tag, "ref" in flags, "hf" in flags, "q8" in flags
 
 
 def _checkpoint_model(path: str, name: str, head: str | None = None):
@@ -173,7 +176,7 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
         ids = tok(PROMPT, return_tensors="pt")["input_ids"]
         base.generation_config.eos_token_id = None
         for cfg in configs:
-            tag, ref, hf = _parse_config(cfg)
+            tag, ref, hf, q8 = _parse_config(cfg)
             if tag == "fp32":
                 model, bpw = base, 32.0
             elif tag == "bf16":
@@ -187,23 +190,17 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
             else:
                 model = _lowbit_model(base, tag)
                 bpw = _bpw(model)
-            old = os.environ.get("LOWBIT_KERNELS")
-            if ref:
-                os.environ["LOWBIT_KERNELS"] = "0"
+            from .kernels import use_kernel_activations
             from .runtime import lean_supported
+            from .utils import env_var
 
-            why = None if hf else lean_supported(model)
-            if why and not hf:
-                log.info("%s %s: %s; timing transformers' generate instead", name, cfg, why)
-            loop = "hf generate" if (hf or why) else "lean"
-            try:
+            with env_var("LOWBIT_KERNELS", "0") if ref else contextlib.nullcontext(), \
+                    use_kernel_activations("q8" if q8 else None):
+                why = None if hf else lean_supported(model)
+                if why and not hf:
+                    log.info("%s %s: %s; timing transformers' generate instead", name, cfg, why)
+                loop = "hf generate" if (hf or why) else "lean"
                 times = (_time_generate if loop == "hf generate" else _time_lean)(model, ids, new_tokens, repeats)
-            finally:
-                if ref:
-                    if old is None:
-                        os.environ.pop("LOWBIT_KERNELS", None)
-                    else:
-                        os.environ["LOWBIT_KERNELS"] = old
             rows.append(_row(name, "torch" if tag in ("fp32", "bf16") else "lowbit", cfg, bpw, new_tokens, times))
             rows[-1]["loop"] = loop
             if progress:

@@ -26,8 +26,9 @@ __all__ = ["BENCH_FORMATS", "SHAPES", "bench_kernels", "measure_bandwidth", "wri
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (1024, 640), (256, 640), (2048, 640), (640, 2048)]
 
 #: format tags benchmarked (FormatConfig.tag spelling)
-BENCH_FORMATS = ["int4-g128", "int4-sym-g128", "int3-g128", "int2-g128", "fp4-g128", "nf4-sym-g128",
-                 "fp3-g128", "nf3-g128", "vq-v6-k4096", "vq-v8-k4096-r256"]
+#: (``<tag>@q8``: the same layer with int8 activations, ``LOWBIT_KERNEL_ACT=q8``)
+BENCH_FORMATS = ["int4-g128", "int4-g128@q8", "int4-sym-g128", "int3-g128", "int2-g128", "fp4-g128", "fp4-g128@q8",
+                 "nf4-sym-g128", "fp3-g128", "nf3-g128", "vq-v6-k4096", "vq-v8-k4096-r256"]
 
 GEMM_BATCHES = (16, 64, 512)
 _COLD_BYTES = 96 << 20  # > 2x a 32 MiB L3
@@ -79,6 +80,18 @@ def _vq_layer(tag: str, out_f: int, in_f: int):
     return m, m.dequantize_weight().clone()
 
 
+def split_act(tag: str) -> tuple[str, str | None]:
+    """``"int4-g128@q8"`` -> ``("int4-g128", "q8")``; a plain tag -> ``(tag, None)``."""
+    from .errors import ConfigError
+    from .kernels import KERNEL_ACTIVATIONS
+
+    base, sep, act = tag.partition("@")
+    if sep and act not in KERNEL_ACTIVATIONS:
+        raise ConfigError(f"format {tag!r}: the suffix after @ is the kernels' input precision, one of "
+                          f"{', '.join(KERNEL_ACTIVATIONS)}")
+    return base, (act or None)
+
+
 def _layer(tag: str, out_f: int, in_f: int):
     from .cli_args import parse_format_tag
     from .formats import quantize_rtn
@@ -128,7 +141,7 @@ def gemv_times(lay, x1: torch.Tensor, repeats: int) -> tuple[float, float]:
 def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int = 30, threads: int | None = None,
                   progress: bool = True, bandwidth_bytes: int = 512 << 20) -> dict:
     """Run the benchmark; returns a JSON-ready dict (see :func:`write_kernels_report`)."""
-    from .kernels import FUSED_MAX_BATCH, layout_for, load_kernels
+    from .kernels import FUSED_MAX_BATCH, layout_for, load_kernels, use_kernel_activations
 
     if not load_kernels():
         raise RuntimeError("the lowbit C++ kernels are not available (see the log); nothing to benchmark")
@@ -141,21 +154,28 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
     rows = []
     torch.manual_seed(0)
     for tag in formats:
+        base, act = split_act(tag)
         for out_f, in_f in shapes:
-            m, w = _layer(tag, out_f, in_f)
+            m, w = _layer(base, out_f, in_f)
             if m is None:
                 continue
             lay = layout_for(m)
+            if act == "q8" and not lay.q8_capable:
+                from .errors import ConfigError
+
+                raise ConfigError(f"{tag}: int8 activations apply to 4-bit INT and FP4 layers only")
             x1 = torch.randn(1, in_f)
-            t_hot, t_cold = gemv_times(lay, x1, repeats)
+            with use_kernel_activations(act):
+                t_hot, t_cold = gemv_times(lay, x1, repeats)
+                gemm = {b: _median_time(lambda xb=torch.randn(b, in_f): lay.linear(xb), max(5, repeats // (1 + b // 64)))
+                        for b in batches}
             t_f32 = _median_time(lambda: F.linear(x1, w), repeats * 4)
             row = {"format": tag, "out": out_f, "in": in_f, "bytes": lay.nbytes,
                    "gemv_hot_us": t_hot * 1e6, "gemv_cold_us": t_cold * 1e6, "fp32_gemv_us": t_f32 * 1e6,
                    "gemv_hot_gbs": lay.nbytes / t_hot / 1e9, "gemv_cold_gbs": lay.nbytes / t_cold / 1e9,
                    "cold_frac_of_read_bw": lay.nbytes / t_cold / 1e9 / bw["read_gbs"], "gemm": {}}
-            for b in batches:
+            for b, t in gemm.items():
                 xb = torch.randn(b, in_f)
-                t = _median_time(lambda: lay.linear(xb), max(5, repeats // (1 + b // 64)))
                 tf = _median_time(lambda: F.linear(xb, w), max(5, repeats // (1 + b // 64)))
                 row["gemm"][str(b)] = {"us": t * 1e6, "gflops": 2 * b * out_f * in_f / t / 1e9,
                                        "fp32_us": tf * 1e6, "fp32_gflops": 2 * b * out_f * in_f / tf / 1e9}

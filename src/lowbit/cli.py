@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("bench-kernels", help="benchmark the CPU kernels (GEMV bandwidth, GEMM throughput)")
-    s.add_argument("--formats", nargs="+", default=None, metavar="TAG", help="format tags (default: a fixed set)")
+    s.add_argument("--formats", nargs="+", default=None, metavar="TAG", help="format tags; <tag>@q8 runs the layer with int8 activations (default: a fixed set)")
     s.add_argument("--threads", nargs="+", type=int, default=None, help="thread counts to run (default: torch's)")
     s.add_argument("--repeats", type=int, default=30, help="timed repeats per measurement (medians; default: 30)")
     s.add_argument("--quick", action="store_true", help="smollm2 shapes only")

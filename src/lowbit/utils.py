@@ -22,6 +22,23 @@ def peak_memory_gb(device: torch.device | str | None = None) -> float:
 
 
 @contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Run the body with environment variable ``name`` set to ``value`` (``None``: unset), then restore it."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
 def cpu_threads(n: int):
     """Run the body with ``n`` intra-op CPU threads, then restore the previous count.
 

@@ -8,25 +8,34 @@
   :class:`lowbit.nn.QuantizedLinear` calls transparently (disable with
   ``LOWBIT_KERNELS=0`` or ``module.use_kernels = False``).
 - :mod:`.reference`: the plain-torch references.
+
+``LOWBIT_KERNEL_ACT=q8`` makes the 4-bit INT and FP4 GEMV kernels quantize their input to int8
+per block of 32 (llama.cpp's Q8_0 scheme) and use integer dot products (``gemm_q8``); the
+default ``fp32`` multiplies the float input exactly.
 """
 from .build import kernels_available, load_kernels
 from .ops import (
     FUSED_MAX_BATCH,
+    KERNEL_ACTIVATIONS,
     ScalarKernelLayout,
     build_layout,
+    kernel_activations,
     kernel_linear,
     kernels_active,
     kernels_enabled,
     layout_for,
     register_layout,
+    use_kernel_activations,
 )
 from .vq_layout import VQKernelLayout
 
 __all__ = [
     "FUSED_MAX_BATCH",
+    "KERNEL_ACTIVATIONS",
     "ScalarKernelLayout",
     "VQKernelLayout",
     "build_layout",
+    "kernel_activations",
     "kernel_linear",
     "kernels_active",
     "kernels_available",
@@ -34,4 +43,5 @@ __all__ = [
     "layout_for",
     "load_kernels",
     "register_layout",
+    "use_kernel_activations",
 ]

@@ -28,7 +28,7 @@ __all__ = ["SOURCES", "build_dir", "kernel_module", "kernels_available", "load_k
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit_kernels.cpp", "decode_ops.cpp", "vq_ops.cpp",
-                                                                    "bindings.cpp")]
+                                                                    "q8_ops.cpp", "bindings.cpp")]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -14,6 +14,7 @@ codec (VQ) adds its own builder returning an object with the same
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,22 +24,70 @@ import torch.nn.functional as F
 
 from .build import kernel_module, load_kernels
 from .layout import KERNEL_BITS, kernel_geometry, repack_codes
+from ..utils import env_var
 from .reference import dequant_ref
 
 __all__ = [
     "FUSED_MAX_BATCH",
+    "KERNEL_ACTIVATIONS",
     "ScalarKernelLayout",
     "build_layout",
+    "kernel_activations",
     "kernel_linear",
     "kernels_active",
     "kernels_enabled",
     "layout_for",
     "register_layout",
+    "use_kernel_activations",
 ]
 
 #: inputs with more rows than this dequantize the weight (fast, exact) and use
 #: torch's matmul: at prefill sizes the GEMM is compute-bound and BLAS wins
 FUSED_MAX_BATCH = 128
+
+
+#: ``LOWBIT_KERNEL_ACT`` values: ``fp32`` multiplies the float input exactly (the default);
+#: ``q8`` quantizes the input to int8 per block of 32 (llama.cpp's Q8_0 scheme) for integer dot
+#: products, on the 4-bit formats whose levels are small integers (INT4, FP4; see ``gemm_q8``)
+KERNEL_ACTIVATIONS = ("fp32", "q8")
+
+
+def kernel_activations() -> str:
+    """The input precision of the fused GEMV kernels: ``LOWBIT_KERNEL_ACT`` (``fp32`` or ``q8``)."""
+    mode = os.environ.get("LOWBIT_KERNEL_ACT", "fp32")
+    if mode not in KERNEL_ACTIVATIONS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"LOWBIT_KERNEL_ACT={mode!r}: use one of {', '.join(KERNEL_ACTIVATIONS)}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_kernel_activations(mode: str | None):
+    """Run a block with ``LOWBIT_KERNEL_ACT=mode`` (``None``: leave it as it is)."""
+    if mode is None:
+        yield
+        return
+    if mode not in KERNEL_ACTIVATIONS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"kernel activations {mode!r}: use one of {', '.join(KERNEL_ACTIVATIONS)}")
+    with env_var("LOWBIT_KERNEL_ACT", mode):
+        yield
+
+
+def q8_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(pos, neg, level_scale)`` for the int8-activation kernel, or ``None`` if the table has none.
+
+    The levels must be integer multiples of ``level_scale`` (1, 1/2 or 1/4) of at most 64 in
+    magnitude (FP4 e2m1: twice the level, ``level_scale = 0.5``); NF tables are not, and keep the
+    float kernel.
+    """
+    for k in (1, 2, 4):
+        lv = table.float() * k
+        if bool((lv == lv.round()).all()) and float(lv.abs().max()) <= 64:
+            return lv.clamp_min(0).to(torch.uint8), (-lv).clamp_min(0).to(torch.uint8), 1.0 / k
+    return None
 
 
 def kernels_enabled() -> bool:
@@ -71,6 +120,14 @@ class ScalarKernelLayout:
     scale_b: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     table: torch.Tensor | None = None
+    #: ``(pos, neg, level_scale)`` of a 4-bit table format with integer levels (see :func:`q8_tables`)
+    q8: tuple | None = None
+
+    @property
+    def q8_capable(self) -> bool:
+        """Whether ``gemm_q8`` (int8 activations) handles this layout: 4-bit INT, or a 4-bit table
+        with small integer levels (FP4)."""
+        return self.bits == 4 and (self.kind == "int" or self.q8 is not None)
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +150,10 @@ class ScalarKernelLayout:
         ops = kernel_module()   # the torch ops' functions, bound directly (no dispatcher cost per call)
         if ops is None or x.numel() // self.in_features > FUSED_MAX_BATCH:
             return F.linear(x, self.dequantize(), bias)
+        if self.q8_capable and kernel_activations() == "q8":
+            pos, neg, ls = self.q8 or (None, None, 1.0)
+            return ops.gemm_q8(x, self.codes, self.scale_a, self.scale_b, self.zero, pos, neg, ls, bias,
+                               self.group_size, self.in_features)
         if self.kind == "int":
             return ops.gemm_int(x, self.codes, self.scale_a, self.zero, bias, self.bits, self.group_size,
                                 self.in_features)
@@ -121,6 +182,7 @@ def _scalar_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> ScalarKernel
             zero = qw.params["zero"].round().to(torch.uint8).contiguous()
         return ScalarKernelLayout("int", scale_a=buffers["scale"].contiguous(), zero=zero, **common)
     table = fmt.lut()
+    common["q8"] = q8_tables(table) if fmt.bits == 4 else None
     if fmt.sym:
         return ScalarKernelLayout("lut", scale_a=buffers["scale"].contiguous(), table=table, **common)
     return ScalarKernelLayout("lut", scale_a=buffers["scale_pos"].contiguous(),

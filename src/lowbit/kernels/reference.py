@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .layout import unpack_kernel_codes
 
-__all__ = ["dequant_ref", "linear_ref"]
+__all__ = ["dequant_ref", "linear_ref", "linear_q8_ref", "quantize_act_q8"]
 
 
 def dequant_ref(lay) -> torch.Tensor:
@@ -31,3 +31,26 @@ def dequant_ref(lay) -> torch.Tensor:
 def linear_ref(x: torch.Tensor, lay, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` with the reference weight."""
     return F.linear(x, dequant_ref(lay), bias)
+
+
+def quantize_act_q8(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The input as the int8-activation kernel (``gemm_q8``) multiplies it: ``d * round(x / d)``.
+
+    Columns are cut into groups of ``group_size`` (the weight's), each group into blocks of 32
+    (the last block of a group may be short); ``d = max|x| / 127`` per block, rounding half to even.
+    """
+    x = x.float()
+    in_f = x.shape[-1]
+    gs = in_f if group_size <= 0 or group_size >= in_f else group_size
+    G = -(-in_f // gs)
+    gsp = -(-gs // 32) * 32
+    xp = F.pad(x, (0, G * gs - in_f)).unflatten(-1, (G, gs))
+    xp = F.pad(xp, (0, gsp - gs)).unflatten(-1, (gsp // 32, 32))  # (..., G, blocks, 32), zero padded
+    d = xp.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xp / torch.where(d > 0, d, 1.0)), 0.0)
+    return (q * d).flatten(-2)[..., :gs].flatten(-2)[..., :in_f]
+
+
+def linear_q8_ref(x: torch.Tensor, lay, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``gemm_q8``'s result in plain torch: the quantized input times the reference weight."""
+    return F.linear(quantize_act_q8(x, lay.group_size), dequant_ref(lay), bias)

@@ -127,7 +127,7 @@ def _fuse_kernel_layouts(linears):
 
     lay = ScalarKernelLayout(first.kind, first.bits, first.group_size, first.in_features,
                              sum(lay.out_features for lay in lays), codes=cat("codes"), scale_a=cat("scale_a"),
-                             scale_b=cat("scale_b"), zero=cat("zero"), table=first.table)
+                             scale_b=cat("scale_b"), zero=cat("zero"), table=first.table, q8=first.q8)
     biases = [m.bias for m in linears]
     bias = (torch.cat([b.detach() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, linears)])
             if any(b is not None for b in biases) else None)

@@ -15,6 +15,13 @@ at::Tensor gemm_lut(const at::Tensor& x, const at::Tensor& codes, const at::Tens
                     const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t in_features);
 }  // namespace lowbit
 
+namespace lowbit_q8 {
+at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& sa,
+                   const c10::optional<at::Tensor>& sb, const c10::optional<at::Tensor>& zero,
+                   const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_scale,
+                   const c10::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features);
+}  // namespace lowbit_q8
+
 namespace lowbit_vq {
 at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& codebook,
                      const c10::optional<at::Tensor>& res_codes, const c10::optional<at::Tensor>& res_codebook,
@@ -37,6 +44,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("gemm_int", &lowbit::gemm_int, release());
   m.def("gemm_lut", &lowbit::gemm_lut, release());
+  m.def("gemm_q8", &lowbit_q8::gemm_q8, release());
   m.def("vq_linear", &lowbit_vq::vq_linear, release());
   m.def("rms_norm", &lowbit_decode::rms_norm, release());
   m.def("rope_cache", &lowbit_decode::rope_cache, release());

@@ -188,7 +188,8 @@ AVX2_FN static inline __m256 lut_lookup(__m256i v, __m256i hi, int j, __m256 t0,
   return _mm256_blendv_ps(lo, up, _mm256_castsi256_ps(_mm256_slli_epi32(v, 28 - 4 * j)));
 }
 
-AVX2_FN static inline float hsum(__m256 v) {
+// (also used by q8_ops.cpp)
+AVX2_FN float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -331,8 +332,9 @@ static RowFn pick(int bits, int isa) {
   TORCH_CHECK(false, "lowbit kernels support 2, 3 and 4 bits, got ", bits);
 }
 
-// LOWBIT_KERNEL_TASK_KB: minimum work per thread, in KiB of codes x input rows (default 64)
-static int64_t min_task_bytes() {
+// LOWBIT_KERNEL_TASK_KB: minimum work per thread, in KiB of codes x input rows (default 64); also used
+// by q8_ops.cpp
+int64_t min_task_bytes() {
   static const int64_t v = [] {
     const char* e = std::getenv("LOWBIT_KERNEL_TASK_KB");
     const int64_t kb = e ? std::atoll(e) : 64;

@@ -1,0 +1,410 @@
+// Int8-activation GEMV/GEMM for 4-bit codes: integer dot products, as llama.cpp's Q8_0 path.
+//
+// Registered as a torch op (namespace ``lowbit``) and bound directly (bindings.cpp):
+//   gemm_q8(x, codes, scale_a, scale_b?, zero?, pos?, neg?, level_scale, bias?, group_size, in_features) -> y
+//
+// The weight is the 4-bit kernel layout of lowbit_kernels.cpp (no new layout): byte k of a block of
+// 32 codes holds the codes of columns lo(k) (low nibble) and hi(k) (high nibble), with
+//   lo(2l) = l, lo(2l+1) = 16 + l, hi(2l) = 8 + l, hi(2l+1) = 24 + l   (l = 0..7).
+//
+// The input is quantized per block of 32 padded columns to int8: d = max|x| / 127, xq = round(x / d)
+// (half to even), so it is x_hat = d * xq that gets multiplied, exactly as
+// ``lowbit.kernels.reference.quantize_act_q8`` computes it. The products q * xq are exact integers
+// (vpmaddubsw, vpmaddwd); each block's integer dot product is scaled by d in float.
+//
+// Weights:
+//   int   (zero given):       w = (q - zero) * scale_a
+//         y = sum_g scale_a_g * (sum_b d_b dot(q, xq)_b - zero_g * sum_b d_b sum(xq)_b)
+//   table (pos, neg given):   w = level_scale * (pos[q] * scale_a - neg[q] * scale_b)
+//         pos / neg: uint8 tables of 16 entries, the positive levels and the magnitudes of the
+//         negative levels of a table format whose levels are integer multiples of level_scale
+//         (FP4 e2m1: 2 * level, level_scale 0.5). One scale: scale_b = scale_a.
+//         y = sum_g level_scale * (scale_a_g * sum_b d_b dot(pos[q], xq)_b - scale_b_g * ...neg...)
+//
+// Threads: rows are split across threads; each output is computed by one thread in a fixed order,
+// so results do not depend on the thread count.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define LOWBIT_Q8_X86 1
+#include <immintrin.h>
+#endif
+
+namespace lowbit {  // lowbit_kernels.cpp
+int active_isa();
+int64_t min_task_bytes();
+#if LOWBIT_Q8_X86
+__attribute__((target("avx2,fma"))) float hsum(__m256 v);
+#endif
+}  // namespace lowbit
+
+namespace lowbit_q8 {
+
+struct Q8Problem {
+  const int8_t* xq;     // (M, nblk * 32): pairs of blocks interleaved (see quantize_input)
+  const float* xd;      // (M, nblk * 4): each block's d, four times
+  const float* xs;      // (M, G): sum over the group's blocks of d * sum(xq)
+  const uint8_t* codes;
+  const c10::Half* sa;
+  const c10::Half* sb;  // or nullptr (one scale)
+  const uint8_t* zero;  // int kind, else nullptr
+  uint8_t pos[16], neg[16];
+  float level_scale;
+  const float* bias;
+  float* y;
+  int64_t M, out, G, nb, nb_last, row_bytes, nblk;
+  bool table;
+  int64_t nblocks(int64_t g) const { return g == G - 1 ? nb_last : nb; }
+};
+
+static inline int col_lo(int k) { return (k & 1) ? 16 + k / 2 : k / 2; }
+static inline int col_hi(int k) { return (k & 1) ? 24 + k / 2 : 8 + k / 2; }
+
+// Where block b (of nbg in its group, b counted from the group's first block at index blk) keeps
+// its lo and hi bytes. Within each group, blocks go in pairs (b, b+1) and a trailing single block:
+// a pair's 64 bytes at b*32 hold [lo(b), lo(b+1)] then [hi(b), hi(b+1)] (16 each, in the order of
+// the code bytes); a single block's 32 bytes hold [lo(b), hi(b)]. lo(b)[k] is the quantized input of
+// column col_lo(k) of block b.
+static inline void block_slots(int8_t* xq, int64_t blk, int64_t b, int64_t nbg, int8_t** lo, int8_t** hi) {
+  const bool paired = (b + 1 < nbg) || (b % 2 == 1);
+  if (!paired) {
+    *lo = xq + blk * 32;
+    *hi = *lo + 16;
+  } else if (b % 2 == 0) {
+    *lo = xq + blk * 32;
+    *hi = xq + (blk + 1) * 32;
+  } else {
+    *lo = xq + (blk - 1) * 32 + 16;
+    *hi = xq + blk * 32 + 16;
+  }
+}
+
+// d = max|v| / 127 and q = round(v / d), half to even (nearbyint in the default rounding mode).
+static float quantize_block_scalar(const float* v, int8_t* q) {
+  float amax = 0.f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float d = amax / 127.f;
+  for (int i = 0; i < 32; ++i) q[i] = d > 0.f ? (int8_t)std::nearbyint(v[i] / d) : 0;
+  return d;
+}
+
+#if LOWBIT_Q8_X86
+// Same arithmetic as quantize_block_scalar: an IEEE division and round-half-even per element.
+__attribute__((target("avx2,fma"))) static float quantize_block_avx2(const float* v, int8_t* q) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(v));
+  for (int i = 8; i < 32; i += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / 127.f;
+  if (!(d > 0.f)) {
+    std::memset(q, 0, 32);
+    return d;
+  }
+  const __m256 vd = _mm256_set1_ps(d);
+  __m256i r[4];
+  for (int i = 0; i < 4; ++i)
+    r[i] = _mm256_cvtps_epi32(
+        _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v + 8 * i), vd), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // int32 -> int8 (values are within [-127, 127], so the saturating packs are exact), back in order
+  const __m256i p16a = _mm256_packs_epi32(r[0], r[1]), p16b = _mm256_packs_epi32(r[2], r[3]);
+  const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+  const __m256i fixed = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256((__m256i*)q, fixed);
+  return d;
+}
+#endif
+
+// Quantize one input row into the kernel's order (see block_slots).
+static void quantize_input(const float* x, int64_t in_features, int64_t gs, int64_t G, int64_t nb,
+                           int64_t nb_last, int8_t* xq, float* xd, float* xs, bool avx2) {
+  int64_t blk = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t nbg = g == G - 1 ? nb_last : nb;
+    const int64_t c0 = g * gs, n = std::min(gs, in_features - c0);
+    float gsum = 0.f;
+    for (int64_t b = 0; b < nbg; ++b, ++blk) {
+      float buf[32];
+      const float* v = x + c0 + b * 32;
+      if (b * 32 + 32 > n) {  // a short block: zero padded
+        for (int i = 0; i < 32; ++i) buf[i] = b * 32 + i < n ? v[i] : 0.f;
+        v = buf;
+      }
+      int8_t q[32];
+#if LOWBIT_Q8_X86
+      const float d = avx2 ? quantize_block_avx2(v, q) : quantize_block_scalar(v, q);
+#else
+      const float d = quantize_block_scalar(v, q);
+#endif
+      int s = 0;
+      for (int i = 0; i < 32; ++i) s += q[i];
+      int8_t *lo, *hi;
+      block_slots(xq, blk, b, nbg, &lo, &hi);
+      for (int k = 0; k < 16; ++k) {
+        lo[k] = q[col_lo(k)];
+        hi[k] = q[col_hi(k)];
+      }
+      for (int i = 0; i < 4; ++i) xd[blk * 4 + i] = d;
+      gsum += d * (float)s;
+    }
+    xs[g] = gsum;
+  }
+}
+
+// ------------------------------------------------------------------ scalar path (reference order)
+
+static inline int code_of(const uint8_t* blk, int col) {
+  // inverse of col_lo / col_hi
+  const int l = col % 8, j = col / 8;
+  const uint8_t byte = blk[2 * l + (j >= 2)];
+  return (j % 2 == 0) ? (byte & 15) : (byte >> 4);
+}
+
+static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
+  for (int64_t o = r0; o < r1; ++o) {
+    const uint8_t* row = p.codes + o * p.row_bytes;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int8_t* xq = p.xq + m * p.nblk * 32;
+      const float* xd = p.xd + m * p.nblk * 4;
+      float acc = 0.f, corr = 0.f;
+      int64_t blk = 0;
+      for (int64_t g = 0; g < p.G; ++g) {
+        const int64_t nbg = p.nblocks(g);
+        float dp = 0.f, dn = 0.f;
+        for (int64_t b = 0; b < nbg; ++b, ++blk) {
+          int8_t *lo, *hi;
+          block_slots(const_cast<int8_t*>(xq), blk, b, nbg, &lo, &hi);
+          const uint8_t* cb = row + blk * 16;
+          int ip = 0, in = 0;
+          for (int k = 0; k < 16; ++k) {
+            const int ql = cb[k] & 15, qh = cb[k] >> 4;
+            if (p.table) {
+              ip += p.pos[ql] * lo[k] + p.pos[qh] * hi[k];
+              in += p.neg[ql] * lo[k] + p.neg[qh] * hi[k];
+            } else {
+              ip += ql * lo[k] + qh * hi[k];
+            }
+          }
+          dp += xd[blk * 4] * (float)ip;
+          dn += xd[blk * 4] * (float)in;
+        }
+        const float sa = float(p.sa[o * p.G + g]);
+        if (p.table) {
+          const float sb = p.sb ? float(p.sb[o * p.G + g]) : sa;
+          acc += p.level_scale * (sa * dp - sb * dn);
+        } else {
+          acc += sa * dp;
+          corr += sa * float(p.zero[o * p.G + g]) * p.xs[m * p.G + g];
+        }
+      }
+      p.y[m * p.out + o] = acc - corr + (p.bias ? p.bias[o] : 0.f);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ AVX2 path
+
+#if LOWBIT_Q8_X86
+#define Q8_AVX2 __attribute__((target("avx2,fma")))
+
+// RT weight rows against one input row.
+template <bool TABLE, int RT>
+Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
+  const __m256i m0f = _mm256_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m128i m0f4 = _mm_set1_epi8(15), ones4 = _mm_set1_epi16(1);
+  __m256i tp = _mm256_setzero_si256(), tn = tp;
+  if (TABLE) {
+    const __m128i a = _mm_loadu_si128((const __m128i*)p.pos), b = _mm_loadu_si128((const __m128i*)p.neg);
+    tp = _mm256_set_m128i(a, a);
+    tn = _mm256_set_m128i(b, b);
+  }
+  const int8_t* xq = p.xq + m * p.nblk * 32;
+  const float* xd = p.xd + m * p.nblk * 4;
+  __m256 racc[RT];
+  float corr[RT];
+  for (int r = 0; r < RT; ++r) racc[r] = _mm256_setzero_ps(), corr[r] = 0.f;
+  int64_t blk = 0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t nbg = p.nblocks(g), bend = blk + nbg;
+    __m256 ap[RT], an[RT];
+    for (int r = 0; r < RT; ++r) ap[r] = _mm256_setzero_ps(), an[r] = _mm256_setzero_ps();
+    for (; blk + 2 <= bend; blk += 2) {
+      const __m256i xl = _mm256_loadu_si256((const __m256i*)(xq + blk * 32));
+      const __m256i xh = _mm256_loadu_si256((const __m256i*)(xq + blk * 32 + 32));
+      const __m256 dv = _mm256_loadu_ps(xd + blk * 4);
+      for (int r = 0; r < RT; ++r) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(p.codes + (o0 + r) * p.row_bytes + blk * 16));
+        const __m256i lo = _mm256_and_si256(v, m0f);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+        if (TABLE) {
+          const __m256i sp = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(tp, lo), xl),
+                                              _mm256_maddubs_epi16(_mm256_shuffle_epi8(tp, hi), xh));
+          const __m256i sn = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(tn, lo), xl),
+                                              _mm256_maddubs_epi16(_mm256_shuffle_epi8(tn, hi), xh));
+          ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sp, ones)), dv, ap[r]);
+          an[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sn, ones)), dv, an[r]);
+        } else {
+          const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+          ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), dv, ap[r]);
+        }
+      }
+    }
+    if (blk < bend) {  // a single trailing block of the group: 128-bit
+      const __m128i xl = _mm_loadu_si128((const __m128i*)(xq + blk * 32));
+      const __m128i xh = _mm_loadu_si128((const __m128i*)(xq + blk * 32 + 16));
+      const __m128 dv = _mm_loadu_ps(xd + blk * 4);
+      for (int r = 0; r < RT; ++r) {
+        const __m128i v = _mm_loadu_si128((const __m128i*)(p.codes + (o0 + r) * p.row_bytes + blk * 16));
+        const __m128i lo = _mm_and_si128(v, m0f4);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m0f4);
+        if (TABLE) {
+          const __m128i tp4 = _mm256_castsi256_si128(tp), tn4 = _mm256_castsi256_si128(tn);
+          const __m128i sp = _mm_add_epi16(_mm_maddubs_epi16(_mm_shuffle_epi8(tp4, lo), xl),
+                                           _mm_maddubs_epi16(_mm_shuffle_epi8(tp4, hi), xh));
+          const __m128i sn = _mm_add_epi16(_mm_maddubs_epi16(_mm_shuffle_epi8(tn4, lo), xl),
+                                           _mm_maddubs_epi16(_mm_shuffle_epi8(tn4, hi), xh));
+          const __m128 fp = _mm_mul_ps(_mm_cvtepi32_ps(_mm_madd_epi16(sp, ones4)), dv);
+          const __m128 fn = _mm_mul_ps(_mm_cvtepi32_ps(_mm_madd_epi16(sn, ones4)), dv);
+          ap[r] = _mm256_add_ps(ap[r], _mm256_insertf128_ps(_mm256_setzero_ps(), fp, 0));
+          an[r] = _mm256_add_ps(an[r], _mm256_insertf128_ps(_mm256_setzero_ps(), fn, 0));
+        } else {
+          const __m128i s = _mm_add_epi16(_mm_maddubs_epi16(lo, xl), _mm_maddubs_epi16(hi, xh));
+          const __m128 f = _mm_mul_ps(_mm_cvtepi32_ps(_mm_madd_epi16(s, ones4)), dv);
+          ap[r] = _mm256_add_ps(ap[r], _mm256_insertf128_ps(_mm256_setzero_ps(), f, 0));
+        }
+      }
+      ++blk;
+    }
+    for (int r = 0; r < RT; ++r) {
+      const int64_t pg = (o0 + r) * p.G + g;
+      const float sa = float(p.sa[pg]);
+      if (TABLE) {
+        const float sb = p.sb ? float(p.sb[pg]) : sa;
+        racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p.level_scale * sa), ap[r], racc[r]);
+        racc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(p.level_scale * sb), an[r], racc[r]);
+      } else {
+        racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), ap[r], racc[r]);
+        corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
+      }
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
+}
+
+template <bool TABLE>
+static void rows_avx2(const Q8Problem& p, int64_t r0, int64_t r1) {
+  constexpr int RT = TABLE ? 2 : 4;
+  constexpr int64_t RB = 8;  // a block of rows at a time, so their codes stay in cache across input rows
+  for (int64_t rb = r0; rb < r1; rb += RB) {
+    const int64_t re = std::min(r1, rb + RB);
+    for (int64_t m = 0; m < p.M; ++m) {
+      int64_t o = rb;
+      for (; o + RT <= re; o += RT) tile_q8<TABLE, RT>(p, o, m);
+      for (; o < re; ++o) tile_q8<TABLE, 1>(p, o, m);
+    }
+  }
+}
+#endif
+
+at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& sa,
+                   const c10::optional<at::Tensor>& sb, const c10::optional<at::Tensor>& zero,
+                   const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_scale,
+                   const c10::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
+  const int64_t gs = (group_size <= 0 || group_size >= in_features) ? in_features : group_size;
+  const int64_t G = (in_features + gs - 1) / gs, gsp = (gs + 31) / 32 * 32, nb = gsp / 32;
+  const int64_t nb_last = (in_features - (G - 1) * gs + 31) / 32, nblk = (G - 1) * nb + nb_last;
+  const int64_t out = codes.size(0), row_bytes = nblk * 16;
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 2 &&
+                  codes.size(1) == row_bytes && codes.is_contiguous(),
+              "codes must be a contiguous CPU uint8 tensor (out, ", row_bytes, ") in the 4-bit kernel layout");
+  TORCH_CHECK(sa.scalar_type() == at::kHalf && sa.is_contiguous() && sa.numel() == out * G,
+              "scale_a must be contiguous float16 (out, ", G, ")");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.size(-1) == in_features,
+              "x must be float32 with last dimension ", in_features);
+  const bool table = pos.has_value() && pos->defined();
+  Q8Problem p{};
+  if (table) {
+    TORCH_CHECK(neg.has_value() && neg->defined() && pos->scalar_type() == at::kByte && neg->scalar_type() == at::kByte &&
+                    pos->numel() == 16 && neg->numel() == 16,
+                "pos and neg must be uint8 tables of 16 entries");
+    const auto pc = pos->contiguous(), nc = neg->contiguous();
+    for (int i = 0; i < 16; ++i) {
+      p.pos[i] = pc.data_ptr<uint8_t>()[i];
+      p.neg[i] = nc.data_ptr<uint8_t>()[i];
+      TORCH_CHECK(p.pos[i] <= 64 && p.neg[i] <= 64, "table levels must be at most 64 in magnitude");
+    }
+    if (sb.has_value() && sb->defined()) {
+      TORCH_CHECK(sb->scalar_type() == at::kHalf && sb->is_contiguous() && sb->numel() == out * G,
+                  "scale_b must be contiguous float16 (out, ", G, ")");
+      p.sb = sb->data_ptr<c10::Half>();
+    }
+  } else {
+    TORCH_CHECK(zero.has_value() && zero->defined() && zero->scalar_type() == at::kByte && zero->is_contiguous() &&
+                    zero->numel() == out * G,
+                "zero must be contiguous uint8 (out, ", G, ") for int codes");
+    p.zero = zero->data_ptr<uint8_t>();
+  }
+  auto x = x_in.reshape({-1, in_features}).contiguous();
+  const int64_t M = x.size(0);
+  // the quantized input lives in per-thread scratch (no allocation per call)
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xd, xs;
+  xq.resize(M * nblk * 32);
+  xd.resize(M * nblk * 4);
+  xs.resize(M * G);
+  bool avx2 = false;
+#if LOWBIT_Q8_X86
+  avx2 = lowbit::active_isa() == 1;
+#endif
+  for (int64_t m = 0; m < M; ++m)
+    quantize_input(x.data_ptr<float>() + m * in_features, in_features, gs, G, nb, nb_last, xq.data() + m * nblk * 32,
+                   xd.data() + m * nblk * 4, xs.data() + m * G, avx2);
+  auto y = at::empty({M, out}, x.options());
+  at::Tensor bias_c;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(bias_c.numel() == out, "bias must have out_features entries");
+    p.bias = bias_c.data_ptr<float>();
+  }
+  p.xq = xq.data();
+  p.xd = xd.data();
+  p.xs = xs.data();
+  p.codes = codes.data_ptr<uint8_t>();
+  p.sa = sa.data_ptr<c10::Half>();
+  p.level_scale = (float)level_scale;
+  p.y = y.data_ptr<float>();
+  p.M = M, p.out = out, p.G = G, p.nb = nb, p.nb_last = nb_last, p.row_bytes = row_bytes, p.nblk = nblk;
+  p.table = table;
+  using Fn = void (*)(const Q8Problem&, int64_t, int64_t);
+  Fn fn = rows_scalar;
+#if LOWBIT_Q8_X86
+  if (lowbit::active_isa() == 1) fn = table ? rows_avx2<true> : rows_avx2<false>;
+#endif
+  const int64_t grain = std::max<int64_t>(1, lowbit::min_task_bytes() / std::max<int64_t>(1, row_bytes * M));
+  at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
+  auto sizes = x_in.sizes().vec();
+  sizes.back() = out;
+  return y.view(sizes);
+}
+
+}  // namespace lowbit_q8
+
+TORCH_LIBRARY_FRAGMENT(lowbit, m) {
+  m.def("gemm_q8(Tensor x, Tensor codes, Tensor scale_a, Tensor? scale_b, Tensor? zero, Tensor? pos, Tensor? neg, "
+        "float level_scale, Tensor? bias, int group_size, int in_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("gemm_q8", &lowbit_q8::gemm_q8); }
