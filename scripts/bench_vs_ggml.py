@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench_kernels import SHAPES, _COLD_BYTES, _layer, gemv_times, measure_bandwidth
+from lowbit.bench_kernels import SHAPES, _COLD_BYTES, _layer, gemv_times, measure_bandwidth, split_act
 
 #: (lowbit format, ggml type) pairs compared; the ggml types that exist for any width first
-PAIRS = [("int4-g128", "q4_0"), ("int4-g32", "q4_1"), ("int2-g128", "q2_K"), ("vq-v6-k4096", None),
-         ("fp4-g128", None), (None, "q8_0")]
+PAIRS = [("int4-g128", "q4_0"), ("int4-g128@q8", None), ("int4-g32", "q4_1"), ("int2-g128", "q2_K"),
+         ("vq-v6-k4096", None), ("fp4-g128", None), ("fp4-g128@q8", None), (None, "q8_0")]
 HERE = Path(__file__).resolve().parent
 
 
@@ -53,13 +53,15 @@ def ggml_row(exe: Path, gtype: str, out_f: int, in_f: int, threads: int, repeats
 
 
 def lowbit_row(tag: str, out_f: int, in_f: int, repeats: int) -> dict | None:
-    from lowbit.kernels import layout_for
+    from lowbit.kernels import layout_for, use_kernel_activations
 
-    m, _ = _layer(tag, out_f, in_f)
+    base, act = split_act(tag)  # <tag>@q8: int8 inputs, as ggml's own quantized dot products
+    m, _ = _layer(base, out_f, in_f)
     if m is None:
         return None
     lay = layout_for(m)
-    t_hot, t_cold = gemv_times(lay, torch.randn(1, in_f), repeats)
+    with use_kernel_activations(act):
+        t_hot, t_cold = gemv_times(lay, torch.randn(1, in_f), repeats)
     bpw = 8 * lay.nbytes / (out_f * in_f)
     return {"format": tag, "out": out_f, "in": in_f, "bytes": lay.nbytes, "bpw": bpw, "hot_us": t_hot * 1e6,
             "cold_us": t_cold * 1e6, "hot_gbs": lay.nbytes / t_hot / 1e9, "cold_gbs": lay.nbytes / t_cold / 1e9}
@@ -73,7 +75,8 @@ def render(res: dict, json_name: str) -> str:
              f"Measured DRAM read bandwidth in this run: {bw:.1f} GB/s. GEMV of one input row; GB/s = bytes of "
              "the weight as the kernel reads it / median time per product; % = cold GB/s / read bandwidth. "
              "ggml: per product inside one graph (no Python, input quantized to q8 inside the op); lowbit: one "
-             "torch-op call per product from Python (per-call overhead included). bits/w: bytes read per product "
+             "call per product from Python (per-call overhead included); `@q8`: lowbit with int8 inputs "
+             "(`LOWBIT_KERNEL_ACT=q8`), like ggml. bits/w: bytes read per product "
              "x 8 / weights (lowbit's kernel layout pads groups to 32 codes; VQ: codes, codebooks in float32 "
              "and column norm, so small layers read more than their stored bpw).", "",
              "| out x in | engine | format | bits/w | hot µs | hot GB/s | cold µs | cold GB/s | % bw |",

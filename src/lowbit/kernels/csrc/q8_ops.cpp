@@ -245,6 +245,10 @@ Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
       const __m256i xh = _mm256_loadu_si256((const __m256i*)(xq + blk * 32 + 32));
       const __m256 dv = _mm256_loadu_ps(xd + blk * 4);
       for (int r = 0; r < RT; ++r) {
+        // the same bytes of the next tile's rows: with rows of 1-2 KiB, RT rows read side by side are
+        // RT streams that the hardware prefetcher follows poorly (measured 1.1-1.5x faster from DRAM on the
+        // zoo shapes); a prefetch past the end of the array is a harmless hint
+        _mm_prefetch((const char*)(p.codes + (o0 + r + RT) * p.row_bytes + blk * 16), _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256((const __m256i*)(p.codes + (o0 + r) * p.row_bytes + blk * 16));
         const __m256i lo = _mm256_and_si256(v, m0f);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
