@@ -28,7 +28,7 @@ import torch
 from lowbit.bench_kernels import SHAPES, _COLD_BYTES, _layer, gemv_times, measure_bandwidth, split_act
 
 #: (lowbit format, ggml type) pairs compared; the ggml types that exist for any width first
-PAIRS = [("int4-g128", "q4_0"), ("int4-g128@q8", None), ("int4-g32", "q4_1"), ("int2-g128", "q2_K"),
+PAIRS = [("int4-g128", "q4_0"), ("int4-g128@q8", None), ("int4-g32", "q4_1"), ("int2-g128", "q2_K"), ("int2-g128@q8", None),
          ("vq-v6-k4096", None), ("fp4-g128", None), ("fp4-g128@q8", None), (None, "q8_0")]
 HERE = Path(__file__).resolve().parent
 

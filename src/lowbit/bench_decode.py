@@ -9,7 +9,7 @@ warm-up generation):
   smollm2, a fifth of the weights; left in fp32 it would cap any speed-up), run
   through :class:`lowbit.nn.QuantizedLinear` and so through the fused kernels;
   ``<tag>@ref`` runs the same model with ``LOWBIT_KERNELS=0`` (dequantize + matmul);
-  ``<tag>@q8`` with ``LOWBIT_KERNEL_ACT=q8`` (int8 activations in the 4-bit INT / FP4 GEMVs,
+  ``<tag>@q8`` with ``LOWBIT_KERNEL_ACT=q8`` (int8 activations in the INT4 / INT2 / FP4 GEMVs,
   as llama.cpp multiplies its quantized weights);
 - ``ckpt=DIR``: a saved lowbit checkpoint of the model (how VPTQ rows are timed: VQ layers
   run through the fused VQ GEMV);
@@ -43,7 +43,7 @@ __all__ = ["DEFAULT_CONFIGS", "bench_decode", "llama_cpp_available", "write_deco
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIGS = ["fp32@hf", "bf16@hf", "int4-g128@hf", "fp32", "int4-g128", "int4-g128@q8", "int3-g128", "int2-g128",
-                   "fp4-g128", "fp4-g128@q8", "int4-g128@ref"]
+                   "int2-g128@q8", "fp4-g128", "fp4-g128@q8", "int4-g128@ref"]
 LLAMA_QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q2_K": 10}  # llama_ftype values
 PROMPT = "The history of the city begins"
 

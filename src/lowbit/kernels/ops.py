@@ -48,7 +48,7 @@ FUSED_MAX_BATCH = 128
 
 #: ``LOWBIT_KERNEL_ACT`` values: ``fp32`` multiplies the float input exactly (the default);
 #: ``q8`` quantizes the input to int8 per block of 32 (llama.cpp's Q8_0 scheme) for integer dot
-#: products, on the 4-bit formats whose levels are small integers (INT4, FP4; see ``gemm_q8``)
+#: products, on INT4, INT2 and FP4 (levels that are small integers; see ``gemm_q8``)
 KERNEL_ACTIVATIONS = ("fp32", "q8")
 
 
@@ -125,9 +125,11 @@ class ScalarKernelLayout:
 
     @property
     def q8_capable(self) -> bool:
-        """Whether ``gemm_q8`` (int8 activations) handles this layout: 4-bit INT, or a 4-bit table
-        with small integer levels (FP4)."""
-        return self.bits == 4 and (self.kind == "int" or self.q8 is not None)
+        """Whether ``gemm_q8`` (int8 activations) handles this layout: 4-bit and 2-bit INT, or a 4-bit
+        table with small integer levels (FP4)."""
+        if self.kind == "int":
+            return self.bits in (2, 4)
+        return self.bits == 4 and self.q8 is not None
 
     @property
     def nbytes(self) -> int:
@@ -153,7 +155,7 @@ class ScalarKernelLayout:
         if self.q8_capable and kernel_activations() == "q8":
             pos, neg, ls = self.q8 or (None, None, 1.0)
             return ops.gemm_q8(x, self.codes, self.scale_a, self.scale_b, self.zero, pos, neg, ls, bias,
-                               self.group_size, self.in_features)
+                               self.bits, self.group_size, self.in_features)
         if self.kind == "int":
             return ops.gemm_int(x, self.codes, self.scale_a, self.zero, bias, self.bits, self.group_size,
                                 self.in_features)

@@ -1,11 +1,14 @@
-// Int8-activation GEMV/GEMM for 4-bit codes: integer dot products, as llama.cpp's Q8_0 path.
+// Int8-activation GEMV/GEMM for 4-bit codes (INT4, FP4) and 2-bit int codes: integer dot products, as
+// llama.cpp's Q8_0 path.
 //
 // Registered as a torch op (namespace ``lowbit``) and bound directly (bindings.cpp):
-//   gemm_q8(x, codes, scale_a, scale_b?, zero?, pos?, neg?, level_scale, bias?, group_size, in_features) -> y
+//   gemm_q8(x, codes, scale_a, scale_b?, zero?, pos?, neg?, level_scale, bias?, bits, group_size, in_features) -> y
 //
-// The weight is the 4-bit kernel layout of lowbit_kernels.cpp (no new layout): byte k of a block of
+// The weight is the kernel layout of lowbit_kernels.cpp (no new layout). 4 bits: byte k of a block of
 // 32 codes holds the codes of columns lo(k) (low nibble) and hi(k) (high nibble), with
 //   lo(2l) = l, lo(2l+1) = 16 + l, hi(2l) = 8 + l, hi(2l+1) = 24 + l   (l = 0..7).
+// 2 bits: byte l of a block holds columns l, 8 + l, 16 + l, 24 + l in bits 0-1, 2-3, 4-5, 6-7; four
+// blocks (32 bytes) go through one 256-bit step.
 //
 // The input is quantized per block of 32 padded columns to int8: d = max|x| / 127, xq = round(x / d)
 // (half to even), so it is x_hat = d * xq that gets multiplied, exactly as
@@ -51,8 +54,8 @@ __attribute__((target("avx2,fma"))) float hsum(__m256 v);
 namespace lowbit_q8 {
 
 struct Q8Problem {
-  const int8_t* xq;     // (M, nblk * 32): pairs of blocks interleaved (see quantize_input)
-  const float* xd;      // (M, nblk * 4): each block's d, four times
+  const int8_t* xq;     // (M, xq_stride): the quantized input in the kernel's order (see quantize_input)
+  const float* xd;      // (M, xd_stride): each block's d, repeated to the width its lanes need
   const float* xs;      // (M, G): sum over the group's blocks of d * sum(xq)
   const uint8_t* codes;
   const c10::Half* sa;
@@ -62,7 +65,8 @@ struct Q8Problem {
   float level_scale;
   const float* bias;
   float* y;
-  int64_t M, out, G, nb, nb_last, row_bytes, nblk;
+  int64_t M, out, G, nb, nb_last, row_bytes, nblk, xq_stride, xd_stride;
+  int bits;
   bool table;
   int64_t nblocks(int64_t g) const { return g == G - 1 ? nb_last : nb; }
 };
@@ -126,29 +130,57 @@ __attribute__((target("avx2,fma"))) static float quantize_block_avx2(const float
 }
 #endif
 
-// Quantize one input row into the kernel's order (see block_slots).
+// Block b of the group whose columns start at x[c0] (n real columns): q (32 int8, zero padded) and d.
+static float quantize_block(const float* x, int64_t c0, int64_t n, int64_t b, bool avx2, int8_t* q, int* sum) {
+  float buf[32];
+  const float* v = x + c0 + b * 32;
+  if (b * 32 + 32 > n) {  // a short block: zero padded
+    for (int i = 0; i < 32; ++i) buf[i] = b * 32 + i < n ? v[i] : 0.f;
+    v = buf;
+  }
+#if LOWBIT_Q8_X86
+  const float d = avx2 ? quantize_block_avx2(v, q) : quantize_block_scalar(v, q);
+#else
+  (void)avx2;
+  const float d = quantize_block_scalar(v, q);
+#endif
+  int s = 0;
+  for (int i = 0; i < 32; ++i) s += q[i];
+  *sum = s;
+  return d;
+}
+
+// Quantize one input row into the kernel's order.
+//  4-bit codes: see block_slots; xd holds each block's d four times (nblk * 4 floats).
+//  2-bit codes: each group's blocks go in quads (the last one possibly partial, zero filled); a quad
+//    takes 128 bytes: for chunk j (0..3), 32 bytes [block 0: x[8j..8j+7], block 1: ..., block 3: ...],
+//    as the bits 2j..2j+1 of the quad's 32 code bytes hold them; xd holds each block's d twice (8 per quad).
 static void quantize_input(const float* x, int64_t in_features, int64_t gs, int64_t G, int64_t nb,
-                           int64_t nb_last, int8_t* xq, float* xd, float* xs, bool avx2) {
-  int64_t blk = 0;
+                           int64_t nb_last, int bits, int8_t* xq, float* xd, float* xs, bool avx2) {
+  int64_t blk = 0, qd = 0;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t nbg = g == G - 1 ? nb_last : nb;
     const int64_t c0 = g * gs, n = std::min(gs, in_features - c0);
     float gsum = 0.f;
     for (int64_t b = 0; b < nbg; ++b, ++blk) {
-      float buf[32];
-      const float* v = x + c0 + b * 32;
-      if (b * 32 + 32 > n) {  // a short block: zero padded
-        for (int i = 0; i < 32; ++i) buf[i] = b * 32 + i < n ? v[i] : 0.f;
-        v = buf;
-      }
       int8_t q[32];
-#if LOWBIT_Q8_X86
-      const float d = avx2 ? quantize_block_avx2(v, q) : quantize_block_scalar(v, q);
-#else
-      const float d = quantize_block_scalar(v, q);
-#endif
-      int s = 0;
-      for (int i = 0; i < 32; ++i) s += q[i];
+      int s;
+      const float d = quantize_block(x, c0, n, b, avx2, q, &s);
+      gsum += d * (float)s;
+      if (bits == 2) {
+        const int t = (int)(b % 4);
+        int8_t* dst = xq + qd * 128;
+        float* dd = xd + qd * 8;
+        if (t == 0) {
+          std::memset(dst, 0, 128);
+          std::fill(dd, dd + 8, 0.f);
+        }
+        for (int j = 0; j < 4; ++j)
+          for (int l = 0; l < 8; ++l) dst[j * 32 + t * 8 + l] = q[8 * j + l];
+        dd[2 * t] = dd[2 * t + 1] = d;
+        if (t == 3 || b == nbg - 1) ++qd;
+        continue;
+      }
       int8_t *lo, *hi;
       block_slots(xq, blk, b, nbg, &lo, &hi);
       for (int k = 0; k < 16; ++k) {
@@ -156,7 +188,6 @@ static void quantize_input(const float* x, int64_t in_features, int64_t gs, int6
         hi[k] = q[col_hi(k)];
       }
       for (int i = 0; i < 4; ++i) xd[blk * 4 + i] = d;
-      gsum += d * (float)s;
     }
     xs[g] = gsum;
   }
@@ -171,18 +202,37 @@ static inline int code_of(const uint8_t* blk, int col) {
   return (j % 2 == 0) ? (byte & 15) : (byte >> 4);
 }
 
+// One 2-bit quad group's dot products (see quantize_input): sum over its blocks of d * dot(q, xq).
+static float dot_quads2(const uint8_t* row, int64_t blk, int64_t nbg, int64_t qd, const int8_t* xq, const float* xd) {
+  float dp = 0.f;
+  for (int64_t b = 0; b < nbg; b += 4, ++qd)
+    for (int64_t t = 0; t < 4 && b + t < nbg; ++t) {
+      const uint8_t* cb = row + (blk + b + t) * 8;
+      int ip = 0;
+      for (int j = 0; j < 4; ++j)
+        for (int l = 0; l < 8; ++l) ip += ((cb[l] >> (2 * j)) & 3) * xq[qd * 128 + j * 32 + t * 8 + l];
+      dp += xd[qd * 8 + 2 * t] * (float)ip;
+    }
+  return dp;
+}
+
 static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
   for (int64_t o = r0; o < r1; ++o) {
     const uint8_t* row = p.codes + o * p.row_bytes;
     for (int64_t m = 0; m < p.M; ++m) {
-      const int8_t* xq = p.xq + m * p.nblk * 32;
-      const float* xd = p.xd + m * p.nblk * 4;
+      const int8_t* xq = p.xq + m * p.xq_stride;
+      const float* xd = p.xd + m * p.xd_stride;
       float acc = 0.f, corr = 0.f;
-      int64_t blk = 0;
+      int64_t blk = 0, qd = 0;
       for (int64_t g = 0; g < p.G; ++g) {
         const int64_t nbg = p.nblocks(g);
         float dp = 0.f, dn = 0.f;
-        for (int64_t b = 0; b < nbg; ++b, ++blk) {
+        if (p.bits == 2) {
+          dp = dot_quads2(row, blk, nbg, qd, xq, xd);
+          blk += nbg;
+          qd += (nbg + 3) / 4;
+        }
+        for (int64_t b = 0; p.bits == 4 && b < nbg; ++b, ++blk) {
           int8_t *lo, *hi;
           block_slots(const_cast<int8_t*>(xq), blk, b, nbg, &lo, &hi);
           const uint8_t* cb = row + blk * 16;
@@ -230,8 +280,8 @@ Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
     tp = _mm256_set_m128i(a, a);
     tn = _mm256_set_m128i(b, b);
   }
-  const int8_t* xq = p.xq + m * p.nblk * 32;
-  const float* xd = p.xd + m * p.nblk * 4;
+  const int8_t* xq = p.xq + m * p.xq_stride;
+  const float* xd = p.xd + m * p.xd_stride;
   __m256 racc[RT];
   float corr[RT];
   for (int r = 0; r < RT; ++r) racc[r] = _mm256_setzero_ps(), corr[r] = 0.f;
@@ -308,6 +358,67 @@ Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
     p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
 }
 
+// 2-bit int codes, RT weight rows against one input row: a quad of blocks (32 code bytes) per step;
+// chunk j of every byte (bits 2j..2j+1) meets the quad's input chunk j.
+template <int RT>
+Q8_AVX2 static void tile_q8_2(const Q8Problem& p, int64_t o0, int64_t m) {
+  const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int8_t* xq = p.xq + m * p.xq_stride;
+  const float* xd = p.xd + m * p.xd_stride;
+  __m256 racc[RT];
+  float corr[RT];
+  for (int r = 0; r < RT; ++r) racc[r] = _mm256_setzero_ps(), corr[r] = 0.f;
+  int64_t blk = 0, qd = 0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t nbg = p.nblocks(g);
+    __m256 acc[RT];
+    for (int r = 0; r < RT; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nbg; b += 4, ++qd) {
+      const int64_t k = std::min<int64_t>(4, nbg - b);  // blocks in this quad: a partial one loads 8k bytes
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(2 * k)), lane);
+      const int8_t* xj = xq + qd * 128;
+      const __m256 dv = _mm256_loadu_ps(xd + qd * 8);
+      for (int r = 0; r < RT; ++r) {
+        const uint8_t* src = p.codes + (o0 + r) * p.row_bytes + (blk + b) * 8;
+        _mm_prefetch((const char*)(src + RT * p.row_bytes), _MM_HINT_T0);
+        const __m256i v = k == 4 ? _mm256_loadu_si256((const __m256i*)src)
+                                 : _mm256_maskload_epi32((const int*)src, mask);
+        __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(v, m3), _mm256_loadu_si256((const __m256i*)xj));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3),
+                                                     _mm256_loadu_si256((const __m256i*)(xj + 32))));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3),
+                                                     _mm256_loadu_si256((const __m256i*)(xj + 64))));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3),
+                                                     _mm256_loadu_si256((const __m256i*)(xj + 96))));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), dv, acc[r]);
+      }
+    }
+    blk += nbg;
+    for (int r = 0; r < RT; ++r) {
+      const int64_t pg = (o0 + r) * p.G + g;
+      const float sa = float(p.sa[pg]);
+      racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), acc[r], racc[r]);
+      corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
+}
+
+static void rows_avx2_2(const Q8Problem& p, int64_t r0, int64_t r1) {
+  constexpr int RT = 4;
+  constexpr int64_t RB = 8;
+  for (int64_t rb = r0; rb < r1; rb += RB) {
+    const int64_t re = std::min(r1, rb + RB);
+    for (int64_t m = 0; m < p.M; ++m) {
+      int64_t o = rb;
+      for (; o + RT <= re; o += RT) tile_q8_2<RT>(p, o, m);
+      for (; o < re; ++o) tile_q8_2<1>(p, o, m);
+    }
+  }
+}
+
 template <bool TABLE>
 static void rows_avx2(const Q8Problem& p, int64_t r0, int64_t r1) {
   constexpr int RT = TABLE ? 2 : 4;
@@ -326,19 +437,22 @@ static void rows_avx2(const Q8Problem& p, int64_t r0, int64_t r1) {
 at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& sa,
                    const c10::optional<at::Tensor>& sb, const c10::optional<at::Tensor>& zero,
                    const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_scale,
-                   const c10::optional<at::Tensor>& bias, int64_t group_size, int64_t in_features) {
+                   const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t in_features) {
+  TORCH_CHECK(bits == 4 || bits == 2, "gemm_q8 handles 4-bit and 2-bit codes, got ", bits);
   const int64_t gs = (group_size <= 0 || group_size >= in_features) ? in_features : group_size;
   const int64_t G = (in_features + gs - 1) / gs, gsp = (gs + 31) / 32 * 32, nb = gsp / 32;
   const int64_t nb_last = (in_features - (G - 1) * gs + 31) / 32, nblk = (G - 1) * nb + nb_last;
-  const int64_t out = codes.size(0), row_bytes = nblk * 16;
+  const int64_t out = codes.size(0), row_bytes = nblk * 4 * bits;
+  const int64_t nq = (G - 1) * ((nb + 3) / 4) + (nb_last + 3) / 4;  // 2-bit: quads of blocks
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 2 &&
                   codes.size(1) == row_bytes && codes.is_contiguous(),
-              "codes must be a contiguous CPU uint8 tensor (out, ", row_bytes, ") in the 4-bit kernel layout");
+              "codes must be a contiguous CPU uint8 tensor (out, ", row_bytes, ") in the ", bits, "-bit kernel layout");
   TORCH_CHECK(sa.scalar_type() == at::kHalf && sa.is_contiguous() && sa.numel() == out * G,
               "scale_a must be contiguous float16 (out, ", G, ")");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.size(-1) == in_features,
               "x must be float32 with last dimension ", in_features);
   const bool table = pos.has_value() && pos->defined();
+  TORCH_CHECK(!(table && bits == 2), "gemm_q8 handles 2-bit int codes only (no tables)");
   Q8Problem p{};
   if (table) {
     TORCH_CHECK(neg.has_value() && neg->defined() && pos->scalar_type() == at::kByte && neg->scalar_type() == at::kByte &&
@@ -366,16 +480,17 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   // the quantized input lives in per-thread scratch (no allocation per call)
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xd, xs;
-  xq.resize(M * nblk * 32);
-  xd.resize(M * nblk * 4);
+  const int64_t xq_stride = bits == 2 ? nq * 128 : nblk * 32, xd_stride = bits == 2 ? nq * 8 : nblk * 4;
+  xq.resize(M * xq_stride);
+  xd.resize(M * xd_stride);
   xs.resize(M * G);
   bool avx2 = false;
 #if LOWBIT_Q8_X86
   avx2 = lowbit::active_isa() == 1;
 #endif
   for (int64_t m = 0; m < M; ++m)
-    quantize_input(x.data_ptr<float>() + m * in_features, in_features, gs, G, nb, nb_last, xq.data() + m * nblk * 32,
-                   xd.data() + m * nblk * 4, xs.data() + m * G, avx2);
+    quantize_input(x.data_ptr<float>() + m * in_features, in_features, gs, G, nb, nb_last, (int)bits,
+                   xq.data() + m * xq_stride, xd.data() + m * xd_stride, xs.data() + m * G, avx2);
   auto y = at::empty({M, out}, x.options());
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
@@ -391,11 +506,12 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   p.level_scale = (float)level_scale;
   p.y = y.data_ptr<float>();
   p.M = M, p.out = out, p.G = G, p.nb = nb, p.nb_last = nb_last, p.row_bytes = row_bytes, p.nblk = nblk;
+  p.xq_stride = xq_stride, p.xd_stride = xd_stride, p.bits = (int)bits;
   p.table = table;
   using Fn = void (*)(const Q8Problem&, int64_t, int64_t);
   Fn fn = rows_scalar;
 #if LOWBIT_Q8_X86
-  if (lowbit::active_isa() == 1) fn = table ? rows_avx2<true> : rows_avx2<false>;
+  if (lowbit::active_isa() == 1) fn = bits == 2 ? rows_avx2_2 : table ? rows_avx2<true> : rows_avx2<false>;
 #endif
   const int64_t grain = std::max<int64_t>(1, lowbit::min_task_bytes() / std::max<int64_t>(1, row_bytes * M));
   at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
@@ -408,7 +524,7 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("gemm_q8(Tensor x, Tensor codes, Tensor scale_a, Tensor? scale_b, Tensor? zero, Tensor? pos, Tensor? neg, "
-        "float level_scale, Tensor? bias, int group_size, int in_features) -> Tensor");
+        "float level_scale, Tensor? bias, int bits, int group_size, int in_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("gemm_q8", &lowbit_q8::gemm_q8); }
