@@ -133,3 +133,25 @@ def test_readme_commands_parse():
         argv = shlex.split(line, comments=True)[1:]
         args = parser.parse_args(argv)  # argparse exits (SystemExit) on an unknown flag or subcommand
         assert callable(args.fn), line
+
+
+def test_generate_kernel_act_q8(tiny_dir, tmp_path, capsys, monkeypatch):
+    """``--kernel-act q8`` runs the int8-input kernels for the command only."""
+    import os
+
+    import lowbit.kernels.ops as kops
+
+    if not kops.kernels_active("gemm_q8"):
+        pytest.skip("lowbit C++ kernels not built")
+    out = tmp_path / "q4"
+    assert main(["-q", "quantize", str(tiny_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--out", str(out)]) == 0
+    seen = []
+    real = kops.kernel_activations
+    monkeypatch.setattr(kops, "kernel_activations", lambda: seen.append(real()) or seen[-1])
+    monkeypatch.delenv("LOWBIT_KERNEL_ACT", raising=False)
+    capsys.readouterr()
+    assert main(["-q", "generate", str(out), "the truth", "--max-new-tokens", "4", "--kernel-act", "q8"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert seen and set(seen) == {"q8"}
+    assert "LOWBIT_KERNEL_ACT" not in os.environ

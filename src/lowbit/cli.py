@@ -312,22 +312,24 @@ def cmd_generate(args):
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt").to(model.device)
     torch.manual_seed(args.seed)
+    from .kernels import use_kernel_activations
     from .runtime import LeanDecoder, lean_supported
 
     why = lean_supported(model) if args.loop == "lean" else "--loop hf"
-    if why is None:
-        n = ids["input_ids"].shape[1]
-        eos = model.generation_config.eos_token_id
-        out = LeanDecoder(model, max_len=n + args.max_new_tokens).generate(
-            ids["input_ids"], args.max_new_tokens, eos_token_id=eos, temperature=args.temperature,
-            top_k=args.top_k, generator=torch.Generator(model.device).manual_seed(args.seed))
-    else:
-        if args.loop == "lean":
-            log.info("lean decode loop not used (%s); using transformers' generate", why)
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                 temperature=args.temperature if args.temperature > 0 else None, top_p=None,
-                                 top_k=args.top_k)
+    with use_kernel_activations(args.kernel_act):
+        if why is None:
+            n = ids["input_ids"].shape[1]
+            eos = model.generation_config.eos_token_id
+            out = LeanDecoder(model, max_len=n + args.max_new_tokens).generate(
+                ids["input_ids"], args.max_new_tokens, eos_token_id=eos, temperature=args.temperature,
+                top_k=args.top_k, generator=torch.Generator(model.device).manual_seed(args.seed))
+        else:
+            if args.loop == "lean":
+                log.info("lean decode loop not used (%s); using transformers' generate", why)
+            with torch.inference_mode():
+                out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                     temperature=args.temperature if args.temperature > 0 else None, top_p=None,
+                                     top_k=args.top_k)
     print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
@@ -458,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode loop: lowbit's lean loop (static cache, fused ops; default, where the model fits it) "
                         "or transformers' generate")
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False, help="wrap the prompt in the chat template")
+    s.add_argument("--kernel-act", choices=["fp32", "q8"], default=None,
+                   help="input precision of the CPU GEMV kernels: fp32 (exact, the default) or q8 (int8 per block "
+                        "of 32, faster for INT4/INT2/FP4; docs/kernels.md); default: $LOWBIT_KERNEL_ACT or fp32")
     _add_device_arg(s)
     s.set_defaults(fn=cmd_generate)
 
