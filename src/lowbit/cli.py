@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench-decode", help="end-to-end greedy decode tokens/s (torch fp32/bf16, lowbit, llama.cpp)")
     s.add_argument("--models", nargs="+", default=["smollm2-135m"], help="zoo models (default: smollm2-135m)")
     s.add_argument("--configs", nargs="+", default=None, metavar="NAME",
-                   help="fp32, bf16, or format tags such as int4-g128 (default: a fixed set)")
+                   help="fp32, bf16, format tags such as int4-g128, or ckpt=DIR; suffixes @hf (transformers' "
+                        "generate), @ref (no kernels), @q8 (int8-input kernels) (default: a fixed set)")
     s.add_argument("--new-tokens", type=int, default=128)
     s.add_argument("--repeats", type=int, default=3, help="generations per config (medians; default: 3)")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
