@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..utils import env_var
 from .build import kernel_module, load_kernels
 from .layout import KERNEL_BITS, kernel_geometry, repack_codes
-from ..utils import env_var
 from .reference import dequant_ref
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "KERNEL_ACTIVATIONS",
     "ScalarKernelLayout",
     "build_layout",
+    "check_kernel_activations",
     "kernel_activations",
     "kernel_linear",
     "kernels_active",
@@ -52,14 +53,20 @@ FUSED_MAX_BATCH = 128
 KERNEL_ACTIVATIONS = ("fp32", "q8")
 
 
-def kernel_activations() -> str:
-    """The input precision of the fused GEMV kernels: ``LOWBIT_KERNEL_ACT`` (``fp32`` or ``q8``)."""
-    mode = os.environ.get("LOWBIT_KERNEL_ACT", "fp32")
+def check_kernel_activations(mode: str, what: str) -> str:
+    """``mode`` if it is one of :data:`KERNEL_ACTIVATIONS`, else a ConfigError ``"<what>: use one of ..."``."""
     if mode not in KERNEL_ACTIVATIONS:
         from ..errors import ConfigError
 
-        raise ConfigError(f"LOWBIT_KERNEL_ACT={mode!r}: use one of {', '.join(KERNEL_ACTIVATIONS)}")
+        raise ConfigError(f"{what}: use one of {', '.join(KERNEL_ACTIVATIONS)}")
     return mode
+
+
+def kernel_activations() -> str:
+    """The input precision of the fused GEMV kernels: ``LOWBIT_KERNEL_ACT`` (``fp32`` or ``q8``)."""
+    mode = os.environ.get("LOWBIT_KERNEL_ACT", "fp32")
+    # called on every GEMV: the error text is built only for a bad value
+    return mode if mode in KERNEL_ACTIVATIONS else check_kernel_activations(mode, f"LOWBIT_KERNEL_ACT={mode!r}")
 
 
 @contextlib.contextmanager
@@ -68,11 +75,7 @@ def use_kernel_activations(mode: str | None):
     if mode is None:
         yield
         return
-    if mode not in KERNEL_ACTIVATIONS:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"kernel activations {mode!r}: use one of {', '.join(KERNEL_ACTIVATIONS)}")
-    with env_var("LOWBIT_KERNEL_ACT", mode):
+    with env_var("LOWBIT_KERNEL_ACT", check_kernel_activations(mode, f"kernel activations {mode!r}")):
         yield
 
 

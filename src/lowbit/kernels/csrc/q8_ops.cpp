@@ -74,22 +74,22 @@ struct Q8Problem {
 static inline int col_lo(int k) { return (k & 1) ? 16 + k / 2 : k / 2; }
 static inline int col_hi(int k) { return (k & 1) ? 24 + k / 2 : 8 + k / 2; }
 
-// Where block b (of nbg in its group, b counted from the group's first block at index blk) keeps
-// its lo and hi bytes. Within each group, blocks go in pairs (b, b+1) and a trailing single block:
+// Where (byte offsets into an input row's xq) block b (of nbg in its group, b counted from the
+// group's first block at index blk) keeps its lo and hi bytes. Within each group, blocks go in pairs (b, b+1) and a trailing single block:
 // a pair's 64 bytes at b*32 hold [lo(b), lo(b+1)] then [hi(b), hi(b+1)] (16 each, in the order of
 // the code bytes); a single block's 32 bytes hold [lo(b), hi(b)]. lo(b)[k] is the quantized input of
 // column col_lo(k) of block b.
-static inline void block_slots(int8_t* xq, int64_t blk, int64_t b, int64_t nbg, int8_t** lo, int8_t** hi) {
+static inline void block_slots(int64_t blk, int64_t b, int64_t nbg, int64_t* lo, int64_t* hi) {
   const bool paired = (b + 1 < nbg) || (b % 2 == 1);
   if (!paired) {
-    *lo = xq + blk * 32;
+    *lo = blk * 32;
     *hi = *lo + 16;
   } else if (b % 2 == 0) {
-    *lo = xq + blk * 32;
-    *hi = xq + (blk + 1) * 32;
+    *lo = blk * 32;
+    *hi = (blk + 1) * 32;
   } else {
-    *lo = xq + (blk - 1) * 32 + 16;
-    *hi = xq + blk * 32 + 16;
+    *lo = (blk - 1) * 32 + 16;
+    *hi = blk * 32 + 16;
   }
 }
 
@@ -181,11 +181,11 @@ static void quantize_input(const float* x, int64_t in_features, int64_t gs, int6
         if (t == 3 || b == nbg - 1) ++qd;
         continue;
       }
-      int8_t *lo, *hi;
-      block_slots(xq, blk, b, nbg, &lo, &hi);
+      int64_t lo, hi;
+      block_slots(blk, b, nbg, &lo, &hi);
       for (int k = 0; k < 16; ++k) {
-        lo[k] = q[col_lo(k)];
-        hi[k] = q[col_hi(k)];
+        xq[lo + k] = q[col_lo(k)];
+        xq[hi + k] = q[col_hi(k)];
       }
       for (int i = 0; i < 4; ++i) xd[blk * 4 + i] = d;
     }
@@ -194,13 +194,6 @@ static void quantize_input(const float* x, int64_t in_features, int64_t gs, int6
 }
 
 // ------------------------------------------------------------------ scalar path (reference order)
-
-static inline int code_of(const uint8_t* blk, int col) {
-  // inverse of col_lo / col_hi
-  const int l = col % 8, j = col / 8;
-  const uint8_t byte = blk[2 * l + (j >= 2)];
-  return (j % 2 == 0) ? (byte & 15) : (byte >> 4);
-}
 
 // One 2-bit quad group's dot products (see quantize_input): sum over its blocks of d * dot(q, xq).
 static float dot_quads2(const uint8_t* row, int64_t blk, int64_t nbg, int64_t qd, const int8_t* xq, const float* xd) {
@@ -216,6 +209,29 @@ static float dot_quads2(const uint8_t* row, int64_t blk, int64_t nbg, int64_t qd
   return dp;
 }
 
+// One 4-bit group's dot products: sum over its blocks of d * dot(q, xq) (for tables: of the positive
+// levels in *dp, of the negative levels' magnitudes in *dn).
+static void dot_blocks4(const Q8Problem& p, const uint8_t* row, int64_t blk, int64_t nbg, const int8_t* xq,
+                        const float* xd, float* dp, float* dn) {
+  for (int64_t b = 0; b < nbg; ++b, ++blk) {
+    int64_t lo, hi;
+    block_slots(blk, b, nbg, &lo, &hi);
+    const uint8_t* cb = row + blk * 16;
+    int ip = 0, in = 0;
+    for (int k = 0; k < 16; ++k) {
+      const int ql = cb[k] & 15, qh = cb[k] >> 4;
+      if (p.table) {
+        ip += p.pos[ql] * xq[lo + k] + p.pos[qh] * xq[hi + k];
+        in += p.neg[ql] * xq[lo + k] + p.neg[qh] * xq[hi + k];
+      } else {
+        ip += ql * xq[lo + k] + qh * xq[hi + k];
+      }
+    }
+    *dp += xd[blk * 4] * (float)ip;
+    *dn += xd[blk * 4] * (float)in;
+  }
+}
+
 static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
   for (int64_t o = r0; o < r1; ++o) {
     const uint8_t* row = p.codes + o * p.row_bytes;
@@ -229,26 +245,11 @@ static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
         float dp = 0.f, dn = 0.f;
         if (p.bits == 2) {
           dp = dot_quads2(row, blk, nbg, qd, xq, xd);
-          blk += nbg;
           qd += (nbg + 3) / 4;
+        } else {
+          dot_blocks4(p, row, blk, nbg, xq, xd, &dp, &dn);
         }
-        for (int64_t b = 0; p.bits == 4 && b < nbg; ++b, ++blk) {
-          int8_t *lo, *hi;
-          block_slots(const_cast<int8_t*>(xq), blk, b, nbg, &lo, &hi);
-          const uint8_t* cb = row + blk * 16;
-          int ip = 0, in = 0;
-          for (int k = 0; k < 16; ++k) {
-            const int ql = cb[k] & 15, qh = cb[k] >> 4;
-            if (p.table) {
-              ip += p.pos[ql] * lo[k] + p.pos[qh] * hi[k];
-              in += p.neg[ql] * lo[k] + p.neg[qh] * hi[k];
-            } else {
-              ip += ql * lo[k] + qh * hi[k];
-            }
-          }
-          dp += xd[blk * 4] * (float)ip;
-          dn += xd[blk * 4] * (float)in;
-        }
+        blk += nbg;
         const float sa = float(p.sa[o * p.G + g]);
         if (p.table) {
           const float sb = p.sb ? float(p.sb[o * p.G + g]) : sa;
@@ -406,32 +407,25 @@ Q8_AVX2 static void tile_q8_2(const Q8Problem& p, int64_t o0, int64_t m) {
     p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
 }
 
-static void rows_avx2_2(const Q8Problem& p, int64_t r0, int64_t r1) {
-  constexpr int RT = 4;
+using Tile = void (*)(const Q8Problem&, int64_t, int64_t);
+
+// A block of RB rows at a time, so their codes stay in cache across input rows; RT rows per tile.
+template <int RT, Tile TILE, Tile TILE1>
+static void rows_tiled(const Q8Problem& p, int64_t r0, int64_t r1) {
   constexpr int64_t RB = 8;
   for (int64_t rb = r0; rb < r1; rb += RB) {
     const int64_t re = std::min(r1, rb + RB);
     for (int64_t m = 0; m < p.M; ++m) {
       int64_t o = rb;
-      for (; o + RT <= re; o += RT) tile_q8_2<RT>(p, o, m);
-      for (; o < re; ++o) tile_q8_2<1>(p, o, m);
+      for (; o + RT <= re; o += RT) TILE(p, o, m);
+      for (; o < re; ++o) TILE1(p, o, m);
     }
   }
 }
 
+static constexpr auto rows_avx2_2 = rows_tiled<4, tile_q8_2<4>, tile_q8_2<1>>;
 template <bool TABLE>
-static void rows_avx2(const Q8Problem& p, int64_t r0, int64_t r1) {
-  constexpr int RT = TABLE ? 2 : 4;
-  constexpr int64_t RB = 8;  // a block of rows at a time, so their codes stay in cache across input rows
-  for (int64_t rb = r0; rb < r1; rb += RB) {
-    const int64_t re = std::min(r1, rb + RB);
-    for (int64_t m = 0; m < p.M; ++m) {
-      int64_t o = rb;
-      for (; o + RT <= re; o += RT) tile_q8<TABLE, RT>(p, o, m);
-      for (; o < re; ++o) tile_q8<TABLE, 1>(p, o, m);
-    }
-  }
-}
+static constexpr auto rows_avx2 = rows_tiled<TABLE ? 2 : 4, tile_q8<TABLE, TABLE ? 2 : 4>, tile_q8<TABLE, 1>>;
 #endif
 
 at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& sa,
