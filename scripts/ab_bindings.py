@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.api import load_model
-from lowbit.bench_decode import PROMPT, _lowbit_model
+from lowbit.bench_decode import _lowbit_model, _prompt_model
 from lowbit.bench_kernels import _median_time
 from lowbit.kernels.build import _state, kernel_module
 from lowbit.runtime import LeanDecoder
@@ -80,9 +79,7 @@ def main() -> None:
     calls = call_costs(direct, via_ops)
     rows = []
     for name in a.models:
-        base, tok = load_model(name)
-        base.eval()
-        ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+        base, tok, ids = _prompt_model(name)
         for cfg in a.configs:
             model = _lowbit_model(base, cfg)
             dec = LeanDecoder(model, max_len=ids.shape[1] + a.new_tokens + 8)

@@ -53,18 +53,16 @@ def main() -> None:
     ap.add_argument("--md", default="docs/results/speed/q8_quality.md")
     args = ap.parse_args()
 
-    from lowbit.api import PPLProtocol, evaluate_ppl, load_model, ppl_windows
-    from lowbit.models.arch import arch_for
-    from lowbit.bench_decode import PROMPT, _lowbit_model
+    from lowbit.api import PPLProtocol, evaluate_ppl, ppl_windows
+    from lowbit.bench_decode import PROMPT, _lowbit_model, _prompt_model
     from lowbit.kernels import use_kernel_activations
+    from lowbit.models.arch import arch_for
     from lowbit.runtime import LeanDecoder
     from lowbit.utils import env_var
 
     rows = []
     for name in args.models:
-        base, tok = load_model(name)
-        base.eval()
-        ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+        base, tok, ids = _prompt_model(name)
         for tag in args.formats:
             model = _lowbit_model(base, tag).eval()
             ppl, proto = evaluate_ppl(model, tok, "wiki", args.seqlen, args.windows, progress=False)

@@ -131,6 +131,14 @@ def _checkpoint_model(path: str, name: str, head: str | None = None):
     return model.eval(), added
 
 
+def _prompt_model(name: str):
+    """``(model, tokenizer, prompt ids)``: the zoo model in eval mode and :data:`PROMPT` tokenized."""
+    from .api import load_model
+
+    base, tok = load_model(name)
+    return base.eval(), tok, tok(PROMPT, return_tensors="pt")["input_ids"]
+
+
 def _lowbit_model(base, tag: str):
     from .api import quantize
     from .cli_args import parse_format_tag
@@ -163,17 +171,13 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
     ``llama_cpp_bin``: a folder holding llama.cpp's ``llama-quantize`` and ``llama-bench`` programs, used
     for the llama.cpp rows instead of llama-cpp-python.
     """
-    from .api import load_model
-
     if threads:
         torch.set_num_threads(threads)
     configs = configs or DEFAULT_CONFIGS
     load0 = os.getloadavg()
     rows = []
     for name in models:
-        base, tok = load_model(name)
-        base.eval()
-        ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+        base, tok, ids = _prompt_model(name)
         base.generation_config.eos_token_id = None
         for cfg in configs:
             tag, ref, hf, q8 = _parse_config(cfg)
