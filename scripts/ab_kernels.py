@@ -1,7 +1,7 @@
 """A/B the fused scalar-format kernels of the working tree against those of a git revision, in one process.
 
-The base revision's ``lowbit_kernels.cpp`` is compiled with its ops renamed to ``torch.ops.lowbit_base``;
-both run on the same kernel layouts (the layout code is the working tree's, so the base must share it)
+``gemm_int`` and ``gemm_lut``; a ``<tag>@q8`` format times ``gemm_q8`` (int8 inputs). The base revision's
+``lowbit_kernels.cpp`` and ``q8_ops.cpp`` are compiled with their ops renamed to ``torch.ops.lowbit_base``; both run on the same kernel layouts (the layout code is the working tree's, so the base must share it)
 and their calls alternate, so both see the same machine state. GEMV from DRAM: each call reads a
 different copy of the layer (> 96 MiB of copies). Writes JSON and a markdown table.
 
@@ -22,25 +22,34 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = "src/lowbit/kernels/csrc/lowbit_kernels.cpp"
+SOURCES = ("src/lowbit/kernels/csrc/lowbit_kernels.cpp", "src/lowbit/kernels/csrc/q8_ops.cpp")
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 640), (640, 2048)]
 
 
 def build_base(rev: str) -> None:
     from torch.utils.cpp_extension import load
 
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{SOURCE}"], check=True, capture_output=True,
-                         text=True).stdout
-    src = src.replace("TORCH_LIBRARY(lowbit,", "TORCH_LIBRARY(lowbit_base,").replace(
-        "TORCH_LIBRARY_IMPL(lowbit,", "TORCH_LIBRARY_IMPL(lowbit_base,")
     work = Path(tempfile.mkdtemp(prefix="lowbit-ab-"))
-    (work / "base_kernels.cpp").write_text(src)
-    load(name="lowbit_base_kernels", sources=[str(work / "base_kernels.cpp")], extra_cflags=["-O3", "-fopenmp"],
+    paths = []
+    for source in SOURCES:
+        got = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{source}"], capture_output=True, text=True)
+        if got.returncode:  # q8_ops.cpp is younger than some revisions
+            continue
+        src = got.stdout
+        for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL", "TORCH_LIBRARY_FRAGMENT"):
+            src = src.replace(f"{macro}(lowbit,", f"{macro}(lowbit_base,")
+        paths.append(work / ("base_" + Path(source).name))
+        paths[-1].write_text(src)
+    load(name="lowbit_base_kernels", sources=[str(p) for p in paths], extra_cflags=["-O3", "-fopenmp"],
          extra_ldflags=["-fopenmp"], build_directory=str(work), is_python_module=False)
 
 
-def call(ns: str, lay, x):
+def call(ns: str, lay, x, act: str | None = None):
     op = getattr(torch.ops, ns)
+    if act == "q8":
+        pos, neg, ls = lay.q8 or (None, None, 1.0)
+        return op.gemm_q8(x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, pos, neg, ls, None, lay.bits,
+                          lay.group_size, lay.in_features)
     if lay.kind == "int":
         return op.gemm_int(x, lay.codes, lay.scale_a, lay.zero, None, lay.bits, lay.group_size, lay.in_features)
     return op.gemm_lut(x, lay.codes, lay.scale_a, lay.scale_b, lay.table, None, lay.bits, lay.group_size,
@@ -58,7 +67,7 @@ def main() -> None:
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
 
-    from lowbit.bench_kernels import _COLD_BYTES, _clone_layout, _layer
+    from lowbit.bench_kernels import _COLD_BYTES, _clone_layout, _layer, split_act
     from lowbit.kernels import layout_for, load_kernels
 
     if not load_kernels():
@@ -67,15 +76,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for tag in args.formats:
+        base_tag, act = split_act(tag)
         for out_f, in_f in SHAPES:
-            m, w = _layer(tag, out_f, in_f)
+            m, w = _layer(base_tag, out_f, in_f)
             lay = layout_for(m)
             lays = [lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))]
             x = torch.randn(1, in_f)
             scale = (x.abs() @ w.abs().T).max().item()
             for ns in ("lowbit", "lowbit_base"):  # both must agree with the dequantized weight
-                err = (call(ns, lay, x) - x @ w.T).abs().max().item() / scale
-                if err > 2e-6:
+                err = (call(ns, lay, x, act) - x @ w.T).abs().max().item() / scale
+                if err > (1e-2 if act else 2e-6):  # int8 inputs: the input's rounding error
                     raise SystemExit(f"{ns} {tag} {out_f}x{in_f}: error {err:.2e} of |x||W|")
             times = {"lowbit": [], "lowbit_base": []}
             for rep in range(args.repeats + 4):
@@ -83,7 +93,7 @@ def main() -> None:
                 for k, ns in enumerate(order):
                     lay_k = lays[(2 * rep + k) % len(lays)]
                     t0 = time.perf_counter()
-                    call(ns, lay_k, x)
+                    call(ns, lay_k, x, act)
                     if rep >= 4:  # warm-up calls are not counted
                         times[ns].append(time.perf_counter() - t0)
             new, base = statistics.median(times["lowbit"]), statistics.median(times["lowbit_base"])

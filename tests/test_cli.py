@@ -155,3 +155,16 @@ def test_generate_kernel_act_q8(tiny_dir, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.strip()
     assert seen and set(seen) == {"q8"}
     assert "LOWBIT_KERNEL_ACT" not in os.environ
+
+
+def test_bench_kernels_shapes_and_gemv_only(tmp_path, capsys):
+    """--shapes picks the layers, --batches with no values skips the GEMM columns; a bad shape is a usage error."""
+    js, md = tmp_path / "k.json", tmp_path / "k.md"
+    assert main(["-q", "bench-kernels", "--formats", "int4-g128", "--shapes", "64x96", "40X32", "--batches",
+                 "--repeats", "2", "--json", str(js), "--md", str(md)]) == 0
+    rows = json.loads(js.read_text())[0]["rows"]
+    assert [(r["out"], r["in"], r["gemm"]) for r in rows] == [(64, 96, {}), (40, 32, {})]
+    assert "| int4-g128 | 64x96 |" in md.read_text() and "b16 GFLOP/s" not in md.read_text()
+    with pytest.raises(SystemExit):
+        main(["bench-kernels", "--shapes", "64by96"])
+    assert "expected OUTxIN" in capsys.readouterr().err

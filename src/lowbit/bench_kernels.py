@@ -218,20 +218,21 @@ def write_kernels_report(res: dict | list[dict], json_path: Path, md_path: Path)
              "(batches above the run's `fused_max_batch` dequantize once and call torch's fp32 matmul).", ""]
     for r in runs:
         e, bw = r["env"], r["bandwidth"]
+        batches = list(r["rows"][0]["gemm"]) if r["rows"] else []
         lines += [f"## {e['threads']} thread(s), {e['cpu']}, {e['isa']} path", "",
                   f"Measured memory bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s. "
                   f"Load average before/after: {', '.join(f'{v:.1f}' for v in e['loadavg_before'])} / "
                   f"{', '.join(f'{v:.1f}' for v in e['loadavg_after'])}; {e['date']}. "
                   f"Fused kernel up to batch {e.get('fused_max_batch', 32)}.", "",
                   "| format | out x in | KiB | GEMV hot µs | hot GB/s | GEMV cold µs | cold GB/s | % bw | fp32 GEMV µs | "
-                  + " | ".join(f"b{b} GFLOP/s (fp32)" for b in r["rows"][0]["gemm"]) + " |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(r["rows"][0]["gemm"])]
+                  + "".join(f"b{b} GFLOP/s (fp32) | " for b in batches),
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batches)]
         for row in r["rows"]:
             lines.append(
                 f"| {row['format']} | {row['out']}x{row['in']} | {row['bytes'] / 1024:.0f} | {row['gemv_hot_us']:.1f} | "
                 f"{row['gemv_hot_gbs']:.1f} | {row['gemv_cold_us']:.1f} | {row['gemv_cold_gbs']:.1f} | "
                 f"{100 * row['cold_frac_of_read_bw']:.0f}% | {row['fp32_gemv_us']:.1f} | "
-                + " | ".join(f"{g['gflops']:.1f} ({g['fp32_gflops']:.1f})" for g in row["gemm"].values()) + " |")
+                + "".join(f"{g['gflops']:.1f} ({g['fp32_gflops']:.1f}) | " for g in row["gemm"].values()))
         lines.append("")
     _write_between_markers(md_path, "\n".join(lines))
 

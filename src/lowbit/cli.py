@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
-from .cli_args import add_dataclass_args, dataclass_from_args, parse_format_tag
+from .cli_args import add_dataclass_args, dataclass_from_args, parse_format_tag, parse_shape
 from .config import FormatConfig, StorageConfig
 from .errors import LowbitError
 
@@ -348,8 +348,9 @@ def cmd_distill(args):
 def cmd_bench_kernels(args):
     from .bench_kernels import BENCH_FORMATS, SHAPES, bench_kernels, write_kernels_report
 
-    shapes = SHAPES[:4] if args.quick else SHAPES
-    runs = [bench_kernels(args.formats or BENCH_FORMATS, shapes, repeats=args.repeats, threads=t, progress=not args.quiet)
+    shapes = args.shapes or (SHAPES[:4] if args.quick else SHAPES)
+    runs = [bench_kernels(args.formats or BENCH_FORMATS, shapes, batches=tuple(args.batches), repeats=args.repeats,
+                          threads=t, progress=not args.quiet)
             for t in (args.threads or [None])]
     write_kernels_report(runs, Path(args.json), Path(args.md))
     log.info("wrote %s and %s", args.json, args.md)
@@ -471,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", nargs="+", type=int, default=None, help="thread counts to run (default: torch's)")
     s.add_argument("--repeats", type=int, default=30, help="timed repeats per measurement (medians; default: 30)")
     s.add_argument("--quick", action="store_true", help="smollm2 shapes only")
+    s.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="OUTxIN",
+                   help="layer shapes to run, e.g. 4096x11008 (default: the zoo models' linears)")
+    s.add_argument("--batches", nargs="*", type=int, default=[16, 64, 512], metavar="B",
+                   help="GEMM batch sizes (default: 16 64 512; none: GEMV only)")
     s.add_argument("--json", default="docs/results/kernels.json")
     s.add_argument("--md", default="docs/kernels.md")
     s.set_defaults(fn=cmd_bench_kernels)

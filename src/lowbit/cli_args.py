@@ -90,3 +90,11 @@ def parse_format_tag(tag: str, default_group: int = -1) -> FormatConfig:
         raise ConfigError(f"cannot read format {tag!r}; write it like int8, int4-g128 or int4-sym-g64 (pc = per row)")
     g = -1 if m["pc"] else int(m["g"]) if m["g"] else default_group
     return FormatConfig(format=m["fmt"], bits=int(m["bits"]), group_size=g, sym=bool(m["sym"]))
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"4096x11008"`` -> ``(4096, 11008)``: a linear layer's ``out x in`` (argparse ``type=``)."""
+    mt = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not mt or not int(mt[1]) or not int(mt[2]):
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected OUTxIN with positive sizes, e.g. 4096x11008")
+    return int(mt[1]), int(mt[2])

@@ -47,7 +47,7 @@ namespace lowbit {  // lowbit_kernels.cpp
 int active_isa();
 int64_t min_task_bytes();
 #if LOWBIT_Q8_X86
-__attribute__((target("avx2,fma"))) float hsum(__m256 v);
+__attribute__((target("avx2,fma,f16c"))) float hsum(__m256 v);
 #endif
 }  // namespace lowbit
 
@@ -267,7 +267,10 @@ static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
 // ------------------------------------------------------------------ AVX2 path
 
 #if LOWBIT_Q8_X86
-#define Q8_AVX2 __attribute__((target("avx2,fma")))
+#define Q8_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// an fp16 scale as float32 in one F16C instruction (as lowbit_kernels.cpp's h2f)
+Q8_AVX2 static inline float h2f(c10::Half h) { return _cvtsh_ss(h.x); }
 
 // RT weight rows against one input row.
 template <bool TABLE, int RT>
@@ -344,9 +347,9 @@ Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
     }
     for (int r = 0; r < RT; ++r) {
       const int64_t pg = (o0 + r) * p.G + g;
-      const float sa = float(p.sa[pg]);
+      const float sa = h2f(p.sa[pg]);
       if (TABLE) {
-        const float sb = p.sb ? float(p.sb[pg]) : sa;
+        const float sb = p.sb ? h2f(p.sb[pg]) : sa;
         racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p.level_scale * sa), ap[r], racc[r]);
         racc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(p.level_scale * sb), an[r], racc[r]);
       } else {
@@ -398,7 +401,7 @@ Q8_AVX2 static void tile_q8_2(const Q8Problem& p, int64_t o0, int64_t m) {
     blk += nbg;
     for (int r = 0; r < RT; ++r) {
       const int64_t pg = (o0 + r) * p.G + g;
-      const float sa = float(p.sa[pg]);
+      const float sa = h2f(p.sa[pg]);
       racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), acc[r], racc[r]);
       corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
     }
