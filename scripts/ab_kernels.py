@@ -1,7 +1,7 @@
-"""A/B the fused scalar-format kernels of the working tree against those of a git revision, in one process.
+"""A/B the fused GEMV kernels of the working tree against those of a git revision, in one process.
 
-``gemm_int`` and ``gemm_lut``; a ``<tag>@q8`` format times ``gemm_q8`` (int8 inputs). The base revision's
-``lowbit_kernels.cpp`` and ``q8_ops.cpp`` are compiled with their ops renamed to ``torch.ops.lowbit_base``; both run on the same kernel layouts (the layout code is the working tree's, so the base must share it)
+``gemm_int`` and ``gemm_lut``; a ``<tag>@q8`` format times ``gemm_q8`` (int8 inputs), a ``vq-...`` tag
+``vq_linear``. The base revision's ``lowbit_kernels.cpp``, ``q8_ops.cpp`` and ``vq_ops.cpp`` are compiled with their ops renamed to ``torch.ops.lowbit_base``; both run on the same kernel layouts (the layout code is the working tree's, so the base must share it)
 and their calls alternate, so both see the same machine state. GEMV from DRAM: each call reads a
 different copy of the layer (> 96 MiB of copies). Writes JSON and a markdown table.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("src/lowbit/kernels/csrc/lowbit_kernels.cpp", "src/lowbit/kernels/csrc/q8_ops.cpp")
+SOURCES = tuple(f"src/lowbit/kernels/csrc/{n}.cpp" for n in ("lowbit_kernels", "q8_ops", "vq_ops"))
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (2048, 640), (640, 2048)]
 
 
@@ -46,6 +46,10 @@ def build_base(rev: str) -> None:
 
 def call(ns: str, lay, x, act: str | None = None):
     op = getattr(torch.ops, ns)
+    if not hasattr(lay, "kind"):  # a VQKernelLayout
+        return op.vq_linear(x, lay.codes, lay.codebook, lay.res_codes, lay.res_codebook, lay.main_cols,
+                            lay.out_codes, lay.out_codebook, lay.outlier_cols, lay.col_scale, lay.col_bias, None,
+                            lay.v, lay.v0)
     if act == "q8":
         pos, neg, ls = lay.q8 or (None, None, 1.0)
         return op.gemm_q8(x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, pos, neg, ls, None, lay.bits,
@@ -79,6 +83,8 @@ def main() -> None:
         base_tag, act = split_act(tag)
         for out_f, in_f in SHAPES:
             m, w = _layer(base_tag, out_f, in_f)
+            if m is None:  # a VQ vector length that does not divide out
+                continue
             lay = layout_for(m)
             lays = [lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))]
             x = torch.randn(1, in_f)

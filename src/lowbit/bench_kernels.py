@@ -184,6 +184,8 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
                       f"({row['gemv_hot_gbs']:5.1f} GB/s) cold {row['gemv_cold_us']:8.1f}us "
                       f"({row['gemv_cold_gbs']:5.1f} GB/s) fp32 {row['fp32_gemv_us']:7.1f}us | "
                       + " ".join(f"b{k} {v['gflops']:5.1f}" for k, v in row["gemm"].items()) + " GFLOP/s", flush=True)
+    # the machine's bandwidth drifts (shared hosts): measured again at the end, reported beside the first
+    bw["read_gbs_after"] = measure_bandwidth(bandwidth_bytes)["read_gbs"]
     return {
         "bandwidth": bw,
         "rows": rows,
@@ -220,7 +222,9 @@ def write_kernels_report(res: dict | list[dict], json_path: Path, md_path: Path)
         e, bw = r["env"], r["bandwidth"]
         batches = list(r["rows"][0]["gemm"]) if r["rows"] else []
         lines += [f"## {e['threads']} thread(s), {e['cpu']}, {e['isa']} path", "",
-                  f"Measured memory bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s. "
+                  f"Measured memory bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s"
+                  + (f" (read again after the rows: {bw['read_gbs_after']:.1f} GB/s)" if "read_gbs_after" in bw else "")
+                  + ". "
                   f"Load average before/after: {', '.join(f'{v:.1f}' for v in e['loadavg_before'])} / "
                   f"{', '.join(f'{v:.1f}' for v in e['loadavg_after'])}; {e['date']}. "
                   f"Fused kernel up to batch {e.get('fused_max_batch', 32)}.", "",
