@@ -42,8 +42,8 @@ __all__ = ["DEFAULT_CONFIGS", "bench_decode", "llama_cpp_available", "write_deco
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIGS = ["fp32@hf", "bf16@hf", "int4-g128@hf", "fp32", "int4-g128", "int4-g128@q8", "int3-g128", "int2-g128",
-                   "int2-g128@q8", "fp4-g128", "fp4-g128@q8", "int4-g128@ref"]
+DEFAULT_CONFIGS = ["fp32@hf", "bf16@hf", "int4-g128@hf", "fp32", "int4-g128", "int4-g128@q8", "int3-g128",
+                   "int3-g128@q8", "int2-g128", "int2-g128@q8", "fp4-g128", "fp4-g128@q8", "int4-g128@ref"]
 LLAMA_QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q2_K": 10}  # llama_ftype values
 PROMPT = "The history of the city begins"
 

@@ -1,5 +1,5 @@
-// Int8-activation GEMV/GEMM for 4-bit codes (INT4, FP4) and 2-bit int codes: integer dot products, as
-// llama.cpp's Q8_0 path.
+// Int8-activation GEMV/GEMM for 4-bit codes (INT4, FP4), 3-bit codes (INT3, FP3) and 2-bit int codes:
+// integer dot products, as llama.cpp's Q8_0 path.
 //
 // Registered as a torch op (namespace ``lowbit``) and bound directly (bindings.cpp):
 //   gemm_q8(x, codes, scale_a, scale_b?, zero?, pos?, neg?, level_scale, bias?, bits, group_size, in_features) -> y
@@ -9,6 +9,8 @@
 //   lo(2l) = l, lo(2l+1) = 16 + l, hi(2l) = 8 + l, hi(2l+1) = 24 + l   (l = 0..7).
 // 2 bits: byte l of a block holds columns l, 8 + l, 16 + l, 24 + l in bits 0-1, 2-3, 4-5, 6-7; four
 // blocks (32 bytes) go through one 256-bit step.
+// 3 bits: the 2-bit block's 8 bytes for the low two bits, then a uint32 whose bit 4l + j is bit 2 of
+// column 8j + l; four blocks (their low bytes and bit-2 words gathered) go through one 256-bit step.
 //
 // The input is quantized per block of 32 padded columns to int8: d = max|x| / 127, xq = round(x / d)
 // (half to even), so it is x_hat = d * xq that gets multiplied, exactly as
@@ -21,7 +23,8 @@
 //   table (pos, neg given):   w = level_scale * (pos[q] * scale_a - neg[q] * scale_b)
 //         pos / neg: uint8 tables of 16 entries, the positive levels and the magnitudes of the
 //         negative levels of a table format whose levels are integer multiples of level_scale
-//         (FP4 e2m1: 2 * level, level_scale 0.5). One scale: scale_b = scale_a.
+//         (FP4 e2m1: 2 * level, level_scale 0.5; FP3 {0, 1, 2, 4}: level_scale 1; a 3-bit table
+//         uses entries 0-7). One scale: scale_b = scale_a.
 //         y = sum_g level_scale * (scale_a_g * sum_b d_b dot(pos[q], xq)_b - scale_b_g * ...neg...)
 //
 // Threads: rows are split across threads; each output is computed by one thread in a fixed order,
@@ -152,7 +155,7 @@ static float quantize_block(const float* x, int64_t c0, int64_t n, int64_t b, bo
 
 // Quantize one input row into the kernel's order.
 //  4-bit codes: see block_slots; xd holds each block's d four times (nblk * 4 floats).
-//  2-bit codes: each group's blocks go in quads (the last one possibly partial, zero filled); a quad
+//  2- and 3-bit codes: each group's blocks go in quads (the last one possibly partial, zero filled); a quad
 //    takes 128 bytes: for chunk j (0..3), 32 bytes [block 0: x[8j..8j+7], block 1: ..., block 3: ...],
 //    as the bits 2j..2j+1 of the quad's 32 code bytes hold them; xd holds each block's d twice (8 per quad).
 static void quantize_input(const float* x, int64_t in_features, int64_t gs, int64_t G, int64_t nb,
@@ -167,7 +170,7 @@ static void quantize_input(const float* x, int64_t in_features, int64_t gs, int6
       int s;
       const float d = quantize_block(x, c0, n, b, avx2, q, &s);
       gsum += d * (float)s;
-      if (bits == 2) {
+      if (bits != 4) {
         const int t = (int)(b % 4);
         int8_t* dst = xq + qd * 128;
         float* dd = xd + qd * 8;
@@ -195,18 +198,38 @@ static void quantize_input(const float* x, int64_t in_features, int64_t gs, int6
 
 // ------------------------------------------------------------------ scalar path (reference order)
 
-// One 2-bit quad group's dot products (see quantize_input): sum over its blocks of d * dot(q, xq).
-static float dot_quads2(const uint8_t* row, int64_t blk, int64_t nbg, int64_t qd, const int8_t* xq, const float* xd) {
-  float dp = 0.f;
+// Code (j, l) of a 2- or 3-bit block (column 8j + l; see the layout above).
+static inline int code_of(const uint8_t* cb, int bits, int j, int l) {
+  int q = (cb[l] >> (2 * j)) & 3;
+  if (bits == 3) {
+    uint32_t h;
+    std::memcpy(&h, cb + 8, 4);
+    q |= ((h >> (4 * l + j)) & 1) << 2;
+  }
+  return q;
+}
+
+// One 2- or 3-bit group's dot products, its blocks in quads (see quantize_input): sum over its blocks
+// of d * dot(q, xq) (for tables: of the positive levels in *dp, of the negative levels' magnitudes in *dn).
+static void dot_quads(const Q8Problem& p, const uint8_t* row, int64_t blk, int64_t nbg, int64_t qd,
+                      const int8_t* xq, const float* xd, float* dp, float* dn) {
   for (int64_t b = 0; b < nbg; b += 4, ++qd)
     for (int64_t t = 0; t < 4 && b + t < nbg; ++t) {
-      const uint8_t* cb = row + (blk + b + t) * 8;
-      int ip = 0;
+      const uint8_t* cb = row + (blk + b + t) * 4 * p.bits;
+      int ip = 0, in = 0;
       for (int j = 0; j < 4; ++j)
-        for (int l = 0; l < 8; ++l) ip += ((cb[l] >> (2 * j)) & 3) * xq[qd * 128 + j * 32 + t * 8 + l];
-      dp += xd[qd * 8 + 2 * t] * (float)ip;
+        for (int l = 0; l < 8; ++l) {
+          const int q = code_of(cb, p.bits, j, l), xv = xq[qd * 128 + j * 32 + t * 8 + l];
+          if (p.table) {
+            ip += p.pos[q] * xv;
+            in += p.neg[q] * xv;
+          } else {
+            ip += q * xv;
+          }
+        }
+      *dp += xd[qd * 8 + 2 * t] * (float)ip;
+      *dn += xd[qd * 8 + 2 * t] * (float)in;
     }
-  return dp;
 }
 
 // One 4-bit group's dot products: sum over its blocks of d * dot(q, xq) (for tables: of the positive
@@ -243,8 +266,8 @@ static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
       for (int64_t g = 0; g < p.G; ++g) {
         const int64_t nbg = p.nblocks(g);
         float dp = 0.f, dn = 0.f;
-        if (p.bits == 2) {
-          dp = dot_quads2(row, blk, nbg, qd, xq, xd);
+        if (p.bits != 4) {
+          dot_quads(p, row, blk, nbg, qd, xq, xd, &dp, &dn);
           qd += (nbg + 3) / 4;
         } else {
           dot_blocks4(p, row, blk, nbg, xq, xd, &dp, &dn);
@@ -410,6 +433,95 @@ Q8_AVX2 static void tile_q8_2(const Q8Problem& p, int64_t o0, int64_t m) {
     p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
 }
 
+// sum over the four chunks of table[q_j] * x_j, as int32 lanes of 4 bytes; int16 sums of two chunks at a
+// time, since levels up to 64 times |xq| <= 127, four products, stay below 2^15
+Q8_AVX2 static inline __m256i table_dot4(__m256i t, const __m256i* q, const __m256i* x, __m256i ones) {
+  const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(t, q[0]), x[0]),
+                                       _mm256_maddubs_epi16(_mm256_shuffle_epi8(t, q[1]), x[1]));
+  const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(t, q[2]), x[2]),
+                                       _mm256_maddubs_epi16(_mm256_shuffle_epi8(t, q[3]), x[3]));
+  return _mm256_add_epi32(_mm256_madd_epi16(s01, ones), _mm256_madd_epi16(s23, ones));
+}
+
+// 3-bit codes (int, or a table with integer levels), RT weight rows against one input row: a quad of
+// blocks per step, as in the 2-bit tile. The quad's low bytes (8 per block) and bit-2 words (4 per
+// block) are gathered; lane 8t + l of chunk j then gets code (j, l) of block t.
+template <bool TABLE, int RT>
+Q8_AVX2 static void tile_q8_3(const Q8Problem& p, int64_t o0, int64_t m) {
+  const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), ones = _mm256_set1_epi16(1);
+  // lane 8t + l reads byte l / 2 of block t's bit-2 word (bytes 4t..4t+3 of each 128-bit half)
+  const __m256i hsel = _mm256_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11,
+                                        12, 12, 13, 13, 14, 14, 15, 15);
+  // where column 8j + l's bit 2 sits in that byte: bit 4 * (l % 2) + j (this is j = 0)
+  const __m256i hbit = _mm256_set1_epi16(0x1001);
+  __m256i tp = _mm256_setzero_si256(), tn = tp;
+  if (TABLE) {
+    const __m128i a = _mm_loadu_si128((const __m128i*)p.pos), b = _mm_loadu_si128((const __m128i*)p.neg);
+    tp = _mm256_set_m128i(a, a);
+    tn = _mm256_set_m128i(b, b);
+  }
+  const int8_t* xq = p.xq + m * p.xq_stride;
+  const float* xd = p.xd + m * p.xd_stride;
+  __m256 racc[RT];
+  float corr[RT];
+  for (int r = 0; r < RT; ++r) racc[r] = _mm256_setzero_ps(), corr[r] = 0.f;
+  int64_t blk = 0, qd = 0;
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t nbg = p.nblocks(g);
+    __m256 ap[RT], an[RT];
+    for (int r = 0; r < RT; ++r) ap[r] = _mm256_setzero_ps(), an[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nbg; b += 4, ++qd) {
+      const int64_t k = std::min<int64_t>(4, nbg - b);  // blocks in this quad
+      const int8_t* xj = xq + qd * 128;
+      const __m256 dv = _mm256_loadu_ps(xd + qd * 8);
+      __m256i x[4];
+      for (int j = 0; j < 4; ++j) x[j] = _mm256_loadu_si256((const __m256i*)(xj + 32 * j));
+      for (int r = 0; r < RT; ++r) {
+        const uint8_t* src = p.codes + (o0 + r) * p.row_bytes + (blk + b) * 12;
+        _mm_prefetch((const char*)(src + RT * p.row_bytes), _MM_HINT_T0);
+        int64_t lo[4] = {0, 0, 0, 0};
+        int32_t hw[4] = {0, 0, 0, 0};
+        for (int t = 0; t < k; ++t) {
+          std::memcpy(&lo[t], src + 12 * t, 8);
+          std::memcpy(&hw[t], src + 12 * t + 8, 4);
+        }
+        const __m256i v = _mm256_setr_epi64x(lo[0], lo[1], lo[2], lo[3]);
+        const __m256i h = _mm256_shuffle_epi8(
+            _mm256_broadcastsi128_si256(_mm_setr_epi32(hw[0], hw[1], hw[2], hw[3])), hsel);
+        __m256i q[4];
+        for (int j = 0; j < 4; ++j) {
+          const __m256i bit = _mm256_slli_epi16(hbit, j);
+          const __m256i hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit), four);
+          q[j] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m3), hi);
+        }
+        if (TABLE) {
+          ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(table_dot4(tp, q, x, ones)), dv, ap[r]);
+          an[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(table_dot4(tn, q, x, ones)), dv, an[r]);
+        } else {
+          __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(q[0], x[0]), _mm256_maddubs_epi16(q[1], x[1]));
+          s = _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(q[2], x[2]), _mm256_maddubs_epi16(q[3], x[3])));
+          ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), dv, ap[r]);
+        }
+      }
+    }
+    blk += nbg;
+    for (int r = 0; r < RT; ++r) {
+      const int64_t pg = (o0 + r) * p.G + g;
+      const float sa = h2f(p.sa[pg]);
+      if (TABLE) {
+        const float sb = p.sb ? h2f(p.sb[pg]) : sa;
+        racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p.level_scale * sa), ap[r], racc[r]);
+        racc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(p.level_scale * sb), an[r], racc[r]);
+      } else {
+        racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), ap[r], racc[r]);
+        corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
+      }
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
+}
+
 using Tile = void (*)(const Q8Problem&, int64_t, int64_t);
 
 // A block of RB rows at a time, so their codes stay in cache across input rows; RT rows per tile.
@@ -428,6 +540,8 @@ static void rows_tiled(const Q8Problem& p, int64_t r0, int64_t r1) {
 
 static constexpr auto rows_avx2_2 = rows_tiled<4, tile_q8_2<4>, tile_q8_2<1>>;
 template <bool TABLE>
+static constexpr auto rows_avx2_3 = rows_tiled<TABLE ? 2 : 4, tile_q8_3<TABLE, TABLE ? 2 : 4>, tile_q8_3<TABLE, 1>>;
+template <bool TABLE>
 static constexpr auto rows_avx2 = rows_tiled<TABLE ? 2 : 4, tile_q8<TABLE, TABLE ? 2 : 4>, tile_q8<TABLE, 1>>;
 #endif
 
@@ -435,12 +549,12 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
                    const c10::optional<at::Tensor>& sb, const c10::optional<at::Tensor>& zero,
                    const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_scale,
                    const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t in_features) {
-  TORCH_CHECK(bits == 4 || bits == 2, "gemm_q8 handles 4-bit and 2-bit codes, got ", bits);
+  TORCH_CHECK(bits >= 2 && bits <= 4, "gemm_q8 handles 2-, 3- and 4-bit codes, got ", bits);
   const int64_t gs = (group_size <= 0 || group_size >= in_features) ? in_features : group_size;
   const int64_t G = (in_features + gs - 1) / gs, gsp = (gs + 31) / 32 * 32, nb = gsp / 32;
   const int64_t nb_last = (in_features - (G - 1) * gs + 31) / 32, nblk = (G - 1) * nb + nb_last;
   const int64_t out = codes.size(0), row_bytes = nblk * 4 * bits;
-  const int64_t nq = (G - 1) * ((nb + 3) / 4) + (nb_last + 3) / 4;  // 2-bit: quads of blocks
+  const int64_t nq = (G - 1) * ((nb + 3) / 4) + (nb_last + 3) / 4;  // 2 and 3 bits: quads of blocks
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 2 &&
                   codes.size(1) == row_bytes && codes.is_contiguous(),
               "codes must be a contiguous CPU uint8 tensor (out, ", row_bytes, ") in the ", bits, "-bit kernel layout");
@@ -477,7 +591,7 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   // the quantized input lives in per-thread scratch (no allocation per call)
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xd, xs;
-  const int64_t xq_stride = bits == 2 ? nq * 128 : nblk * 32, xd_stride = bits == 2 ? nq * 8 : nblk * 4;
+  const int64_t xq_stride = bits != 4 ? nq * 128 : nblk * 32, xd_stride = bits != 4 ? nq * 8 : nblk * 4;
   xq.resize(M * xq_stride);
   xd.resize(M * xd_stride);
   xs.resize(M * G);
@@ -508,7 +622,10 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   using Fn = void (*)(const Q8Problem&, int64_t, int64_t);
   Fn fn = rows_scalar;
 #if LOWBIT_Q8_X86
-  if (lowbit::active_isa() == 1) fn = bits == 2 ? rows_avx2_2 : table ? rows_avx2<true> : rows_avx2<false>;
+  if (lowbit::active_isa() == 1)
+    fn = bits == 2   ? rows_avx2_2
+         : bits == 3 ? (table ? rows_avx2_3<true> : rows_avx2_3<false>)
+                     : (table ? rows_avx2<true> : rows_avx2<false>);
 #endif
   const int64_t grain = std::max<int64_t>(1, lowbit::min_task_bytes() / std::max<int64_t>(1, row_bytes * M));
   at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
