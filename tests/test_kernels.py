@@ -78,7 +78,7 @@ def test_gemm_matches_reference(fmt, isa):
 @pytest.mark.parametrize("fmt,act", [(IntFormat(4, 64), "fp32"), (IntFormat(3, 64, True), "fp32"),
                                      (FPFormat(4, 64), "fp32"), (NFFormat(3, 64, True), "fp32"),
                                      (IntFormat(4, 64), "q8"), (FPFormat(4, 32), "q8"), (IntFormat(2, 96), "q8"),
-                                     (IntFormat(3, 160), "q8"), (FPFormat(3, 64), "q8")],
+                                     (IntFormat(3, 160), "q8")],
                          ids=lambda v: v if isinstance(v, str) else _fid(v))
 def test_thread_count_invariance(monkeypatch, fmt, act):
     monkeypatch.setenv("LOWBIT_KERNEL_ACT", act)
@@ -236,8 +236,7 @@ def test_direct_bindings_equal_the_torch_ops():
 # ------------------------------------------------------------------ int8 activations (LOWBIT_KERNEL_ACT=q8)
 
 Q8_FORMATS = [IntFormat(4, 128, False), IntFormat(4, 128, True), FPFormat(4, 128, False), FPFormat(4, 128, True),
-              IntFormat(2, 128, False), IntFormat(2, 128, True), IntFormat(3, 128, False), IntFormat(3, 128, True),
-              FPFormat(3, 128, False), FPFormat(3, 128, True)]
+              IntFormat(2, 128, False), IntFormat(2, 128, True), IntFormat(3, 128, False), IntFormat(3, 128, True)]
 
 
 def test_quantize_act_q8_is_blockwise_int8():
@@ -279,13 +278,13 @@ def test_q8_gemv_matches_reference(monkeypatch, fmt, isa):
 
 
 def test_q8_leaves_other_formats_exact(monkeypatch):
-    """NF4 and NF3 (non-integer levels) keep the exact float kernel under LOWBIT_KERNEL_ACT=q8."""
+    """NF4 and NF3 (non-integer levels) and FP3 keep the exact float kernel under LOWBIT_KERNEL_ACT=q8."""
     from lowbit.kernels import kernel_activations
 
     monkeypatch.setenv("LOWBIT_KERNEL_ACT", "q8")
     assert kernel_activations() == "q8"
     x = torch.randn(2, 100)
-    for fmt in (NFFormat(4, 32, False), NFFormat(3, 32, False), NFFormat(3, 32, True)):
+    for fmt in (NFFormat(4, 32, False), NFFormat(3, 32, False), FPFormat(3, 32, False)):
         m = _layer(fmt, 7, 100, 32)
         assert not layout_for(m).q8_capable
         y = m(x)
@@ -303,8 +302,7 @@ def test_q8_direct_binding_equals_the_torch_op():
     from lowbit.kernels.build import kernel_module
 
     x = torch.randn(2, 100)
-    for fmt in (IntFormat(4, 32, False), FPFormat(4, 64, False), IntFormat(2, 64, False), IntFormat(3, 64, False),
-                FPFormat(3, 32, True)):
+    for fmt in (IntFormat(4, 32, False), FPFormat(4, 64, False), IntFormat(2, 64, False), IntFormat(3, 64, False)):
         lay = layout_for(_layer(fmt, 40, 100, fmt.group_size))
         pos, neg, ls = lay.q8 or (None, None, 1.0)
         args = (x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, pos, neg, ls, None, lay.bits, lay.group_size, 100)

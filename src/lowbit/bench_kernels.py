@@ -28,7 +28,7 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (1024, 640), (256, 6
 #: format tags benchmarked (FormatConfig.tag spelling)
 #: (``<tag>@q8``: the same layer with int8 activations, ``LOWBIT_KERNEL_ACT=q8``)
 BENCH_FORMATS = ["int4-g128", "int4-g128@q8", "int4-sym-g128", "int3-g128", "int3-g128@q8", "int2-g128", "int2-g128@q8",
-                 "fp4-g128", "fp4-g128@q8", "nf4-sym-g128", "fp3-g128", "fp3-g128@q8", "nf3-g128", "vq-v6-k4096",
+                 "fp4-g128", "fp4-g128@q8", "nf4-sym-g128", "fp3-g128", "nf3-g128", "vq-v6-k4096",
                  "vq-v8-k4096-r256"]
 
 GEMM_BATCHES = (16, 64, 512)
@@ -162,7 +162,7 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
             if act == "q8" and not lay.q8_capable:
                 from .errors import ConfigError
 
-                raise ConfigError(f"{tag}: int8 activations apply to INT2/3/4, FP3 and FP4 layers only")
+                raise ConfigError(f"{tag}: int8 activations apply to INT2/3/4 and FP4 layers only")
             x1 = torch.randn(1, in_f)
             with use_kernel_activations(act):
                 t_hot, t_cold = gemv_times(lay, x1, repeats)

@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False, help="wrap the prompt in the chat template")
     s.add_argument("--kernel-act", choices=["fp32", "q8"], default=None,
                    help="input precision of the CPU GEMV kernels: fp32 (exact, the default) or q8 (int8 per block "
-                        "of 32, faster for INT2-4 and FP3/FP4; docs/kernels.md); default: $LOWBIT_KERNEL_ACT or fp32")
+                        "of 32, faster for INT2-4 and FP4; docs/kernels.md); default: $LOWBIT_KERNEL_ACT or fp32")
     _add_device_arg(s)
     s.set_defaults(fn=cmd_generate)
 

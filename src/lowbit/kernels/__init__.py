@@ -9,7 +9,7 @@
   ``LOWBIT_KERNELS=0`` or ``module.use_kernels = False``).
 - :mod:`.reference`: the plain-torch references.
 
-``LOWBIT_KERNEL_ACT=q8`` makes the INT2/3/4, FP3 and FP4 GEMV kernels quantize their input to int8
+``LOWBIT_KERNEL_ACT=q8`` makes the INT2/3/4 and FP4 GEMV kernels quantize their input to int8
 per block of 32 (llama.cpp's Q8_0 scheme) and use integer dot products (``gemm_q8``); the
 default ``fp32`` multiplies the float input exactly.
 """

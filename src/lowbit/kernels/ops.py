@@ -49,7 +49,7 @@ FUSED_MAX_BATCH = 128
 
 #: ``LOWBIT_KERNEL_ACT`` values: ``fp32`` multiplies the float input exactly (the default);
 #: ``q8`` quantizes the input to int8 per block of 32 (llama.cpp's Q8_0 scheme) for integer dot
-#: products, on INT2/3/4, FP4 and FP3 (levels that are small integers; see ``gemm_q8``)
+#: products, on INT2/3/4 and FP4 (levels that are small integers; see ``gemm_q8``)
 KERNEL_ACTIVATIONS = ("fp32", "q8")
 
 
@@ -83,11 +83,11 @@ def q8_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] |
     """``(pos, neg, level_scale)`` for the int8-activation kernel, or ``None`` if the table has none.
 
     The levels must be integer multiples of ``level_scale`` (1, 1/2 or 1/4) of at most 64 in
-    magnitude (FP4 e2m1: twice the level, ``level_scale = 0.5``; FP3 ``{0, 1, 2, 4}``: 1); NF tables
-    are not, and keep the float kernel. ``pos`` and ``neg`` have 16 entries (a 3-bit table's last 8 are 0).
+    magnitude (FP4 e2m1: twice the level, ``level_scale = 0.5``); NF tables are not, and keep the
+    float kernel.
     """
     for k in (1, 2, 4):
-        lv = F.pad(table.float() * k, (0, 16 - table.numel()))
+        lv = table.float() * k
         if bool((lv == lv.round()).all()) and float(lv.abs().max()) <= 64:
             return lv.clamp_min(0).to(torch.uint8), (-lv).clamp_min(0).to(torch.uint8), 1.0 / k
     return None
@@ -123,16 +123,17 @@ class ScalarKernelLayout:
     scale_b: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     table: torch.Tensor | None = None
-    #: ``(pos, neg, level_scale)`` of a 3- or 4-bit table format with integer levels (see :func:`q8_tables`)
+    #: ``(pos, neg, level_scale)`` of a 4-bit table format with integer levels (see :func:`q8_tables`)
     q8: tuple | None = None
 
     @property
     def q8_capable(self) -> bool:
-        """Whether ``gemm_q8`` (int8 activations) handles this layout: 2-, 3- and 4-bit INT, or a 3- or
-        4-bit table with small integer levels (FP3, FP4)."""
+        """Whether ``gemm_q8`` (int8 activations) handles this layout: 2-, 3- and 4-bit INT, or a 4-bit
+        table with small integer levels (FP4). (FP3's integer levels would fit, but a table path for
+        3-bit codes measured no faster than the float kernel, so FP3 keeps it.)"""
         if self.kind == "int":
             return self.bits in (2, 3, 4)
-        return self.bits in (3, 4) and self.q8 is not None
+        return self.bits == 4 and self.q8 is not None
 
     @property
     def nbytes(self) -> int:
@@ -187,7 +188,7 @@ def _scalar_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> ScalarKernel
             zero = qw.params["zero"].round().to(torch.uint8).contiguous()
         return ScalarKernelLayout("int", scale_a=buffers["scale"].contiguous(), zero=zero, **common)
     table = fmt.lut()
-    common["q8"] = q8_tables(table) if fmt.bits in (3, 4) else None
+    common["q8"] = q8_tables(table) if fmt.bits == 4 else None
     if fmt.sym:
         return ScalarKernelLayout("lut", scale_a=buffers["scale"].contiguous(), table=table, **common)
     return ScalarKernelLayout("lut", scale_a=buffers["scale_pos"].contiguous(),

@@ -1,5 +1,5 @@
-// Int8-activation GEMV/GEMM for 4-bit codes (INT4, FP4), 3-bit codes (INT3, FP3) and 2-bit int codes:
-// integer dot products, as llama.cpp's Q8_0 path.
+// Int8-activation GEMV/GEMM for 4-bit codes (INT4, FP4) and 3- and 2-bit int codes: integer dot
+// products, as llama.cpp's Q8_0 path.
 //
 // Registered as a torch op (namespace ``lowbit``) and bound directly (bindings.cpp):
 //   gemm_q8(x, codes, scale_a, scale_b?, zero?, pos?, neg?, level_scale, bias?, bits, group_size, in_features) -> y
@@ -23,8 +23,7 @@
 //   table (pos, neg given):   w = level_scale * (pos[q] * scale_a - neg[q] * scale_b)
 //         pos / neg: uint8 tables of 16 entries, the positive levels and the magnitudes of the
 //         negative levels of a table format whose levels are integer multiples of level_scale
-//         (FP4 e2m1: 2 * level, level_scale 0.5; FP3 {0, 1, 2, 4}: level_scale 1; a 3-bit table
-//         uses entries 0-7). One scale: scale_b = scale_a.
+//         (FP4 e2m1: 2 * level, level_scale 0.5). One scale: scale_b = scale_a.
 //         y = sum_g level_scale * (scale_a_g * sum_b d_b dot(pos[q], xq)_b - scale_b_g * ...neg...)
 //
 // Threads: rows are split across threads; each output is computed by one thread in a fixed order,
@@ -210,26 +209,19 @@ static inline int code_of(const uint8_t* cb, int bits, int j, int l) {
 }
 
 // One 2- or 3-bit group's dot products, its blocks in quads (see quantize_input): sum over its blocks
-// of d * dot(q, xq) (for tables: of the positive levels in *dp, of the negative levels' magnitudes in *dn).
-static void dot_quads(const Q8Problem& p, const uint8_t* row, int64_t blk, int64_t nbg, int64_t qd,
-                      const int8_t* xq, const float* xd, float* dp, float* dn) {
+// of d * dot(q, xq).
+static float dot_quads(const uint8_t* row, int bits, int64_t blk, int64_t nbg, int64_t qd, const int8_t* xq,
+                       const float* xd) {
+  float dp = 0.f;
   for (int64_t b = 0; b < nbg; b += 4, ++qd)
     for (int64_t t = 0; t < 4 && b + t < nbg; ++t) {
-      const uint8_t* cb = row + (blk + b + t) * 4 * p.bits;
-      int ip = 0, in = 0;
+      const uint8_t* cb = row + (blk + b + t) * 4 * bits;
+      int ip = 0;
       for (int j = 0; j < 4; ++j)
-        for (int l = 0; l < 8; ++l) {
-          const int q = code_of(cb, p.bits, j, l), xv = xq[qd * 128 + j * 32 + t * 8 + l];
-          if (p.table) {
-            ip += p.pos[q] * xv;
-            in += p.neg[q] * xv;
-          } else {
-            ip += q * xv;
-          }
-        }
-      *dp += xd[qd * 8 + 2 * t] * (float)ip;
-      *dn += xd[qd * 8 + 2 * t] * (float)in;
+        for (int l = 0; l < 8; ++l) ip += code_of(cb, bits, j, l) * xq[qd * 128 + j * 32 + t * 8 + l];
+      dp += xd[qd * 8 + 2 * t] * (float)ip;
     }
+  return dp;
 }
 
 // One 4-bit group's dot products: sum over its blocks of d * dot(q, xq) (for tables: of the positive
@@ -267,7 +259,7 @@ static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
         const int64_t nbg = p.nblocks(g);
         float dp = 0.f, dn = 0.f;
         if (p.bits != 4) {
-          dot_quads(p, row, blk, nbg, qd, xq, xd, &dp, &dn);
+          dp = dot_quads(row, p.bits, blk, nbg, qd, xq, xd);
           qd += (nbg + 3) / 4;
         } else {
           dot_blocks4(p, row, blk, nbg, xq, xd, &dp, &dn);
@@ -294,6 +286,32 @@ static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
 
 // an fp16 scale as float32 in one F16C instruction (as lowbit_kernels.cpp's h2f)
 Q8_AVX2 static inline float h2f(c10::Half h) { return _cvtsh_ss(h.x); }
+
+// The end of group g for RT rows: racc += scale * (the group's sums) (tables: level_scale * (scale_a *
+// positive sums - scale_b * negative sums)); int codes add the zero-point term to corr.
+template <bool TABLE, int RT>
+Q8_AVX2 static inline void group_end(const Q8Problem& p, int64_t o0, int64_t g, int64_t m, const __m256* ap,
+                                     const __m256* an, __m256* racc, float* corr) {
+  for (int r = 0; r < RT; ++r) {
+    const int64_t pg = (o0 + r) * p.G + g;
+    const float sa = h2f(p.sa[pg]);
+    if (TABLE) {
+      const float sb = p.sb ? h2f(p.sb[pg]) : sa;
+      racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p.level_scale * sa), ap[r], racc[r]);
+      racc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(p.level_scale * sb), an[r], racc[r]);
+    } else {
+      racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), ap[r], racc[r]);
+      corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
+    }
+  }
+}
+
+// y = the rows' sums - zero-point terms + bias
+template <int RT>
+Q8_AVX2 static inline void store_rows(const Q8Problem& p, int64_t o0, int64_t m, const __m256* racc, const float* corr) {
+  for (int r = 0; r < RT; ++r)
+    p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
+}
 
 // RT weight rows against one input row.
 template <bool TABLE, int RT>
@@ -368,21 +386,9 @@ Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
       }
       ++blk;
     }
-    for (int r = 0; r < RT; ++r) {
-      const int64_t pg = (o0 + r) * p.G + g;
-      const float sa = h2f(p.sa[pg]);
-      if (TABLE) {
-        const float sb = p.sb ? h2f(p.sb[pg]) : sa;
-        racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p.level_scale * sa), ap[r], racc[r]);
-        racc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(p.level_scale * sb), an[r], racc[r]);
-      } else {
-        racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), ap[r], racc[r]);
-        corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
-      }
-    }
+    group_end<TABLE, RT>(p, o0, g, m, ap, an, racc, corr);
   }
-  for (int r = 0; r < RT; ++r)
-    p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
+  store_rows<RT>(p, o0, m, racc, corr);
 }
 
 // 2-bit int codes, RT weight rows against one input row: a quad of blocks (32 code bytes) per step;
@@ -422,31 +428,15 @@ Q8_AVX2 static void tile_q8_2(const Q8Problem& p, int64_t o0, int64_t m) {
       }
     }
     blk += nbg;
-    for (int r = 0; r < RT; ++r) {
-      const int64_t pg = (o0 + r) * p.G + g;
-      const float sa = h2f(p.sa[pg]);
-      racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), acc[r], racc[r]);
-      corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
-    }
+    group_end<false, RT>(p, o0, g, m, acc, nullptr, racc, corr);
   }
-  for (int r = 0; r < RT; ++r)
-    p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
+  store_rows<RT>(p, o0, m, racc, corr);
 }
 
-// sum over the four chunks of table[q_j] * x_j, as int32 lanes of 4 bytes; int16 sums of two chunks at a
-// time, since levels up to 64 times |xq| <= 127, four products, stay below 2^15
-Q8_AVX2 static inline __m256i table_dot4(__m256i t, const __m256i* q, const __m256i* x, __m256i ones) {
-  const __m256i s01 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(t, q[0]), x[0]),
-                                       _mm256_maddubs_epi16(_mm256_shuffle_epi8(t, q[1]), x[1]));
-  const __m256i s23 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(t, q[2]), x[2]),
-                                       _mm256_maddubs_epi16(_mm256_shuffle_epi8(t, q[3]), x[3]));
-  return _mm256_add_epi32(_mm256_madd_epi16(s01, ones), _mm256_madd_epi16(s23, ones));
-}
-
-// 3-bit codes (int, or a table with integer levels), RT weight rows against one input row: a quad of
-// blocks per step, as in the 2-bit tile. The quad's low bytes (8 per block) and bit-2 words (4 per
-// block) are gathered; lane 8t + l of chunk j then gets code (j, l) of block t.
-template <bool TABLE, int RT>
+// 3-bit int codes, RT weight rows against one input row: a quad of blocks per step, as in the 2-bit
+// tile. The quad's low bytes (8 per block) and bit-2 words (4 per block) are gathered; lane 8t + l of
+// chunk j then gets code (j, l) of block t.
+template <int RT>
 Q8_AVX2 static void tile_q8_3(const Q8Problem& p, int64_t o0, int64_t m) {
   const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), ones = _mm256_set1_epi16(1);
   // lane 8t + l reads byte l / 2 of block t's bit-2 word (bytes 4t..4t+3 of each 128-bit half)
@@ -454,12 +444,6 @@ Q8_AVX2 static void tile_q8_3(const Q8Problem& p, int64_t o0, int64_t m) {
                                         12, 12, 13, 13, 14, 14, 15, 15);
   // where column 8j + l's bit 2 sits in that byte: bit 4 * (l % 2) + j (this is j = 0)
   const __m256i hbit = _mm256_set1_epi16(0x1001);
-  __m256i tp = _mm256_setzero_si256(), tn = tp;
-  if (TABLE) {
-    const __m128i a = _mm_loadu_si128((const __m128i*)p.pos), b = _mm_loadu_si128((const __m128i*)p.neg);
-    tp = _mm256_set_m128i(a, a);
-    tn = _mm256_set_m128i(b, b);
-  }
   const int8_t* xq = p.xq + m * p.xq_stride;
   const float* xd = p.xd + m * p.xd_stride;
   __m256 racc[RT];
@@ -468,8 +452,8 @@ Q8_AVX2 static void tile_q8_3(const Q8Problem& p, int64_t o0, int64_t m) {
   int64_t blk = 0, qd = 0;
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t nbg = p.nblocks(g);
-    __m256 ap[RT], an[RT];
-    for (int r = 0; r < RT; ++r) ap[r] = _mm256_setzero_ps(), an[r] = _mm256_setzero_ps();
+    __m256 acc[RT];
+    for (int r = 0; r < RT; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nbg; b += 4, ++qd) {
       const int64_t k = std::min<int64_t>(4, nbg - b);  // blocks in this quad
       const int8_t* xj = xq + qd * 128;
@@ -494,32 +478,16 @@ Q8_AVX2 static void tile_q8_3(const Q8Problem& p, int64_t o0, int64_t m) {
           const __m256i hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit), four);
           q[j] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m3), hi);
         }
-        if (TABLE) {
-          ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(table_dot4(tp, q, x, ones)), dv, ap[r]);
-          an[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(table_dot4(tn, q, x, ones)), dv, an[r]);
-        } else {
-          __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(q[0], x[0]), _mm256_maddubs_epi16(q[1], x[1]));
-          s = _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(q[2], x[2]), _mm256_maddubs_epi16(q[3], x[3])));
-          ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), dv, ap[r]);
-        }
+        // int16 sums of the four chunks: codes up to 7 times |xq| <= 127, eight products, stay below 2^15
+        __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(q[0], x[0]), _mm256_maddubs_epi16(q[1], x[1]));
+        s = _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(q[2], x[2]), _mm256_maddubs_epi16(q[3], x[3])));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), dv, acc[r]);
       }
     }
     blk += nbg;
-    for (int r = 0; r < RT; ++r) {
-      const int64_t pg = (o0 + r) * p.G + g;
-      const float sa = h2f(p.sa[pg]);
-      if (TABLE) {
-        const float sb = p.sb ? h2f(p.sb[pg]) : sa;
-        racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p.level_scale * sa), ap[r], racc[r]);
-        racc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(p.level_scale * sb), an[r], racc[r]);
-      } else {
-        racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), ap[r], racc[r]);
-        corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
-      }
-    }
+    group_end<false, RT>(p, o0, g, m, acc, nullptr, racc, corr);
   }
-  for (int r = 0; r < RT; ++r)
-    p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
+  store_rows<RT>(p, o0, m, racc, corr);
 }
 
 using Tile = void (*)(const Q8Problem&, int64_t, int64_t);
@@ -539,8 +507,7 @@ static void rows_tiled(const Q8Problem& p, int64_t r0, int64_t r1) {
 }
 
 static constexpr auto rows_avx2_2 = rows_tiled<4, tile_q8_2<4>, tile_q8_2<1>>;
-template <bool TABLE>
-static constexpr auto rows_avx2_3 = rows_tiled<TABLE ? 2 : 4, tile_q8_3<TABLE, TABLE ? 2 : 4>, tile_q8_3<TABLE, 1>>;
+static constexpr auto rows_avx2_3 = rows_tiled<4, tile_q8_3<4>, tile_q8_3<1>>;
 template <bool TABLE>
 static constexpr auto rows_avx2 = rows_tiled<TABLE ? 2 : 4, tile_q8<TABLE, TABLE ? 2 : 4>, tile_q8<TABLE, 1>>;
 #endif
@@ -563,7 +530,7 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.size(-1) == in_features,
               "x must be float32 with last dimension ", in_features);
   const bool table = pos.has_value() && pos->defined();
-  TORCH_CHECK(!(table && bits == 2), "gemm_q8 handles 2-bit int codes only (no tables)");
+  TORCH_CHECK(!(table && bits != 4), "gemm_q8 takes tables for 4-bit codes only (2 and 3 bits: int codes)");
   Q8Problem p{};
   if (table) {
     TORCH_CHECK(neg.has_value() && neg->defined() && pos->scalar_type() == at::kByte && neg->scalar_type() == at::kByte &&
@@ -624,7 +591,7 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
 #if LOWBIT_Q8_X86
   if (lowbit::active_isa() == 1)
     fn = bits == 2   ? rows_avx2_2
-         : bits == 3 ? (table ? rows_avx2_3<true> : rows_avx2_3<false>)
+         : bits == 3 ? rows_avx2_3
                      : (table ? rows_avx2<true> : rows_avx2<false>);
 #endif
   const int64_t grain = std::max<int64_t>(1, lowbit::min_task_bytes() / std::max<int64_t>(1, row_bytes * M));
