@@ -5,7 +5,8 @@ Effective bandwidth = bytes the kernel streams (kernel-layout codes + fp16 scale
 over and over, so its weights sit in L2/L3) and *cold* (calls cycle through enough
 copies of the layer to overflow the last-level cache, so weights come from DRAM),
 and compared with the machine's memory bandwidth measured here (median of
-repeated large-tensor sums, i.e. read bandwidth, same thread count).
+repeated large-tensor sums, i.e. read bandwidth, same thread count), probed again
+just before each format's rows, since a shared host's bandwidth drifts.
 """
 from __future__ import annotations
 
@@ -154,6 +155,9 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
     torch.manual_seed(0)
     for tag in formats:
         base, act = split_act(tag)
+        # the host's bandwidth drifts (28-51 GB/s within an hour here): each format's rows are set
+        # against a probe taken just before them
+        read_now = measure_bandwidth(bandwidth_bytes, repeats=7)["read_gbs"]
         for out_f, in_f in shapes:
             m, w = _layer(base, out_f, in_f)
             if m is None:
@@ -170,7 +174,8 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
             row = {"format": tag, "out": out_f, "in": in_f, "bytes": lay.nbytes,
                    "gemv_hot_us": t_hot * 1e6, "gemv_cold_us": t_cold * 1e6, "fp32_gemv_us": t_f32 * 1e6,
                    "gemv_hot_gbs": lay.nbytes / t_hot / 1e9, "gemv_cold_gbs": lay.nbytes / t_cold / 1e9,
-                   "cold_frac_of_read_bw": lay.nbytes / t_cold / 1e9 / bw["read_gbs"], "gemm": {}}
+                   "read_gbs_probe": read_now, "cold_frac_of_read_bw": lay.nbytes / t_cold / 1e9 / read_now,
+                   "gemm": {}}
             for b in batches:
                 xb = torch.randn(b, in_f)
                 n = max(5, repeats // (1 + b // 64))
@@ -185,7 +190,6 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
                       f"({row['gemv_hot_gbs']:5.1f} GB/s) cold {row['gemv_cold_us']:8.1f}us "
                       f"({row['gemv_cold_gbs']:5.1f} GB/s) fp32 {row['fp32_gemv_us']:7.1f}us | "
                       + " ".join(f"b{k} {v['gflops']:5.1f}" for k, v in row["gemm"].items()) + " GFLOP/s", flush=True)
-    # the machine's bandwidth drifts (shared hosts): measured again at the end, reported beside the first
     bw["read_gbs_after"] = measure_bandwidth(bandwidth_bytes)["read_gbs"]
     return {
         "bandwidth": bw,
@@ -225,17 +229,20 @@ def write_kernels_report(res: dict | list[dict], json_path: Path, md_path: Path)
         lines += [f"## {e['threads']} thread(s), {e['cpu']}, {e['isa']} path", "",
                   f"Measured memory bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s"
                   + (f" (read again after the rows: {bw['read_gbs_after']:.1f} GB/s)" if "read_gbs_after" in bw else "")
-                  + ". "
+                  + ("; `% bw` uses the read probe taken just before each format's rows (`probe GB/s`)"
+                     if r["rows"] and "read_gbs_probe" in r["rows"][0] else "") + ". "
                   f"Load average before/after: {', '.join(f'{v:.1f}' for v in e['loadavg_before'])} / "
                   f"{', '.join(f'{v:.1f}' for v in e['loadavg_after'])}; {e['date']}. "
                   f"Fused kernel up to batch {e.get('fused_max_batch', 32)}.", "",
-                  "| format | out x in | KiB | GEMV hot µs | hot GB/s | GEMV cold µs | cold GB/s | % bw | fp32 GEMV µs | "
+                  "| format | out x in | KiB | GEMV hot µs | hot GB/s | GEMV cold µs | cold GB/s | probe GB/s | % bw | "
+                  "fp32 GEMV µs | "
                   + "".join(f"b{b} GFLOP/s (fp32) | " for b in batches),
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batches)]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(batches)]
         for row in r["rows"]:
             lines.append(
                 f"| {row['format']} | {row['out']}x{row['in']} | {row['bytes'] / 1024:.0f} | {row['gemv_hot_us']:.1f} | "
                 f"{row['gemv_hot_gbs']:.1f} | {row['gemv_cold_us']:.1f} | {row['gemv_cold_gbs']:.1f} | "
+                f"{row.get('read_gbs_probe', bw['read_gbs']):.1f} | "
                 f"{100 * row['cold_frac_of_read_bw']:.0f}% | {row['fp32_gemv_us']:.1f} | "
                 + "".join(f"{g['gflops']:.1f} ({g['fp32_gflops']:.1f}) | " for g in row["gemm"].values()))
         lines.append("")
