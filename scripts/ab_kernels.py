@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -38,10 +39,24 @@ def build_base(rev: str) -> None:
         src = got.stdout
         for macro in ("TORCH_LIBRARY", "TORCH_LIBRARY_IMPL", "TORCH_LIBRARY_FRAGMENT"):
             src = src.replace(f"{macro}(lowbit,", f"{macro}(lowbit_base,")
+        # and the C++ namespaces, so no symbol of the base can stand in for the working tree's (with
+        # equal names, the dynamic linker may bind one library's calls to the other's functions)
+        src = re.sub(r"\bnamespace lowbit(_vq|_q8)?\b", lambda mt: f"namespace lowbit{mt[1] or ''}_base", src)
+        src = re.sub(r"\blowbit(_vq|_q8)?::", lambda mt: f"lowbit{mt[1] or ''}_base::", src)
         paths.append(work / ("base_" + Path(source).name))
         paths[-1].write_text(src)
     load(name="lowbit_base_kernels", sources=[str(p) for p in paths], extra_cflags=["-O3", "-fopenmp"],
          extra_ldflags=["-fopenmp"], build_directory=str(work), is_python_module=False)
+
+
+def base_layout(lay):
+    """The layout as the base revision reads it: float32 VQ codebooks (the only dtype before 2026-11-24)."""
+    if hasattr(lay, "kind") or lay.codebook.dtype == torch.float32:
+        return lay
+    from dataclasses import replace
+
+    return replace(lay, codebook=lay.codebook.float(),
+                   res_codebook=None if lay.res_codebook is None else lay.res_codebook.float())
 
 
 def call(ns: str, lay, x, act: str | None = None):
@@ -87,17 +102,18 @@ def main() -> None:
                 continue
             lay = layout_for(m)
             lays = [lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))]
+            by_ns = {"lowbit": lays, "lowbit_base": [base_layout(lay_k) for lay_k in lays]}
             x = torch.randn(1, in_f)
             scale = (x.abs() @ w.abs().T).max().item()
             for ns in ("lowbit", "lowbit_base"):  # both must agree with the dequantized weight
-                err = (call(ns, lay, x, act) - x @ w.T).abs().max().item() / scale
+                err = (call(ns, by_ns[ns][0], x, act) - x @ w.T).abs().max().item() / scale
                 if err > (1e-2 if act else 2e-6):  # int8 inputs: the input's rounding error
                     raise SystemExit(f"{ns} {tag} {out_f}x{in_f}: error {err:.2e} of |x||W|")
             times = {"lowbit": [], "lowbit_base": []}
             for rep in range(args.repeats + 4):
                 order = ("lowbit", "lowbit_base") if rep % 2 else ("lowbit_base", "lowbit")
                 for k, ns in enumerate(order):
-                    lay_k = lays[(2 * rep + k) % len(lays)]
+                    lay_k = by_ns[ns][(2 * rep + k) % len(lays)]
                     t0 = time.perf_counter()
                     call(ns, lay_k, x, act)
                     if rep >= 4:  # warm-up calls are not counted

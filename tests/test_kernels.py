@@ -192,6 +192,21 @@ def test_vq_linear_matches_reference(v, extras, tokens, isa):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("v", [6, 12])
+def test_vq_linear_float16_codebooks_equal_float32(v, isa):
+    """fp16 codebooks (kept as stored) and the same values in fp32 give the same outputs, bit for bit."""
+    from dataclasses import replace
+
+    m = _vq_layer(v, 300, 32, 3, True)
+    lay = layout_for(m)
+    assert lay.codebook.dtype == torch.float16 and lay.res_codebook.dtype == torch.float16
+    wide = replace(lay, codebook=lay.codebook.float(), res_codebook=lay.res_codebook.float())
+    x = torch.randn(3, 70)
+    assert torch.equal(lay.linear(x, m.bias), wide.linear(x, m.bias))
+    with pytest.raises(RuntimeError, match="residual codebook must have the codebook's dtype"):
+        replace(lay, res_codebook=lay.res_codebook.float()).linear(x)
+
+
 def test_bench_kernels_vq_rows_run():
     from lowbit.bench_kernels import bench_kernels
 

@@ -4,7 +4,8 @@ Derived at load time from the checkpoint buffers (:mod:`lowbit.nn.vq_codec`), wh
 
 - main (and residual) codes unpacked to int16 ``(out // v, n_main)`` holding the 16-bit index bit
   pattern (indices are at most 16 bits; the packed checkpoint keeps ``ceil(log2 k)`` bits);
-- codebooks as float32 with rows zero-padded to 8 or 16 floats (one or two AVX2 registers);
+- codebooks with rows zero-padded to 8 or 16 values (one or two AVX2 registers), kept in float16 when
+  the checkpoint stores them so (main and residual; exact, and half the bytes per index), else float32;
 - the outlier codebook as float32 ``(k0, v0)``; column norm as float32 vectors.
 
 The kernel computes ``y = W x + b`` for the weight :meth:`lowbit.formats.codebook.VQWeight.dequantize`
@@ -29,11 +30,11 @@ def _i16(idx: torch.Tensor) -> torch.Tensor:
     return idx.to(torch.int32).contiguous().view(torch.int16)[..., 0::2].contiguous()
 
 
-def _padded(cb: torch.Tensor) -> torch.Tensor:
+def _padded(cb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     k, v = cb.shape
     vp = 8 if v <= 8 else 16  # the builder takes v <= 16 only
-    out = torch.zeros(k, vp, dtype=torch.float32)
-    out[:, :v] = cb.float()
+    out = torch.zeros(k, vp, dtype=dtype)
+    out[:, :v] = cb.to(dtype)
     return out
 
 
@@ -76,10 +77,12 @@ def _vq_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> VQKernelLayout |
     if max(spec["k"], spec.get("k_res", 0), spec.get("k0", 0)) > 65536 or spec["v"] > 16:
         return None
     qw = get_codec("vq").to_vq_weight(buffers, spec)
+    books = [qw.codebook] + ([qw.res_codebook] if qw.res_codebook is not None else [])
+    dtype = torch.float16 if all(b.dtype == torch.float16 for b in books) else torch.float32  # the kernel's two
     lay = VQKernelLayout(spec["out_features"], spec["in_features"], spec["v"], _i16(qw.idx),
-                         _padded(qw.codebook.detach()), qw.main_cols().contiguous())
+                         _padded(qw.codebook.detach(), dtype), qw.main_cols().contiguous())
     if qw.res_codebook is not None:
-        lay.res_codes, lay.res_codebook = _i16(qw.res_idx), _padded(qw.res_codebook.detach())
+        lay.res_codes, lay.res_codebook = _i16(qw.res_idx), _padded(qw.res_codebook.detach(), dtype)
     if qw.n_outlier:
         lay.out_codes, lay.out_codebook = _i16(qw.out_idx), qw.out_codebook.detach().float().contiguous()
         lay.outlier_cols, lay.v0 = qw.outlier_cols.contiguous(), spec["v0"]

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
@@ -64,7 +65,7 @@ static void rows_scalar(const float* x, const float* ct, const float* csq, int64
 }
 
 #if LOWBIT_VQ_X86
-#define VQ_AVX2 __attribute__((target("avx2,fma")))
+#define VQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // V: vector length; k8: codewords rounded down to a multiple of 8 (the tail is done in scalar code)
 template <int V>
@@ -170,21 +171,29 @@ at::Tensor& vq_min_dist_(at::Tensor& d2, const at::Tensor& x_in, const at::Tenso
 //   y[o] = sum_main (C[idx] (+ R[ridx]))[o % v] * x'_c + sum_outlier O[oidx][o % v0] * x'_c + sum_c b_c x_c,
 // with x' = s * x: every index adds one codebook row, scaled by one input, into v outputs.
 // Kernel layout (kernels/vq_layout.py): codes int16 (out / v, n_main) (int16 holds the 16-bit index
-// bit pattern), codebooks float32 with rows padded to VP = 8 or 16 floats (one or two AVX2 registers).
+// bit pattern), codebooks float32 or float16 (main and residual alike) with rows padded to VP = 8 or 16
+// values (one or two AVX2 registers); a float16 codebook is half the bytes per index and converts in
+// the load (F16C).
 struct VQProblem {
   const float* xm;        // (M, n_main) scaled inputs of the main columns
   const float* xo;        // (M, n_out) scaled inputs of the outlier columns
   const float* beta;      // (M) sum_c b_c x_c
   const uint16_t* codes;  // (R, n_main)
-  const float* cb;        // (k, VP)
+  const void* cb;         // (k, VP) float32 or float16 (half_cb)
   const uint16_t* rcodes; // (R, n_main) or null
-  const float* rcb;       // (k_res, VP)
+  const void* rcb;        // (k_res, VP), the same dtype
   const uint16_t* ocodes; // (R0, n_out) or null
   const float* ocb;       // (k0, v0)
   const float* bias;
   float* y;               // (M, out)
   int64_t M, out, R, n_main, n_out, v, VP, v0;
+  bool half_cb;
 };
+
+// entry j of codebook row `row` (scalar path)
+static inline float cb_at(const void* cb, bool half, int64_t row, int64_t VP, int64_t j) {
+  return half ? float(static_cast<const c10::Half*>(cb)[row * VP + j]) : static_cast<const float*>(cb)[row * VP + j];
+}
 
 static void vq_rows_scalar(const VQProblem& p, int64_t r0, int64_t r1) {
   std::vector<float> acc(p.VP);
@@ -194,11 +203,11 @@ static void vq_rows_scalar(const VQProblem& p, int64_t r0, int64_t r1) {
       const float* xm = p.xm + m * p.n_main;
       for (int64_t i = 0; i < p.n_main; ++i) {
         const float a = xm[i];
-        const float* row = p.cb + int64_t(p.codes[r * p.n_main + i]) * p.VP;
-        for (int64_t j = 0; j < p.v; ++j) acc[j] += a * row[j];
+        const int64_t row = p.codes[r * p.n_main + i];
+        for (int64_t j = 0; j < p.v; ++j) acc[j] += a * cb_at(p.cb, p.half_cb, row, p.VP, j);
         if (p.rcodes) {
-          const float* rr = p.rcb + int64_t(p.rcodes[r * p.n_main + i]) * p.VP;
-          for (int64_t j = 0; j < p.v; ++j) acc[j] += a * rr[j];
+          const int64_t rr = p.rcodes[r * p.n_main + i];
+          for (int64_t j = 0; j < p.v; ++j) acc[j] += a * cb_at(p.rcb, p.half_cb, rr, p.VP, j);
         }
       }
       for (int64_t j = 0; j < p.v; ++j) p.y[m * p.out + r * p.v + j] = acc[j] + p.beta[m];
@@ -206,7 +215,23 @@ static void vq_rows_scalar(const VQProblem& p, int64_t r0, int64_t r1) {
 }
 
 #if LOWBIT_VQ_X86
-template <int NV>  // NV registers of 8 floats per codebook row (VP = 8 * NV)
+// 8 entries of a codebook row, float32 or float16 (converted in the load)
+template <bool HALF>
+VQ_AVX2 static inline __m256 load8(const void* base, int64_t off) {
+  if (HALF) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(static_cast<const c10::Half*>(base) + off)));
+  return _mm256_loadu_ps(static_cast<const float*>(base) + off);
+}
+
+// acc += a * (codebook row ci (+ residual row rci)), NV registers per row
+template <int NV, bool HALF>
+VQ_AVX2 static inline void add_rows(const VQProblem& p, __m256 a, int64_t ci, const uint16_t* rci, __m256* acc) {
+  for (int q = 0; q < NV; ++q) acc[q] = _mm256_fmadd_ps(a, load8<HALF>(p.cb, ci * 8 * NV + 8 * q), acc[q]);
+  if (rci)
+    for (int q = 0; q < NV; ++q)
+      acc[q] = _mm256_fmadd_ps(a, load8<HALF>(p.rcb, int64_t(*rci) * 8 * NV + 8 * q), acc[q]);
+}
+
+template <int NV, bool HALF>  // NV registers of 8 values per codebook row (VP = 8 * NV)
 VQ_AVX2 static void vq_rows_avx2(const VQProblem& p, int64_t r0, int64_t r1) {
   // four independent accumulator chains: one chain would wait on the FMA latency (4 cycles) per index
   constexpr int CH = 4;
@@ -219,26 +244,11 @@ VQ_AVX2 static void vq_rows_avx2(const VQProblem& p, int64_t r0, int64_t r1) {
       for (int c = 0; c < CH; ++c)
         for (int q = 0; q < NV; ++q) acc[c][q] = _mm256_setzero_ps();
       int64_t i = 0;
-      for (; i + CH <= p.n_main; i += CH) {
-        for (int c = 0; c < CH; ++c) {
-          const __m256 a = _mm256_broadcast_ss(xm + i + c);
-          const float* w = p.cb + int64_t(cr[i + c]) * 8 * NV;
-          for (int q = 0; q < NV; ++q) acc[c][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w + 8 * q), acc[c][q]);
-          if (rcr) {
-            const float* u = p.rcb + int64_t(rcr[i + c]) * 8 * NV;
-            for (int q = 0; q < NV; ++q) acc[c][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(u + 8 * q), acc[c][q]);
-          }
-        }
-      }
-      for (; i < p.n_main; ++i) {
-        const __m256 a = _mm256_broadcast_ss(xm + i);
-        const float* w = p.cb + int64_t(cr[i]) * 8 * NV;
-        for (int q = 0; q < NV; ++q) acc[0][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(w + 8 * q), acc[0][q]);
-        if (rcr) {
-          const float* u = p.rcb + int64_t(rcr[i]) * 8 * NV;
-          for (int q = 0; q < NV; ++q) acc[0][q] = _mm256_fmadd_ps(a, _mm256_loadu_ps(u + 8 * q), acc[0][q]);
-        }
-      }
+      for (; i + CH <= p.n_main; i += CH)
+        for (int c = 0; c < CH; ++c)
+          add_rows<NV, HALF>(p, _mm256_broadcast_ss(xm + i + c), cr[i + c], rcr ? rcr + i + c : nullptr, acc[c]);
+      for (; i < p.n_main; ++i)
+        add_rows<NV, HALF>(p, _mm256_broadcast_ss(xm + i), cr[i], rcr ? rcr + i : nullptr, acc[0]);
       alignas(32) float tmp[8 * NV];
       for (int q = 0; q < NV; ++q)
         _mm256_store_ps(tmp + 8 * q, _mm256_add_ps(_mm256_add_ps(acc[0][q], acc[1][q]),
@@ -280,8 +290,10 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "x must be float32 on the CPU");
   TORCH_CHECK(codes.scalar_type() == at::kShort && codes.is_contiguous() && codes.dim() == 2,
               "codes must be contiguous int16 (out / v, n_main)");
-  TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.is_contiguous() && codebook.size(1) >= v,
-              "codebook must be contiguous float32 (k, VP >= v)");
+  const bool half_cb = codebook.scalar_type() == at::kHalf;
+  TORCH_CHECK((half_cb || codebook.scalar_type() == at::kFloat) && codebook.is_contiguous() && codebook.size(1) >= v &&
+                  (codebook.size(1) == 8 || codebook.size(1) == 16),
+              "codebook must be contiguous float32 or float16 (k, VP) with VP = 8 or 16 >= v");
   const int64_t R = codes.size(0), n_main = codes.size(1), VP = codebook.size(1), out = R * v;
   const int64_t in = x_in.size(-1);
   auto x = x_in.reshape({-1, in}).contiguous();
@@ -335,23 +347,27 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   p.xo = xo.data_ptr<float>();
   p.beta = beta.data_ptr<float>();
   p.codes = reinterpret_cast<const uint16_t*>(codes.data_ptr<int16_t>());
-  p.cb = codebook.data_ptr<float>();
+  p.cb = codebook.data_ptr();
+  p.half_cb = half_cb;
   p.ocodes = oc, p.ocb = ob, p.bias = bias_p;
   if (defined(res_codes)) {
     TORCH_CHECK(res_codes->scalar_type() == at::kShort && res_codes->sizes() == codes.sizes() &&
                     res_codes->is_contiguous() && defined(res_codebook) &&
-                    res_codebook->scalar_type() == at::kFloat && res_codebook->size(1) == VP,
-                "residual codes must match codes, and the residual codebook must be float32 (k_res, VP)");
+                    res_codebook->scalar_type() == codebook.scalar_type() && res_codebook->is_contiguous() &&
+                    res_codebook->size(1) == VP,
+                "residual codes must match codes, and the residual codebook must have the codebook's dtype and "
+                "row width (k_res, VP)");
     p.rcodes = reinterpret_cast<const uint16_t*>(res_codes->data_ptr<int16_t>());
-    p.rcb = res_codebook->data_ptr<float>();
+    p.rcb = res_codebook->data_ptr();
   }
   p.y = y.data_ptr<float>();
   p.M = M, p.out = out, p.R = R, p.n_main = n_main, p.n_out = n_out, p.v = v, p.VP = VP, p.v0 = v0;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_main * 2 * M));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
 #if LOWBIT_VQ_X86
-    if (has_avx2() && VP == 8) vq_rows_avx2<1>(p, r0, r1);
-    else if (has_avx2() && VP == 16) vq_rows_avx2<2>(p, r0, r1);
+    if (has_avx2())
+      (VP == 8 ? (half_cb ? vq_rows_avx2<1, true> : vq_rows_avx2<1, false>)
+               : (half_cb ? vq_rows_avx2<2, true> : vq_rows_avx2<2, false>))(p, r0, r1);
     else
 #endif
       vq_rows_scalar(p, r0, r1);
