@@ -1,7 +1,9 @@
 """A/B the fused GEMV kernels of the working tree against those of a git revision, in one process.
 
 ``gemm_int`` and ``gemm_lut``; a ``<tag>@q8`` format times ``gemm_q8`` (int8 inputs), a ``vq-...`` tag
-``vq_linear``. The base revision's ``lowbit_kernels.cpp``, ``q8_ops.cpp`` and ``vq_ops.cpp`` are compiled with their ops renamed to ``torch.ops.lowbit_base``; both run on the same kernel layouts (the layout code is the working tree's, so the base must share it)
+``vq_linear``. The base revision's ``lowbit_kernels.cpp``, ``q8_ops.cpp`` and ``vq_ops.cpp`` are compiled
+with their ops renamed to ``torch.ops.lowbit_base``; both run on the same kernel layouts (the layout code
+is the working tree's, so the base must share it; VQ codebooks are widened to float32 for the base)
 and their calls alternate, so both see the same machine state. GEMV from DRAM: each call reads a
 different copy of the layer (> 96 MiB of copies). Writes JSON and a markdown table.
 

@@ -47,13 +47,14 @@ def _median_time(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(ts)
 
 
-def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 15) -> dict:
-    """Memory bandwidth in GB/s (1e9 B/s): read (``sum``) and copy (read + write), medians."""
+def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 15, copy: bool = True) -> dict:
+    """Memory bandwidth in GB/s (1e9 B/s): read (``sum``) and, with ``copy``, copy (read + write), medians."""
     a = torch.ones(nbytes // 4)
-    b = torch.empty_like(a)
-    t_sum = _median_time(lambda: a.sum(), repeats, 2)
-    t_copy = _median_time(lambda: b.copy_(a), repeats, 2)
-    return {"read_gbs": nbytes / t_sum / 1e9, "copy_gbs": 2 * nbytes / t_copy / 1e9, "bytes": nbytes}
+    res = {"read_gbs": nbytes / _median_time(lambda: a.sum(), repeats, 2) / 1e9, "bytes": nbytes}
+    if copy:
+        b = torch.empty_like(a)
+        res["copy_gbs"] = 2 * nbytes / _median_time(lambda: b.copy_(a), repeats, 2) / 1e9
+    return res
 
 
 def _vq_layer(tag: str, out_f: int, in_f: int):
@@ -157,7 +158,7 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
         base, act = split_act(tag)
         # the host's bandwidth drifts (28-51 GB/s within an hour here): each format's rows are set
         # against a probe taken just before them
-        read_now = measure_bandwidth(bandwidth_bytes, repeats=7)["read_gbs"]
+        read_now = measure_bandwidth(bandwidth_bytes, repeats=7, copy=False)["read_gbs"]
         for out_f, in_f in shapes:
             m, w = _layer(base, out_f, in_f)
             if m is None:
@@ -190,7 +191,7 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
                       f"({row['gemv_hot_gbs']:5.1f} GB/s) cold {row['gemv_cold_us']:8.1f}us "
                       f"({row['gemv_cold_gbs']:5.1f} GB/s) fp32 {row['fp32_gemv_us']:7.1f}us | "
                       + " ".join(f"b{k} {v['gflops']:5.1f}" for k, v in row["gemm"].items()) + " GFLOP/s", flush=True)
-    bw["read_gbs_after"] = measure_bandwidth(bandwidth_bytes)["read_gbs"]
+    bw["read_gbs_after"] = measure_bandwidth(bandwidth_bytes, copy=False)["read_gbs"]
     return {
         "bandwidth": bw,
         "rows": rows,

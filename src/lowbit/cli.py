@@ -346,10 +346,11 @@ def cmd_distill(args):
 
 
 def cmd_bench_kernels(args):
-    from .bench_kernels import BENCH_FORMATS, SHAPES, bench_kernels, write_kernels_report
+    from .bench_kernels import BENCH_FORMATS, GEMM_BATCHES, SHAPES, bench_kernels, write_kernels_report
 
     shapes = args.shapes or (SHAPES[:4] if args.quick else SHAPES)
-    runs = [bench_kernels(args.formats or BENCH_FORMATS, shapes, batches=tuple(args.batches), repeats=args.repeats,
+    batches = GEMM_BATCHES if args.batches is None else tuple(args.batches)
+    runs = [bench_kernels(args.formats or BENCH_FORMATS, shapes, batches=batches, repeats=args.repeats,
                           threads=t, progress=not args.quiet)
             for t in (args.threads or [None])]
     write_kernels_report(runs, Path(args.json), Path(args.md))
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="smollm2 shapes only")
     s.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="OUTxIN",
                    help="layer shapes to run, e.g. 4096x11008 (default: the zoo models' linears)")
-    s.add_argument("--batches", nargs="*", type=int, default=[16, 64, 512], metavar="B",
+    s.add_argument("--batches", nargs="*", type=int, default=None, metavar="B",
                    help="GEMM batch sizes (default: 16 64 512; none: GEMV only)")
     s.add_argument("--json", default="docs/results/kernels.json")
     s.add_argument("--md", default="docs/kernels.md")

@@ -77,7 +77,8 @@ static inline int col_lo(int k) { return (k & 1) ? 16 + k / 2 : k / 2; }
 static inline int col_hi(int k) { return (k & 1) ? 24 + k / 2 : 8 + k / 2; }
 
 // Where (byte offsets into an input row's xq) block b (of nbg in its group, b counted from the
-// group's first block at index blk) keeps its lo and hi bytes. Within each group, blocks go in pairs (b, b+1) and a trailing single block:
+// group's first block at index blk) keeps its lo and hi bytes. Within each group, blocks go in pairs
+// (b, b+1) and a trailing single block:
 // a pair's 64 bytes at b*32 hold [lo(b), lo(b+1)] then [hi(b), hi(b+1)] (16 each, in the order of
 // the code bytes); a single block's 32 bytes hold [lo(b), hi(b)]. lo(b)[k] is the quantized input of
 // column col_lo(k) of block b.
@@ -308,7 +309,8 @@ Q8_AVX2 static inline void group_end(const Q8Problem& p, int64_t o0, int64_t g, 
 
 // y = the rows' sums - zero-point terms + bias
 template <int RT>
-Q8_AVX2 static inline void store_rows(const Q8Problem& p, int64_t o0, int64_t m, const __m256* racc, const float* corr) {
+Q8_AVX2 static inline void store_rows(const Q8Problem& p, int64_t o0, int64_t m, const __m256* racc,
+                                      const float* corr) {
   for (int r = 0; r < RT; ++r)
     p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
 }
@@ -391,59 +393,46 @@ Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
   store_rows<RT>(p, o0, m, racc, corr);
 }
 
-// 2-bit int codes, RT weight rows against one input row: a quad of blocks (32 code bytes) per step;
-// chunk j of every byte (bits 2j..2j+1) meets the quad's input chunk j.
-template <int RT>
-Q8_AVX2 static void tile_q8_2(const Q8Problem& p, int64_t o0, int64_t m) {
-  const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const int8_t* xq = p.xq + m * p.xq_stride;
-  const float* xd = p.xd + m * p.xd_stride;
-  __m256 racc[RT];
-  float corr[RT];
-  for (int r = 0; r < RT; ++r) racc[r] = _mm256_setzero_ps(), corr[r] = 0.f;
-  int64_t blk = 0, qd = 0;
-  for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t nbg = p.nblocks(g);
-    __m256 acc[RT];
-    for (int r = 0; r < RT; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nbg; b += 4, ++qd) {
-      const int64_t k = std::min<int64_t>(4, nbg - b);  // blocks in this quad: a partial one loads 8k bytes
-      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(2 * k)), lane);
-      const int8_t* xj = xq + qd * 128;
-      const __m256 dv = _mm256_loadu_ps(xd + qd * 8);
-      for (int r = 0; r < RT; ++r) {
-        const uint8_t* src = p.codes + (o0 + r) * p.row_bytes + (blk + b) * 8;
-        _mm_prefetch((const char*)(src + RT * p.row_bytes), _MM_HINT_T0);
-        const __m256i v = k == 4 ? _mm256_loadu_si256((const __m256i*)src)
-                                 : _mm256_maskload_epi32((const int*)src, mask);
-        __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(v, m3), _mm256_loadu_si256((const __m256i*)xj));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3),
-                                                     _mm256_loadu_si256((const __m256i*)(xj + 32))));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3),
-                                                     _mm256_loadu_si256((const __m256i*)(xj + 64))));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3),
-                                                     _mm256_loadu_si256((const __m256i*)(xj + 96))));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), dv, acc[r]);
-      }
+// The codes of one quad of 2- or 3-bit blocks (k of the 4 present; a partial quad reads only its
+// blocks' bytes), chunk j in q[j]: lane 8t + l holds code (j, l) of block t, i.e. the bits 2j..2j+1 of
+// block t's byte l, plus (3 bits) bit 4l + j of its bit-2 word as bit 2.
+template <int BITS>
+Q8_AVX2 static inline void quad_codes(const uint8_t* src, int64_t k, __m256i* q) {
+  const __m256i m3 = _mm256_set1_epi8(3);
+  __m256i v, h = _mm256_setzero_si256();
+  if (BITS == 2) {  // four 8-byte blocks side by side: one load, masked for a partial quad
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(2 * k)), lane);
+    v = k == 4 ? _mm256_loadu_si256((const __m256i*)src) : _mm256_maskload_epi32((const int*)src, mask);
+  } else {  // 12-byte blocks: gather the low bytes (8) and bit-2 words (4) of each
+    int64_t lo[4] = {0, 0, 0, 0};
+    int32_t hw[4] = {0, 0, 0, 0};
+    for (int t = 0; t < k; ++t) {
+      std::memcpy(&lo[t], src + 12 * t, 8);
+      std::memcpy(&hw[t], src + 12 * t + 8, 4);
     }
-    blk += nbg;
-    group_end<false, RT>(p, o0, g, m, acc, nullptr, racc, corr);
+    v = _mm256_setr_epi64x(lo[0], lo[1], lo[2], lo[3]);
+    // lane 8t + l reads byte l / 2 of block t's bit-2 word (bytes 4t..4t+3 of each 128-bit half)
+    const __m256i hsel = _mm256_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11,
+                                          12, 12, 13, 13, 14, 14, 15, 15);
+    h = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_setr_epi32(hw[0], hw[1], hw[2], hw[3])), hsel);
   }
-  store_rows<RT>(p, o0, m, racc, corr);
+  for (int j = 0; j < 4; ++j) {
+    q[j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m3);
+    if (BITS == 3) {
+      // column 8j + l's bit 2 sits at bit 4 * (l % 2) + j of its byte: 4 where set
+      const __m256i bit = _mm256_slli_epi16(_mm256_set1_epi16(0x1001), j);
+      q[j] = _mm256_or_si256(
+          q[j], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit), _mm256_set1_epi8(4)));
+    }
+  }
 }
 
-// 3-bit int codes, RT weight rows against one input row: a quad of blocks per step, as in the 2-bit
-// tile. The quad's low bytes (8 per block) and bit-2 words (4 per block) are gathered; lane 8t + l of
-// chunk j then gets code (j, l) of block t.
-template <int RT>
-Q8_AVX2 static void tile_q8_3(const Q8Problem& p, int64_t o0, int64_t m) {
-  const __m256i m3 = _mm256_set1_epi8(3), four = _mm256_set1_epi8(4), ones = _mm256_set1_epi16(1);
-  // lane 8t + l reads byte l / 2 of block t's bit-2 word (bytes 4t..4t+3 of each 128-bit half)
-  const __m256i hsel = _mm256_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11,
-                                        12, 12, 13, 13, 14, 14, 15, 15);
-  // where column 8j + l's bit 2 sits in that byte: bit 4 * (l % 2) + j (this is j = 0)
-  const __m256i hbit = _mm256_set1_epi16(0x1001);
+// 2- or 3-bit int codes, RT weight rows against one input row: a quad of blocks per step; chunk j of
+// the quad's codes (quad_codes) meets the quad's input chunk j (see quantize_input).
+template <int BITS, int RT>
+Q8_AVX2 static void tile_quads(const Q8Problem& p, int64_t o0, int64_t m) {
+  const __m256i ones = _mm256_set1_epi16(1);
   const int8_t* xq = p.xq + m * p.xq_stride;
   const float* xd = p.xd + m * p.xd_stride;
   __m256 racc[RT];
@@ -461,23 +450,10 @@ Q8_AVX2 static void tile_q8_3(const Q8Problem& p, int64_t o0, int64_t m) {
       __m256i x[4];
       for (int j = 0; j < 4; ++j) x[j] = _mm256_loadu_si256((const __m256i*)(xj + 32 * j));
       for (int r = 0; r < RT; ++r) {
-        const uint8_t* src = p.codes + (o0 + r) * p.row_bytes + (blk + b) * 12;
+        const uint8_t* src = p.codes + (o0 + r) * p.row_bytes + (blk + b) * 4 * BITS;
         _mm_prefetch((const char*)(src + RT * p.row_bytes), _MM_HINT_T0);
-        int64_t lo[4] = {0, 0, 0, 0};
-        int32_t hw[4] = {0, 0, 0, 0};
-        for (int t = 0; t < k; ++t) {
-          std::memcpy(&lo[t], src + 12 * t, 8);
-          std::memcpy(&hw[t], src + 12 * t + 8, 4);
-        }
-        const __m256i v = _mm256_setr_epi64x(lo[0], lo[1], lo[2], lo[3]);
-        const __m256i h = _mm256_shuffle_epi8(
-            _mm256_broadcastsi128_si256(_mm_setr_epi32(hw[0], hw[1], hw[2], hw[3])), hsel);
         __m256i q[4];
-        for (int j = 0; j < 4; ++j) {
-          const __m256i bit = _mm256_slli_epi16(hbit, j);
-          const __m256i hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit), bit), four);
-          q[j] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m3), hi);
-        }
+        quad_codes<BITS>(src, k, q);
         // int16 sums of the four chunks: codes up to 7 times |xq| <= 127, eight products, stay below 2^15
         __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(q[0], x[0]), _mm256_maddubs_epi16(q[1], x[1]));
         s = _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(q[2], x[2]), _mm256_maddubs_epi16(q[3], x[3])));
@@ -506,8 +482,8 @@ static void rows_tiled(const Q8Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
-static constexpr auto rows_avx2_2 = rows_tiled<4, tile_q8_2<4>, tile_q8_2<1>>;
-static constexpr auto rows_avx2_3 = rows_tiled<4, tile_q8_3<4>, tile_q8_3<1>>;
+static constexpr auto rows_avx2_2 = rows_tiled<4, tile_quads<2, 4>, tile_quads<2, 1>>;
+static constexpr auto rows_avx2_3 = rows_tiled<4, tile_quads<3, 4>, tile_quads<3, 1>>;
 template <bool TABLE>
 static constexpr auto rows_avx2 = rows_tiled<TABLE ? 2 : 4, tile_q8<TABLE, TABLE ? 2 : 4>, tile_q8<TABLE, 1>>;
 #endif
