@@ -202,6 +202,30 @@ def test_afpq_table_formats_side_by_side():
     assert "At equal bpw (two scales at group g against one scale at g/2): FP 0 of 1, NF 0 of 1." in summary
     assert "two-scale format in 1 of 1 rows" in summary
     assert render_afpq([run("rtn", "int", False, 3, 128, 100.0, 3.16)]) == []   # no FP/NF run: no section
+    bare = render_afpq(res, {"toy-1m": "plots/afpq_toy-1m.png"}, header=False)
+    assert bare[0].startswith("### toy-1m") and bare[-2] == "![toy-1m: AFPQ grid, perplexity vs bpw](plots/afpq_toy-1m.png)"
+
+
+def test_report_writes_afpq_plot_and_the_marked_part_of_formats_md(tmp_path):
+    from lowbit.config import FormatConfig
+
+    res = tmp_path / "docs" / "results"
+    for method, fmt, sym, ppl in (("rtn", "int", False, 100.0), ("rtn", "fp", True, 200.0), ("gptq", "nf", False, 60.0)):
+        f = {"format": fmt, "bits": 3, "group_size": 128, "sym": sym}
+        r = fake(method, FormatConfig(**f).tag(), 3.2, 5.2, ppl)
+        r["config"] = {"fmt": f}
+        write_result(r, res)
+    formats = tmp_path / "docs" / "formats.md"
+    formats.write_text("# Formats\n\nprose before\n\n<!-- afpq:begin -->\nold table\n<!-- afpq:end -->\n\nprose after\n")
+    out = write_report(res)
+    png = tmp_path / "docs" / "plots" / "afpq_toy-1m.png"
+    assert out["afpq:toy-1m"] == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = formats.read_text()
+    assert "old table" not in text and text.startswith("# Formats\n\nprose before\n\n<!-- afpq:begin -->\n### toy-1m")
+    assert "| gptq | 3 | 128 | - | - | - | - | 60.00 (3.200) |" in text and text.endswith("<!-- afpq:end -->\n\nprose after\n")
+    assert "![toy-1m: AFPQ grid, perplexity vs bpw](plots/afpq_toy-1m.png)" in (tmp_path / "docs" / "comparisons.md").read_text()
+    formats.write_text("no markers\n")
+    assert "formats" not in write_report(res) and formats.read_text() == "no markers\n"   # never appended
 
 
 def test_cli_report(tmp_path, capsys):

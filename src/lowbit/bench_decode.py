@@ -409,7 +409,7 @@ def _no_eos(logits, eos: int):
 # ---------------------------------------------------------------- report
 
 def write_decode_report(res: dict, json_path: Path, md_path: Path) -> None:
-    from .bench_kernels import _write_between_markers
+    from .utils import write_between_markers
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
@@ -433,4 +433,4 @@ def write_decode_report(res: dict, json_path: Path, md_path: Path) -> None:
         lines.append(f"| {r['model']} | {r['engine']} | {loop} | {r['config']} | {bpw} | {r['tok_s']:.1f} | "
                      f"{ratio(r, 'speedup_vs_fp32')} | {ratio(r, 'speedup_vs_fp32_hf')} | "
                      f"{', '.join(f'{t:.2f}' for t in r['times_s'])} |")
-    _write_between_markers(md_path, "\n".join(lines))
+    write_between_markers(md_path, "\n".join(lines), tag="bench")

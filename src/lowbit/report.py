@@ -6,7 +6,9 @@
 - ``leaderboard.md``: per model, the runs sorted by all-in bpw with the
   primary-corpus perplexity, the mean zero-shot accuracy, a Pareto mark, the
   per-task zero-shot table, and the model's Pareto plot embedded;
-- ``plots/pareto_<model>.png``: perplexity vs bits per weight, front highlighted.
+- ``plots/pareto_<model>.png``: perplexity vs bits per weight, front highlighted;
+- ``comparisons.md``: method x format tables, the AFPQ grid (with ``plots/afpq_<model>.png``), distillation
+  and VPTQ tables; the AFPQ grid also goes between the ``<!-- afpq:begin/end -->`` markers of ``formats.md``.
 
 Output depends only on the JSON files: rows are sorted, floats formatted at
 fixed precision, and PNGs carry no timestamp or software metadata, so the
@@ -19,9 +21,9 @@ import math
 from pathlib import Path
 
 from .results import _fmt, load_results, write_table
-from .utils import atomic_write_text
+from .utils import atomic_write_text, write_between_markers
 
-__all__ = ["pareto_front", "plot_pareto", "primary_corpus", "render_leaderboard", "write_report"]
+__all__ = ["afpq_cells", "pareto_front", "plot_afpq", "plot_pareto", "primary_corpus", "render_leaderboard", "write_report"]
 
 BPW_KEY = "all_in"   # x axis: bits per weight over all parameters (embedding and head included)
 
@@ -229,7 +231,7 @@ def _plain_format_runs(rows: list[dict], corpus: str | None):
             yield r, fmt
 
 
-def render_comparisons(results: list[dict]) -> str:
+def render_comparisons(results: list[dict], afpq_plots: dict[str, str] | None = None) -> str:
     """Per model: one row per weight format, one perplexity column per weight-only method (default settings).
 
     Rows are the runs whose tag is exactly the format tag (no method options,
@@ -261,7 +263,7 @@ def render_comparisons(results: list[dict]) -> str:
                          f"{'sym' if f.get('sym') else 'asym'} | {c['bpw']:.3f} | "
                          + " | ".join(_fmt_ppl(c.get(m)) for m in methods) + f" | {best} |")
         lines.append("")
-    lines += render_afpq(results)
+    lines += render_afpq(results, afpq_plots)
     lines += render_distillation(results)
     lines += render_vector_quantization(results)
     return "\n".join(lines)
@@ -274,15 +276,12 @@ AFPQ_SOLVERS = ("rtn", "gptq", "awq")
 AFPQ_GRID = tuple((b, g) for b in (4, 3) for g in (128, 64, 32))
 
 
-def render_afpq(results: list[dict]) -> list[str]:
-    """The AFPQ table: per model and solver, rows (bits, group), one column per format, cells ppl (bpw).
+def afpq_cells(results: list[dict]) -> dict[str, tuple[str, dict[tuple, tuple[float, float]]]]:
+    """The AFPQ grid's cells per model: ``{model: (corpus, {(solver, bits, group, format, sym): (ppl, bpw)})}``.
 
-    Shown for each model with at least one FP/NF run of the grid (``recipes/afpq_grid.yaml``). The best
-    cell of each row is bold; under each model, counts of the (solver, bits, group) points where two
-    scales beat one (FP and NF separately) and where the best cell is a two-scale format, over the
-    points that have all the cells compared. Only runs whose tag is exactly the format tag count.
+    Only models with at least one FP/NF cell; only runs whose tag is exactly the format tag; bpw is the blocks'.
     """
-    out: list[str] = []
+    out = {}
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model and r["method"] in AFPQ_SOLVERS]
         corpus = primary_corpus(rows)
@@ -291,14 +290,65 @@ def render_afpq(results: list[dict]) -> list[str]:
             key = (r["method"], fmt.get("bits"), fmt.get("group_size"), fmt.get("format"), bool(fmt.get("sym")))
             if (key[1], key[2]) in AFPQ_GRID:
                 cell[key] = (r["ppl"][corpus], r["bpw"]["blocks"])
-        if not any(k[3] in ("fp", "nf") for k in cell):
-            continue
-        if not out:
-            out += ["## Number formats (AFPQ): one scale against two", "",
-                    "The grid of `recipes/afpq_grid.yaml`: INT-asym, FP and NF with one fp16 scale per group (sym) "
-                    "and with two (asym: positive and negative halves, AFPQ), under RTN, GPTQ and AWQ. Cells: "
-                    "perplexity (blocks bpw); bold: best of the row. FP3 is {0, ±1, ±2, ±4} "
-                    "(`docs/formats.md`). A dash: not run.", ""]
+        if any(k[3] in ("fp", "nf") for k in cell):
+            out[model] = (corpus, cell)
+    return out
+
+
+def plot_afpq(cell: dict[tuple, tuple[float, float]], out: Path | str, corpus: str, title: str) -> Path:
+    """One model's AFPQ grid as a PNG: a panel per (bits, solver), perplexity against blocks bpw, one line per
+    format (INT-asym; FP and NF with one scale dotted, hollow markers, and with two solid) through its group
+    sizes. Panels of a row share the bpw axis; each has its own perplexity axis."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    bits_rows = sorted({k[1] for k in cell}, reverse=True)
+    fig = Figure(figsize=(4.0 * len(AFPQ_SOLVERS), 3.3 * len(bits_rows)), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(bits_rows), len(AFPQ_SOLVERS), squeeze=False, sharex="row")
+    colors = {"int": "C0", "fp": "C1", "nf": "C2"}
+    for row, b in enumerate(bits_rows):
+        for col, s in enumerate(AFPQ_SOLVERS):
+            ax = axes[row][col]
+            for label, f, sym in AFPQ_COLUMNS:
+                pts = sorted(cell[(s, b, g, f, sym)][::-1] for bb, g in AFPQ_GRID if bb == b and (s, b, g, f, sym) in cell)
+                pts = [(x, y) for x, y in pts if math.isfinite(y)]
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=4.5, lw=1.3, color=colors[f],
+                            ls=":" if sym else "-", mfc="white" if sym else colors[f], label=label)
+            ax.set_title(f"{s.upper()}, {b}-bit", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if row == len(bits_rows) - 1:
+                ax.set_xlabel("bits per weight (blocks)", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(f"perplexity ({corpus})", fontsize=8)
+            if ax.lines:
+                ax.legend(fontsize=6)
+    fig.suptitle(f"{title}: points left to right are groups of 128, 64, 32", fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, out)
+
+
+def render_afpq(results: list[dict], plots: dict[str, str] | None = None, header: bool = True) -> list[str]:
+    """The AFPQ table: per model and solver, rows (bits, group), one column per format, cells ppl (bpw).
+
+    Shown for each model with at least one FP/NF run of the grid (``recipes/afpq_grid.yaml``). The best
+    cell of each row is bold; under each model, counts of the (solver, bits, group) points where two
+    scales beat one (FP and NF separately) and where the best cell is a two-scale format, over the
+    points that have all the cells compared. Only runs whose tag is exactly the format tag count.
+    ``plots``: ``{model: path of its plot_afpq PNG, relative to the document}``, embedded under the table.
+    ``header=False`` leaves out the section title and its introduction (for embedding in another page).
+    """
+    out: list[str] = []
+    grid = afpq_cells(results)
+    if grid and header:
+        out += ["## Number formats (AFPQ): one scale against two", "",
+                "The grid of `recipes/afpq_grid.yaml`: INT-asym, FP and NF with one fp16 scale per group (sym) "
+                "and with two (asym: positive and negative halves, AFPQ), under RTN, GPTQ and AWQ. Cells: "
+                "perplexity (blocks bpw); bold: best of the row. FP3 is {0, ±1, ±2, ±4} "
+                "(`docs/formats.md`). A dash: not run.", ""]
+    for model, (corpus, cell) in grid.items():
         fp32 = _fp32_ppl([r for r in results if r["model"] == model], corpus)
         n_cells = sum(1 for s in AFPQ_SOLVERS for bg in AFPQ_GRID for _, f, sym in AFPQ_COLUMNS
                       if (s, *bg, f, sym) in cell)
@@ -342,6 +392,8 @@ def render_afpq(results: list[dict]) -> list[str]:
                    f"{same_bits['nf'][0]} of {same_bits['nf'][1]}. The best cell of a complete row is a two-scale "
                    f"format in {best_two[0]} of {best_two[1]} rows (at 16/group more bits than one scale).")
         out.append("")
+        if plots and model in plots:
+            out += [f"![{model}: AFPQ grid, perplexity vs bpw]({plots[model]})", ""]
     return out
 
 
@@ -471,7 +523,8 @@ def _fmt_ppl(x) -> str:
 
 
 def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str | None = None) -> dict[str, Path]:
-    """Rebuild ``results.md``, ``comparisons.md``, ``leaderboard.md`` and ``plots/pareto_*.png`` from ``results_dir``."""
+    """Rebuild ``results.md``, ``comparisons.md``, ``leaderboard.md``, ``plots/*.png`` and the generated part of
+    ``formats.md`` from ``results_dir``."""
     results_dir = Path(results_dir)
     docs = Path(docs_dir) if docs_dir else results_dir.parent
     results = load_results(results_dir)
@@ -493,12 +546,22 @@ def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str 
                                plots_dir / f"loss_{_slug(model)}.png", title=f"{model}: distillation loss")
         out[f"loss:{model}"] = png
         made.add(png.name)
-    for pattern in ("pareto_*.png", "loss_*.png"):   # plots of models or runs no longer in the results
+    afpq_plots: dict[str, str] = {}
+    for model, (corpus, cell) in afpq_cells(results).items():
+        png = plot_afpq(cell, plots_dir / f"afpq_{_slug(model)}.png", corpus, title=f"{model}, AFPQ grid")
+        afpq_plots[model] = png.relative_to(docs).as_posix()
+        out[f"afpq:{model}"] = png
+        made.add(png.name)
+    for pattern in ("pareto_*.png", "loss_*.png", "afpq_*.png"):   # plots of models or runs no longer in the results
         for stale in plots_dir.glob(pattern) if plots_dir.is_dir() else []:
             if stale.name not in made:
                 stale.unlink()
     out["comparisons"] = docs / "comparisons.md"
-    atomic_write_text(out["comparisons"], render_comparisons(results) + "\n")
+    atomic_write_text(out["comparisons"], render_comparisons(results, afpq_plots) + "\n")
+    # formats.md keeps its prose; only the part between its afpq markers is generated
+    if write_between_markers(docs / "formats.md", "\n".join(render_afpq(results, afpq_plots, header=False)).strip(),
+                             tag="afpq", append=False):
+        out["formats"] = docs / "formats.md"
     out["leaderboard"] = docs / "leaderboard.md"
     atomic_write_text(out["leaderboard"], render_leaderboard(results, plots) + "\n")
     return out

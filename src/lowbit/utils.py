@@ -131,4 +131,23 @@ def atomic_file(dest: Path):
 
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_file(Path(path)) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_between_markers(md_path: Path, body: str, tag: str, append: bool = True) -> bool:
+    """Replace the generated part of ``md_path`` (between ``<!-- {tag}:begin -->`` and ``<!-- {tag}:end -->``),
+    keeping the text around it; atomic. Without the markers the block is appended (``append``) or nothing is
+    written. Returns whether the file was written."""
+    md_path = Path(md_path)
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    old = md_path.read_text(encoding="utf-8") if md_path.exists() else ""
+    block = f"{begin}\n{body}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    elif append:
+        new = (old.rstrip() + "\n\n" if old else "") + block + "\n"
+    else:
+        return False
+    atomic_write_text(md_path, new)
+    return True
+
