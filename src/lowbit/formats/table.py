@@ -18,6 +18,7 @@ zero level needs no scale.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,6 +32,15 @@ __all__ = ["TableFormat"]
 #: smallest positive fp16 (subnormal) value: scales are clamped to it after fp16
 #: rounding, so a stored scale is never 0 and equals the fitted one exactly
 _MIN_SCALE = 2.0 ** -24
+
+
+@functools.lru_cache(maxsize=64)
+def _device_table(values: tuple[float, ...], device: torch.device, midpoints: bool = False) -> torch.Tensor:
+    """``values`` (or the float32 midpoints of consecutive ones) as a float32 tensor on ``device``, made once:
+    GPTQ quantizes one column at a time, and a fresh host-to-device copy per column would stall a GPU.
+    Callers must not modify it."""
+    t = torch.tensor(values, dtype=torch.float32)
+    return ((t[1:] + t[:-1]) / 2 if midpoints else t).to(device)
 
 
 @dataclass(frozen=True)
@@ -70,10 +80,13 @@ class TableFormat(Format):
         t = list(self.table) + [0.0] * ((1 << self.bits) - len(self.table))
         return torch.tensor(t, dtype=torch.float32, device=device)
 
+    def _lut_cached(self, device) -> torch.Tensor:
+        t = self.table
+        return _device_table(tuple(t) + (0.0,) * ((1 << self.bits) - len(t)), torch.device(device))
+
     def _boundaries(self, device=None) -> torch.Tensor:
-        """Midpoints between consecutive levels, for nearest-level search."""
-        t = torch.tensor(self.table, dtype=torch.float32, device=device)
-        return (t[1:] + t[:-1]) / 2
+        """Midpoints between consecutive levels, for nearest-level search (cached per device; read-only)."""
+        return _device_table(tuple(self.table), torch.device(device or "cpu"), midpoints=True)
 
     # -- Format interface ------------------------------------------------------------
 
@@ -114,5 +127,5 @@ class TableFormat(Format):
 
     def dequantize(self, codes, params):
         """Table gather, then scale: ``lut[codes] * scale`` (scale by the level's sign for two-scale)."""
-        levels = self.lut(codes.device)[codes.long()]  # same shape as codes
+        levels = self._lut_cached(codes.device)[codes.long()]  # same shape as codes
         return levels * self._scales(params, levels)

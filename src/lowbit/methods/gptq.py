@@ -86,6 +86,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp
     fitted = torch.zeros(lay.n_groups, dtype=torch.bool)
     group_params: list[dict | None] = [None] * lay.n_groups
     codes = torch.zeros(rows, cols, dtype=torch.long, device=W.device)
+    # column and group indices as Python ints: reading them from device tensors would sync a GPU per column
+    perm_l, colgroup_l = perm.tolist(), colgroup.tolist()
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -93,8 +95,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             p = i1 + i
-            c = int(perm[p])
-            g = int(colgroup[c])
+            c = perm_l[p]
+            g = colgroup_l[c]
             if not fitted[g]:
                 gcols = torch.arange(g * lay.group_size, min((g + 1) * lay.group_size, cols), device=W.device)
                 pos = pos_of[gcols]
