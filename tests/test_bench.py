@@ -98,6 +98,18 @@ def test_bench_parallel_jobs_match_serial(tiny_dir, text_file, tmp_path):
     assert len(list((tmp_path / "logs2").glob("*.log"))) == 2
 
 
+def test_parallel_cpu_jobs_split_the_cores(monkeypatch):
+    import os
+
+    from lowbit.bench import job_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert (job_threads(2, "cpu"), job_threads(3, "cpu"), job_threads(16, "cpu"), job_threads(1, "cpu")) == (4, 2, 1, None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert job_threads(2, "cpu") is None   # the user's setting wins
+
+
 def test_bench_parallel_reports_a_failed_point(tiny_dir, text_file, tmp_path, caplog):
     recipe, missing, res = tmp_path / "r.yaml", tmp_path / "no-such-model", tmp_path / "res"
     recipe.write_text(f"models: ['{tiny_dir}', '{missing}']\nmethods: [rtn]\n"

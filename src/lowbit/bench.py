@@ -295,7 +295,8 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
     ``status``: ``cached`` (skipped), ``planned`` (dry run), ``done`` or ``failed``
     (``jobs`` > 1 only). ``device`` is passed to every run as ``--device``.
     With ``jobs`` > 1 the grid points run in that many ``lowbit run``
-    processes at once, each logging to ``log_dir/<results name>.log``; a
+    processes at once (on the CPU, splitting the cores: :func:`job_threads`),
+    each logging to ``log_dir/<results name>.log``; a
     failed point is reported and the others go on. The reports are rebuilt
     from the results folder after the runs.
     """
@@ -319,7 +320,7 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
             p["args"].fn(p["args"])
             p["status"] = "done"
     if jobs > 1 and todo:
-        _run_parallel(todo, jobs, Path(log_dir), quiet)
+        _run_parallel(todo, jobs, Path(log_dir), quiet, job_threads(jobs, device))
     if not dry_run:
         from .report import write_report
 
@@ -329,8 +330,24 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
     return plan
 
 
-def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool) -> None:
-    """Each grid point in its own ``python -m lowbit`` process, ``jobs`` at a time."""
+def job_threads(jobs: int, device: str | None) -> int | None:
+    """CPU threads for each of ``jobs`` parallel runs: the cores split between them when the runs compute on
+    the CPU (``device`` cpu, or auto on a machine without a GPU), so ``jobs`` processes do not each start a
+    thread per core; None (each run's own default) on a GPU or when ``OMP_NUM_THREADS`` is set already."""
+    import os
+
+    from .utils import resolve_device
+
+    if jobs < 2 or os.environ.get("OMP_NUM_THREADS") or resolve_device(device or "auto").type != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
+def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool, threads: int | None = None) -> None:
+    """Each grid point in its own ``python -m lowbit`` process, ``jobs`` at a time (``threads``: each one's
+    ``OMP_NUM_THREADS``, see :func:`job_threads`)."""
+    import os
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -338,12 +355,17 @@ def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool) -> No
     from tqdm.auto import tqdm
 
     log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+        log.info("%d runs at a time on the CPU, %d thread(s) each", jobs, threads)
 
     def one(p):
         name = Path(_expected(p["args"])[0]).stem
         logfile = log_dir / f"{name}.log"
         with open(logfile, "w") as fh:
-            rc = subprocess.run([sys.executable, "-m", "lowbit", *p["argv"]], stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+            rc = subprocess.run([sys.executable, "-m", "lowbit", *p["argv"]], stdout=fh, stderr=subprocess.STDOUT,
+                                check=False, env=env).returncode
         return p, rc, logfile
 
     failed = []

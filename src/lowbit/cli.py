@@ -510,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rerun grid points whose results JSON already exists")
     s.add_argument("--dry-run", action="store_true", help="print the plan (cached / planned) without running")
     s.add_argument("--jobs", type=int, default=1,
-                   help="grid points run at once, each in its own process (default: 1; several pay off on a GPU)")
+                   help="grid points run at once, each in its own process (default: 1); on the CPU each gets "
+                        "cores/jobs threads unless OMP_NUM_THREADS is set")
     s.add_argument("--device", default=None, help="passed to every run as --device (default: each run's own, auto)")
     s.add_argument("--log-dir", default="out/bench-logs", help="with --jobs > 1: one log file per run here")
     s.set_defaults(fn=cmd_bench)
