@@ -77,10 +77,10 @@ class TableFormat(Format):
 
     def lut(self, device=None) -> torch.Tensor:
         """Float32 lookup table of length ``2**bits``: level of each code (unused codes -> 0)."""
-        t = list(self.table) + [0.0] * ((1 << self.bits) - len(self.table))
-        return torch.tensor(t, dtype=torch.float32, device=device)
+        return self._lut_cached(device if device is not None else torch.get_default_device()).clone()
 
     def _lut_cached(self, device) -> torch.Tensor:
+        """:meth:`lut`, cached per device; read-only."""
         t = self.table
         return _device_table(tuple(t) + (0.0,) * ((1 << self.bits) - len(t)), torch.device(device))
 
