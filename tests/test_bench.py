@@ -60,7 +60,7 @@ def test_example_recipe_parses():
     assert r.runs[0].method == "fp32" and len(r.runs) > 2
 
 
-def test_bench_runs_then_reuses_cache(tiny_dir, text_file, tmp_path, monkeypatch):
+def test_bench_runs_then_reuses_cache(tiny_dir, text_file, tmp_path, capsys):
     from lowbit.cli import main
 
     res = tmp_path / "docs" / "results"
@@ -76,7 +76,21 @@ def test_bench_runs_then_reuses_cache(tiny_dir, text_file, tmp_path, monkeypatch
     plan = run_bench(load_recipe(recipe), quiet=True)
     assert [p["status"] for p in plan] == ["cached", "cached"]
     assert {p.name: p.stat().st_mtime_ns for p in res.glob("*.json")} == stamp
-    assert [p["status"] for p in run_bench(load_recipe(recipe), force=True, dry_run=True)] == ["planned"] * 2
+    plan = run_bench(load_recipe(recipe), force=True, dry_run=True)
+    assert [p["status"] for p in plan] == ["planned"] * 2
+    # a dry run estimates each point from the earlier results of its model and method on this kind of device
+    for p, name in zip(plan, files):
+        r = json.loads((res / name).read_text())
+        assert p["est_n"] == 1 and p["est_s"] == pytest.approx(r["quant_time_s"] + r["eval_time_s"])
+    recipe.write_text(recipe.read_text().replace("rtn:", "gptq:"))
+    plan = run_bench(load_recipe(recipe), dry_run=True)
+    assert [(p["status"], p.get("est_n")) for p in plan] == [("cached", None), ("planned", 0)]
+    assert plan[1]["est_s"] is None
+    capsys.readouterr()
+    assert main(["-q", "bench", str(recipe), "--dry-run", "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].startswith("planned  lowbit -q run") and "# ~" in out.splitlines()[0]
+    assert "2 of 2 points planned; about" in err and "(1 point(s) with no earlier run to go by)" in err
 
 
 def test_bench_parallel_jobs_match_serial(tiny_dir, text_file, tmp_path):

@@ -33,7 +33,7 @@ from .errors import ConfigError, LowbitError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchRecipe", "Run", "load_recipe", "parse_recipe", "run_argv", "run_bench"]
+__all__ = ["BenchRecipe", "Run", "estimate_times", "load_recipe", "parse_recipe", "run_argv", "run_bench"]
 
 TOP_KEYS = ("models", "methods", "configs", "eval", "results_dir")
 EVAL_KEYS = ("ppl", "seqlen", "windows", "tasks", "limit")
@@ -293,7 +293,8 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
     """Run (or plan, with ``dry_run``) every grid point; returns ``[{run, argv, status}]``.
 
     ``status``: ``cached`` (skipped), ``planned`` (dry run), ``done`` or ``failed``
-    (``jobs`` > 1 only). ``device`` is passed to every run as ``--device``.
+    (``jobs`` > 1 only). A dry run also estimates each planned point's time
+    (``est_s``, ``est_n``: :func:`estimate_times`). ``device`` is passed to every run as ``--device``.
     With ``jobs`` > 1 the grid points run in that many ``lowbit run``
     processes at once (on the CPU, splitting the cores: :func:`job_threads`),
     each logging to ``log_dir/<results name>.log``; a
@@ -312,6 +313,8 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
         plan.append({"run": run.label(), "argv": argv, "args": args,
                      "status": "cached" if cached else ("planned" if dry_run else "todo")})
     todo = [p for p in plan if p["status"] == "todo"]
+    if dry_run:
+        estimate_times(plan, recipe.results_dir)
     for i, p in enumerate(plan, 1):
         if p["status"] != "todo":
             log.info("[%d/%d] %s: %s", i, len(plan), p["run"], p["status"])
@@ -328,6 +331,44 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
     for p in plan:
         del p["args"]
     return plan
+
+
+def _device_kind(device) -> str:
+    """``cpu`` or ``cuda`` for a ``--device`` value or a results file's ``env.device`` (``auto``: this machine's)."""
+    from .utils import default_device
+
+    name = str(device or "auto")
+    if name == "auto":
+        return default_device().type
+    return "cuda" if name.startswith("cuda") else name.split(":")[0]
+
+
+def estimate_times(plan: list[dict], results_dir: str | Path) -> None:
+    """Add ``est_s`` and ``est_n`` to each point not cached: the median wall time (quantization plus
+    evaluation) of the ``est_n`` earlier results in ``results_dir`` with the same model and method on the same
+    kind of device (cpu or cuda); ``est_s`` is None where there is none.
+
+    A rough guide for planning, not a measurement: formats, thread counts and
+    how many runs shared the machine differ between the earlier runs.
+    """
+    import statistics
+
+    from .results import load_results
+
+    seen: dict[tuple[str, str, str], list[float]] = {}
+    for r in load_results(results_dir):
+        if "quant_time_s" not in r and "eval_time_s" not in r:
+            continue
+        key = (r["model"], r["method"], _device_kind((r.get("env") or {}).get("device", "cpu")))
+        seen.setdefault(key, []).append(float(r.get("quant_time_s") or 0) + float(r.get("eval_time_s") or 0))
+    for p in plan:
+        if p["status"] == "cached":
+            continue
+        a = p["args"]
+        model = a.model_name or Path(str(a.model)).name
+        times = seen.get((model, a.method, _device_kind(a.device)), [])
+        p["est_s"] = statistics.median(times) if times else None
+        p["est_n"] = len(times)
 
 
 def job_threads(jobs: int, device: str | None) -> int | None:
