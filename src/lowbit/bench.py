@@ -33,7 +33,7 @@ from .errors import ConfigError, LowbitError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchRecipe", "Run", "estimate_times", "load_recipe", "parse_recipe", "run_argv", "run_bench"]
+__all__ = ["BenchRecipe", "Run", "duration", "estimate_times", "plan_summary", "load_recipe", "parse_recipe", "run_argv", "run_bench"]
 
 TOP_KEYS = ("models", "methods", "configs", "eval", "results_dir")
 EVAL_KEYS = ("ppl", "seqlen", "windows", "tasks", "limit")
@@ -293,8 +293,8 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
     """Run (or plan, with ``dry_run``) every grid point; returns ``[{run, argv, status}]``.
 
     ``status``: ``cached`` (skipped), ``planned`` (dry run), ``done`` or ``failed``
-    (``jobs`` > 1 only). A dry run also estimates each planned point's time
-    (``est_s``, ``est_n``: :func:`estimate_times`). ``device`` is passed to every run as ``--device``.
+    (``jobs`` > 1 only). Points not cached carry a time estimate (``est_s``,
+    ``est_n``: :func:`estimate_times`); a real run logs their sum first. ``device`` is passed to every run as ``--device``.
     With ``jobs`` > 1 the grid points run in that many ``lowbit run``
     processes at once (on the CPU, splitting the cores: :func:`job_threads`),
     each logging to ``log_dir/<results name>.log``; a
@@ -313,8 +313,9 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
         plan.append({"run": run.label(), "argv": argv, "args": args,
                      "status": "cached" if cached else ("planned" if dry_run else "todo")})
     todo = [p for p in plan if p["status"] == "todo"]
-    if dry_run:
-        estimate_times(plan, recipe.results_dir)
+    estimate_times(plan, recipe.results_dir)
+    if todo and not quiet:
+        log.info("%s", plan_summary(plan, jobs))
     for i, p in enumerate(plan, 1):
         if p["status"] != "todo":
             log.info("[%d/%d] %s: %s", i, len(plan), p["run"], p["status"])
@@ -369,6 +370,28 @@ def estimate_times(plan: list[dict], results_dir: str | Path) -> None:
         times = seen.get((model, a.method, _device_kind(a.device)), [])
         p["est_s"] = statistics.median(times) if times else None
         p["est_n"] = len(times)
+
+
+def duration(seconds: float) -> str:
+    """``26 min`` or, from 90 minutes on, ``13.7 h``."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def plan_summary(plan: list[dict], jobs: int = 1) -> str:
+    """One line on the points still to run and their estimated time (:func:`estimate_times`); '' when none."""
+    left = [p for p in plan if p["status"] in ("planned", "todo")]
+    if not left:
+        return ""
+    known = [p["est_s"] for p in left if p.get("est_s") is not None]
+    msg = f"{len(left)} of {len(plan)} points {'planned' if left[0]['status'] == 'planned' else 'to run'}"
+    if known:
+        msg += (f"; about {duration(sum(known))} of run time in all, from the median times of earlier runs "
+                "of the same model and method on this kind of device")
+        if jobs > 1:
+            msg += f" (about {duration(sum(known) / jobs)} with {jobs} at a time, if each runs as fast)"
+        if len(known) < len(left):
+            msg += f" ({len(left) - len(known)} point(s) with no earlier run to go by)"
+    return msg
 
 
 def job_threads(jobs: int, device: str | None) -> int | None:

@@ -380,31 +380,20 @@ def cmd_report(args):
 
 
 def cmd_bench(args):
-    from .bench import load_recipe, run_bench
+    from .bench import duration, load_recipe, plan_summary, run_bench
 
     plan = run_bench(load_recipe(args.recipe), force=args.force, dry_run=args.dry_run, quiet=args.quiet,
                      jobs=args.jobs, device=args.device, log_dir=args.log_dir)
     for p in plan:
         line = f"{p['status']:8s} lowbit {' '.join(p['argv'])}"
         if p.get("est_s") is not None:
-            line += f"  # ~{_duration(p['est_s'])}, median of {p['est_n']} earlier run(s)"
+            line += f"  # ~{duration(p['est_s'])}, median of {p['est_n']} earlier run(s)"
         print(line)
-    planned = [p for p in plan if p["status"] == "planned"]
-    if planned:
-        known = [p["est_s"] for p in planned if p.get("est_s") is not None]
-        msg = f"{len(planned)} of {len(plan)} points planned"
-        if known:
-            msg += (f"; about {_duration(sum(known))} of run time in all, from the median times of earlier runs "
-                    "of the same model and method on this kind of device")
-            if args.jobs > 1:
-                msg += f" (about {_duration(sum(known) / args.jobs)} with {args.jobs} at a time, if each runs as fast)"
-            if len(known) < len(planned):
-                msg += f" ({len(planned) - len(known)} point(s) with no earlier run to go by)"
-        print(msg, file=sys.stderr)
+    summary = plan_summary(plan, args.jobs)
+    if summary:
+        print(summary, file=sys.stderr)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 # ---------------------------------------------------------------- parser
