@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import platform
 import sys
 import time
@@ -233,6 +234,9 @@ def _env(device=None) -> dict:
            "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()}
     if device is not None:
         env["device"] = device_name(device)
+    if hasattr(os, "getloadavg"):  # above `threads`, other work shared the cores and the times overstate the compute
+        env["cpus"] = os.cpu_count()
+        env["load_avg_15m"] = round(os.getloadavg()[2], 2)
     return env
 
 
