@@ -33,7 +33,8 @@ from .errors import ConfigError, LowbitError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchRecipe", "Run", "duration", "estimate_times", "plan_summary", "load_recipe", "parse_recipe", "run_argv", "run_bench"]
+__all__ = ["BenchRecipe", "Run", "duration", "estimate_times", "load_recipe", "parse_recipe", "plan_summary",
+           "run_argv", "run_bench"]
 
 TOP_KEYS = ("models", "methods", "configs", "eval", "results_dir")
 EVAL_KEYS = ("ppl", "seqlen", "windows", "tasks", "limit")
@@ -294,7 +295,8 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
 
     ``status``: ``cached`` (skipped), ``planned`` (dry run), ``done`` or ``failed``
     (``jobs`` > 1 only). Points not cached carry a time estimate (``est_s``,
-    ``est_n``: :func:`estimate_times`); a real run logs their sum first. ``device`` is passed to every run as ``--device``.
+    ``est_n``: :func:`estimate_times`); a real run logs their sum first.
+    ``device`` is passed to every run as ``--device``.
     With ``jobs`` > 1 the grid points run in that many ``lowbit run``
     processes at once (on the CPU, splitting the cores: :func:`job_threads`),
     each logging to ``log_dir/<results name>.log``; a

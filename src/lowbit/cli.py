@@ -398,8 +398,6 @@ def cmd_bench(args):
         print(summary, file=sys.stderr)
 
 
-
-
 # ---------------------------------------------------------------- parser
 
 def _add_eval_args(p):
