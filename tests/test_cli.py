@@ -154,7 +154,8 @@ def test_generate_kernel_act_q8(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(kops, "kernel_activations", lambda: seen.append(real()) or seen[-1])
     monkeypatch.delenv("LOWBIT_KERNEL_ACT", raising=False)
     capsys.readouterr()
-    assert main(["-q", "generate", str(out), "the truth", "--max-new-tokens", "4", "--kernel-act", "q8"]) == 0
+    assert main(["-q", "generate", str(out), "the truth", "--max-new-tokens", "4", "--kernel-act", "q8",
+                 "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip()
     assert seen and set(seen) == {"q8"}
     assert "LOWBIT_KERNEL_ACT" not in os.environ

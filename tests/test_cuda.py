@@ -87,3 +87,17 @@ def test_cli_run_records_the_gpu(tmp_path, tiny_dir, text_file):
     (res,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert res["env"]["device"].startswith("cuda")
     assert res["ppl"][str(text_file)] > 1
+
+
+def test_generate_kernel_act_on_the_gpu_warns(tmp_path, tiny_dir, caplog, capsys):
+    """``--kernel-act`` only concerns the CPU kernels: on the GPU it says so and generates as usual."""
+    from lowbit.cli import main
+
+    out = tmp_path / "q4"
+    assert main(["-q", "quantize", str(tiny_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--out", str(out)]) == 0
+    with caplog.at_level("WARNING", logger="lowbit"):
+        assert main(["-q", "generate", str(out), "the truth", "--max-new-tokens", "4", "--kernel-act", "q8",
+                     "--device", "cuda"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert any("--kernel-act" in r.getMessage() and "no effect" in r.getMessage() for r in caplog.records)

@@ -246,6 +246,11 @@ def test_direct_bindings_equal_the_torch_ops():
     il = layout_for(_layer(IntFormat(4, 32, False), 40, 100, 32))
     with pytest.raises(RuntimeError, match="x must be float32"):   # the op's own checks, not a crash
         mod.gemm_int(x.double(), il.codes, il.scale_a, il.zero, None, 4, 32, 100)
+    # messages that name a size: formatted with std::to_string, since streaming an int64 into a TORCH_CHECK
+    # message crashed extensions built by g++ 13.3 against torch 2.11+cu130 (docs/kernels.md)
+    for call in (mod.gemm_int, torch.ops.lowbit.gemm_int):
+        with pytest.raises(RuntimeError, match=r"codes must be a contiguous CPU uint8 tensor \(out, 64\)"):
+            call(x, il.codes[:, :10].contiguous(), il.scale_a, il.zero, None, 4, 32, 100)
 
 
 # ------------------------------------------------------------------ int8 activations (LOWBIT_KERNEL_ACT=q8)

@@ -319,6 +319,9 @@ def cmd_generate(args):
     from .kernels import use_kernel_activations
     from .runtime import LeanDecoder, lean_supported
 
+    if args.kernel_act and model.device.type != "cpu":
+        log.warning("--kernel-act sets the input precision of the CPU kernels; on %s the quantized layers run "
+                    "torch's own matmuls, so it has no effect here (add --device cpu to use it)", model.device)
     why = lean_supported(model) if args.loop == "lean" else "--loop hf"
     with use_kernel_activations(args.kernel_act):
         if why is None:

@@ -43,7 +43,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w, double eps) {
   check_f32(x, "x");
   check_f32(w, "w");
   const int64_t d = x.size(-1), rows = x.numel() / d;
-  TORCH_CHECK(w.numel() == d, "w must have ", d, " entries");
+  TORCH_CHECK(w.numel() == d, "w must have ", std::to_string(d), " entries");
   auto y = at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -109,7 +109,7 @@ at::Tensor attn_decode(const at::Tensor& q_in, const at::Tensor& kc, const at::T
   check_f32(vc, "v cache");
   const int64_t nkv = kc.size(0), L = kc.size(1), d = kc.size(2);
   const int64_t nq = q.numel() / d;
-  TORCH_CHECK(q.numel() == nq * d && nq % nkv == 0, "q must hold a multiple of nkv heads of size ", d);
+  TORCH_CHECK(q.numel() == nq * d && nq % nkv == 0, "q must hold a multiple of nkv heads of size ", std::to_string(d));
   TORCH_CHECK(0 <= lo && lo < hi && hi <= L, "key range out of the cache");
   auto out = at::empty({1, nq * d}, q.options());
   const int64_t T = hi - lo, group = nq / nkv;

@@ -333,7 +333,7 @@ static RowFn pick(int bits, int isa) {
     case 3: return rows_scalar<3, KIND>;
     case 4: return rows_scalar<4, KIND>;
   }
-  TORCH_CHECK(false, "lowbit kernels support 2, 3 and 4 bits, got ", bits);
+  TORCH_CHECK(false, "lowbit kernels support 2, 3 and 4 bits, got ", std::to_string(bits));
 }
 
 // LOWBIT_KERNEL_TASK_KB: minimum work per thread, in KiB of codes x input rows (default 64); also used
@@ -366,9 +366,9 @@ static Geometry geometry(int64_t bits, int64_t group_size, int64_t in_features) 
 static void check_common(const at::Tensor& codes, const at::Tensor& sa, const Geometry& geo, int64_t out) {
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 2 &&
                   codes.size(1) == geo.row_bytes && codes.is_contiguous(),
-              "codes must be a contiguous CPU uint8 tensor (out, ", geo.row_bytes, ")");
+              "codes must be a contiguous CPU uint8 tensor (out, ", std::to_string(geo.row_bytes), ")");
   TORCH_CHECK(sa.scalar_type() == at::kHalf && sa.is_contiguous() && sa.size(0) == out && sa.size(1) == geo.G,
-              "scales must be contiguous float16 (out, ", geo.G, ")");
+              "scales must be contiguous float16 (out, ", std::to_string(geo.G), ")");
 }
 
 static at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& sa,
@@ -379,7 +379,7 @@ static at::Tensor run(const at::Tensor& x_in, const at::Tensor& codes, const at:
   const int64_t out = codes.size(0);
   check_common(codes, sa, geo, out);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.size(-1) == in_features,
-              "x must be float32 with last dimension ", in_features);
+              "x must be float32 with last dimension ", std::to_string(in_features));
   auto x = x_in.reshape({-1, in_features}).contiguous();
   const int64_t M = x.size(0);
   // zero-padded input (M, G * gsp) and per-group sums

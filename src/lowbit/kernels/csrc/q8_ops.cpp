@@ -492,7 +492,7 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
                    const c10::optional<at::Tensor>& sb, const c10::optional<at::Tensor>& zero,
                    const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_scale,
                    const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t in_features) {
-  TORCH_CHECK(bits >= 2 && bits <= 4, "gemm_q8 handles 2-, 3- and 4-bit codes, got ", bits);
+  TORCH_CHECK(bits >= 2 && bits <= 4, "gemm_q8 handles 2-, 3- and 4-bit codes, got ", std::to_string(bits));
   const int64_t gs = (group_size <= 0 || group_size >= in_features) ? in_features : group_size;
   const int64_t G = (in_features + gs - 1) / gs, gsp = (gs + 31) / 32 * 32, nb = gsp / 32;
   const int64_t nb_last = (in_features - (G - 1) * gs + 31) / 32, nblk = (G - 1) * nb + nb_last;
@@ -500,11 +500,12 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   const int64_t nq = (G - 1) * ((nb + 3) / 4) + (nb_last + 3) / 4;  // 2 and 3 bits: quads of blocks
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.dim() == 2 &&
                   codes.size(1) == row_bytes && codes.is_contiguous(),
-              "codes must be a contiguous CPU uint8 tensor (out, ", row_bytes, ") in the ", bits, "-bit kernel layout");
+              "codes must be a contiguous CPU uint8 tensor (out, ", std::to_string(row_bytes), ") in the ",
+              std::to_string(bits), "-bit kernel layout");
   TORCH_CHECK(sa.scalar_type() == at::kHalf && sa.is_contiguous() && sa.numel() == out * G,
-              "scale_a must be contiguous float16 (out, ", G, ")");
+              "scale_a must be contiguous float16 (out, ", std::to_string(G), ")");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.size(-1) == in_features,
-              "x must be float32 with last dimension ", in_features);
+              "x must be float32 with last dimension ", std::to_string(in_features));
   const bool table = pos.has_value() && pos->defined();
   TORCH_CHECK(!(table && bits != 4), "gemm_q8 takes tables for 4-bit codes only (2 and 3 bits: int codes)");
   Q8Problem p{};
@@ -520,13 +521,13 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
     }
     if (sb.has_value() && sb->defined()) {
       TORCH_CHECK(sb->scalar_type() == at::kHalf && sb->is_contiguous() && sb->numel() == out * G,
-                  "scale_b must be contiguous float16 (out, ", G, ")");
+                  "scale_b must be contiguous float16 (out, ", std::to_string(G), ")");
       p.sb = sb->data_ptr<c10::Half>();
     }
   } else {
     TORCH_CHECK(zero.has_value() && zero->defined() && zero->scalar_type() == at::kByte && zero->is_contiguous() &&
                     zero->numel() == out * G,
-                "zero must be contiguous uint8 (out, ", G, ") for int codes");
+                "zero must be contiguous uint8 (out, ", std::to_string(G), ") for int codes");
     p.zero = zero->data_ptr<uint8_t>();
   }
   auto x = x_in.reshape({-1, in_features}).contiguous();

@@ -304,7 +304,7 @@ at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   auto f32 = [&](const c10::optional<at::Tensor>& t, int64_t n, const char* name) -> const float* {
     if (!defined(t)) return nullptr;
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n, name,
-                " must be contiguous float32 with ", n, " entries");
+                " must be contiguous float32 with ", std::to_string(n), " entries");
     return t->data_ptr<float>();
   };
   const float* sc = f32(col_scale, in, "col_scale");
