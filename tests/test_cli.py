@@ -75,6 +75,9 @@ def test_device_flag(tiny_dir, text_file, tmp_path, capsys):
                  "--windows", "2", "--results-dir", str(res), "--device", "cpu"]) == 0
     (r,) = [json.loads(p.read_text()) for p in res.glob("*.json")]
     assert r["env"]["device"] == "cpu"
+    import transformers
+
+    assert r["env"]["transformers"] == transformers.__version__
     if hasattr(os, "getloadavg"):  # the machine's load is recorded beside the run's own threads
         assert r["env"]["cpus"] == os.cpu_count() and r["env"]["load_avg_15m"] >= 0
     assert main(["-q", "run", str(tiny_dir), "--device", "tpu:7"]) == 2

@@ -227,10 +227,13 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
 
 def _env(device=None) -> dict:
     import torch
+    import transformers
 
     from .utils import device_name
 
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+    # transformers builds the model (and, for GGUF sources, converts it): its version is part of the protocol
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "machine": platform.machine(),
            "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()}
     if device is not None:
         env["device"] = device_name(device)
