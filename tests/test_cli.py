@@ -26,7 +26,8 @@ def test_quantize_info_eval_generate(tiny_dir, text_file, tmp_path, capsys):
     assert set(items) == {"codes", "scale", "zero"} and items["codes"] == 3 * weights
     assert sum(items.values()) == r["bpw_detail"]["blocks_bits"]
     assert r["protocol"][str(text_file)]["n_windows"] == 4
-    assert (tmp_path / "results.md").is_file()
+    # the index names the folder it was built from (relative to the folder above its own)
+    assert f"Generated from `{tmp_path.name}/results/*.json`" in (tmp_path / "results.md").read_text()
     capsys.readouterr()
     texts = []
     for loop in ("lean", "hf"):  # both decode loops give the same greedy text

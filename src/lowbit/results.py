@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .utils import atomic_write_text
@@ -47,11 +48,14 @@ def device_label(r: dict) -> str:
     return dev[dev.find("(") + 1 : -1].replace("NVIDIA ", "") if "(" in dev else dev
 
 
-def render_table(results: list[dict]) -> str:
-    """A markdown table per model, sorted by method then bpw. Deterministic for the same files."""
+def render_table(results: list[dict], source: str = "docs/results") -> str:
+    """A markdown table per model, sorted by method then bpw. Deterministic for the same files.
+
+    ``source`` is the results folder the table is generated from, named in its header.
+    """
     note = ("Quantization time and peak memory depend on the device column (GPU peak = CUDA max allocated, "
             "CPU peak = process RSS); GPU grids ran several points at once on one GPU, so their times are upper bounds.")
-    lines = ["# Results", "", "Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand.", note, ""]
+    lines = ["# Results", "", f"Generated from `{source}/*.json` by `lowbit report`; do not edit by hand.", note, ""]
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model]
         corpora = sorted({c for r in rows for c in r["ppl"]})
@@ -80,5 +84,7 @@ def render_table(results: list[dict]) -> str:
 
 def write_table(results_dir: Path | str = DEFAULT_DIR, out: Path | str | None = None) -> Path:
     out = Path(out) if out else Path(results_dir).parent / "results.md"
-    atomic_write_text(out, render_table(load_results(results_dir)))
+    # named relative to the folder above the index's own (the project root for docs/results.md)
+    source = Path(os.path.relpath(Path(results_dir).resolve(), out.resolve().parent.parent)).as_posix()
+    atomic_write_text(out, render_table(load_results(results_dir), source=source))
     return out
