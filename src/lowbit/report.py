@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from .results import _fmt, load_results, write_table
+from .results import DEFAULT_DIR, _fmt, load_results, source_label, write_table
 from .utils import atomic_write_text, write_between_markers
 
 __all__ = ["afpq_cells", "pareto_front", "plot_afpq", "plot_pareto", "primary_corpus", "render_leaderboard", "write_report"]
@@ -168,9 +168,10 @@ def _zs_avg(r: dict) -> str:
     return f"{avg['acc']:.3f} ({avg['n_tasks']})"
 
 
-def render_leaderboard(results: list[dict], plots: dict[str, str] | None = None) -> str:
+def render_leaderboard(results: list[dict], plots: dict[str, str] | None = None,
+                       source: str = DEFAULT_DIR.as_posix()) -> str:
     """The leaderboard markdown: per model, runs by all-in bpw; ``plots`` maps model -> image path."""
-    intro = ("Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand. "
+    intro = (f"Generated from `{source}/*.json` by `lowbit report`; do not edit by hand. "
              "bpw all-in counts every parameter (embedding, head, norms at their storage width); "
              "Pareto = no other run has both fewer bits (all-in) and lower perplexity. "
              "Zero-shot: mean accuracy over tasks (number of tasks); protocol in `docs/evaluation.md`.")
@@ -231,13 +232,14 @@ def _plain_format_runs(rows: list[dict], corpus: str | None):
             yield r, fmt
 
 
-def render_comparisons(results: list[dict], afpq_plots: dict[str, str] | None = None) -> str:
+def render_comparisons(results: list[dict], afpq_plots: dict[str, str] | None = None,
+                       source: str = DEFAULT_DIR.as_posix()) -> str:
     """Per model: one row per weight format, one perplexity column per weight-only method (default settings).
 
     Rows are the runs whose tag is exactly the format tag (no method options,
     no quantized embedding or head), so every cell of a row has the same bpw.
     """
-    intro = ("Generated from `docs/results/*.json` by `lowbit report`; do not edit by hand. One row per weight format, "
+    intro = (f"Generated from `{source}/*.json` by `lowbit report`; do not edit by hand. One row per weight format, "
              "one column per weight-only method at its default settings; cells are perplexity on the model's first "
              "corpus (protocol in `results.md`). `asym` = asymmetric INT, or two scales (positive and negative "
              "halves, AFPQ) for FP/NF; `sym` = one scale. A dash: not run.")
@@ -557,11 +559,12 @@ def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str 
             if stale.name not in made:
                 stale.unlink()
     out["comparisons"] = docs / "comparisons.md"
-    atomic_write_text(out["comparisons"], render_comparisons(results, afpq_plots) + "\n")
+    source = source_label(results_dir, out["comparisons"])   # the indexes below all sit in `docs`
+    atomic_write_text(out["comparisons"], render_comparisons(results, afpq_plots, source=source) + "\n")
     # formats.md keeps its prose; only the part between its afpq markers is generated
     if write_between_markers(docs / "formats.md", "\n".join(render_afpq(results, afpq_plots, header=False)).strip(),
                              tag="afpq", append=False):
         out["formats"] = docs / "formats.md"
     out["leaderboard"] = docs / "leaderboard.md"
-    atomic_write_text(out["leaderboard"], render_leaderboard(results, plots) + "\n")
+    atomic_write_text(out["leaderboard"], render_leaderboard(results, plots, source=source) + "\n")
     return out

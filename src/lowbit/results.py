@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .utils import atomic_write_text
 
-__all__ = ["write_result", "load_results", "render_table", "write_table", "result_name"]
+__all__ = ["write_result", "load_results", "render_table", "write_table", "result_name", "source_label"]
 
 DEFAULT_DIR = Path("docs/results")
 
@@ -48,7 +48,13 @@ def device_label(r: dict) -> str:
     return dev[dev.find("(") + 1 : -1].replace("NVIDIA ", "") if "(" in dev else dev
 
 
-def render_table(results: list[dict], source: str = "docs/results") -> str:
+def source_label(results_dir: Path | str, index: Path | str) -> str:
+    """How a generated index at ``index`` names ``results_dir``: relative to the folder above the index's
+    own, so ``docs/results.md`` says ``docs/results`` and ``out/results.md`` says ``out/demo``."""
+    return Path(os.path.relpath(Path(results_dir).resolve(), Path(index).resolve().parent.parent)).as_posix()
+
+
+def render_table(results: list[dict], source: str = DEFAULT_DIR.as_posix()) -> str:
     """A markdown table per model, sorted by method then bpw. Deterministic for the same files.
 
     ``source`` is the results folder the table is generated from, named in its header.
@@ -84,7 +90,5 @@ def render_table(results: list[dict], source: str = "docs/results") -> str:
 
 def write_table(results_dir: Path | str = DEFAULT_DIR, out: Path | str | None = None) -> Path:
     out = Path(out) if out else Path(results_dir).parent / "results.md"
-    # named relative to the folder above the index's own (the project root for docs/results.md)
-    source = Path(os.path.relpath(Path(results_dir).resolve(), out.resolve().parent.parent)).as_posix()
-    atomic_write_text(out, render_table(load_results(results_dir), source=source))
+    atomic_write_text(out, render_table(load_results(results_dir), source=source_label(results_dir, out)))
     return out
