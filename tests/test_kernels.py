@@ -1,6 +1,8 @@
 """The CPU kernels against their plain-torch references (skipped when the extension can't be built)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,3 +329,46 @@ def test_q8_direct_binding_equals_the_torch_op():
         pos, neg, ls = lay.q8 or (None, None, 1.0)
         args = (x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, pos, neg, ls, None, lay.bits, lay.group_size, 100)
         assert torch.equal(kernel_module().gemm_q8(*args), torch.ops.lowbit.gemm_q8(*args))
+
+
+def test_extension_build_clears_a_lock_left_by_a_killed_build(monkeypatch, tmp_path, caplog):
+    """torch's build waits forever on the `lock` file a killed build leaves; load_extension removes it."""
+    import torch.utils.cpp_extension as cpp
+    from lowbit.kernels.build import extension_dir, load_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = extension_dir("demo_ext") / "lock"
+    stale.touch()
+    seen = {}
+
+    def fake_load(name, sources, build_directory, **kw):
+        seen.update(name=name, dir=build_directory, lock_left=(Path(build_directory) / "lock").exists())
+        return "module"
+
+    monkeypatch.setattr(cpp, "load", fake_load)
+    assert load_extension("demo_ext", [Path("x.cpp")]) == "module"
+    assert seen == {"name": "demo_ext", "dir": str(stale.parent), "lock_left": False}
+    assert "interrupted build of demo_ext" in caplog.text
+
+
+def test_extension_build_waits_for_another_process(monkeypatch, tmp_path, caplog):
+    """A build running in another process is waited for (with a log line), not raced or broken into."""
+    import subprocess
+    import sys
+    import time
+
+    import torch.utils.cpp_extension as cpp
+    from lowbit.kernels.build import extension_dir, load_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    d = extension_dir("demo_ext")
+    guard = d.parent / f"{d.name}.build.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"l = FileLock({str(guard)!r}); l.acquire(); print('held', flush=True); "
+                               "time.sleep(1.5)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.perf_counter()
+    monkeypatch.setattr(cpp, "load", lambda **kw: time.perf_counter() - t0)
+    assert load_extension("demo_ext", [], wait_note_s=0.2) > 1.0   # built only after the holder's 1.5 s
+    holder.wait(timeout=10)
+    assert "waiting for another process to finish building demo_ext" in caplog.text

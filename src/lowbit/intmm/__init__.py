@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -33,15 +32,6 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def _build_dir() -> Path:
-    from ..cache import cache_dir
-
-    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
-    d = Path(os.environ.get("TORCH_EXTENSIONS_DIR", cache_dir() / "torch_extensions")) / "lowbit_intmm" / tag
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def load_intmm():
     """The compiled extension module, or None (no compiler / failed build: a warning, once)."""
     if "mod" in _state:
@@ -51,10 +41,10 @@ def load_intmm():
             mod = None
             if os.environ.get("LOWBIT_INTMM", "1") != "0":
                 try:
-                    from torch.utils.cpp_extension import load
+                    from ..kernels.build import load_extension
 
-                    mod = load(name="lowbit_intmm", sources=[str(_SRC)], extra_cflags=["-O3", "-fopenmp"],
-                               extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()), verbose=False)
+                    mod = load_extension("lowbit_intmm", [_SRC], extra_cflags=["-O3", "-fopenmp"],
+                                         extra_ldflags=["-fopenmp"], verbose=False)
                 except Exception as e:  # no compiler or a failed build: use the float reference, never fail
                     msg = str(e).strip().splitlines()
                     log.warning("lowbit int8 GEMM unavailable (%s); using the exact float reference",

@@ -10,6 +10,11 @@ use the plain-torch path.
 One binary holds both the AVX2+FMA path (compiled per function with
 ``__attribute__((target("avx2,fma")))``) and a portable scalar path; the choice is
 made at run time from the CPU's features (``torch.ops.lowbit.isa()``).
+
+Builds are safe across processes and against interrupted builds: :func:`load_extension` holds an
+OS file lock (released by the kernel when its holder dies) around torch's build, and under it
+clears the ``lock`` file that torch leaves behind when a build is killed (torch would otherwise
+wait on it forever).
 """
 from __future__ import annotations
 
@@ -17,13 +22,16 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from ..cache import cache_dir
 
-__all__ = ["SOURCES", "build_dir", "kernel_module", "kernels_available", "load_kernels"]
+__all__ = ["SOURCES", "build_dir", "extension_dir", "kernel_module", "kernels_available", "load_extension",
+           "load_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +42,44 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def build_dir() -> Path:
-    """Where the compiled extension is cached (per torch and Python version)."""
+def extension_dir(name: str) -> Path:
+    """Where extension ``name`` is compiled and cached (per torch and Python version)."""
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
-    d = Path(os.environ.get("TORCH_EXTENSIONS_DIR", cache_dir() / "torch_extensions")) / "lowbit_kernels" / tag
+    d = Path(os.environ.get("TORCH_EXTENSIONS_DIR", cache_dir() / "torch_extensions")) / name / tag
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def build_dir() -> Path:
+    """Where the kernels extension is cached (per torch and Python version)."""
+    return extension_dir("lowbit_kernels")
+
+
+def load_extension(name: str, sources: list[Path], *, wait_note_s: float = 10.0, **kwargs):
+    """:func:`torch.utils.cpp_extension.load` of ``name`` into :func:`extension_dir`, safe across processes.
+
+    Another process building the same extension is waited for (with a log line after ``wait_note_s``
+    seconds). A ``lock`` file that torch left in the build folder when a build was killed is removed
+    first: under this function's lock no other lowbit build can own it.
+    """
+    from torch.utils.cpp_extension import load
+
+    d = extension_dir(name)
+    guard = FileLock(str(d.parent / f"{d.name}.build.lock"))
+    try:
+        guard.acquire(timeout=wait_note_s)
+    except Timeout:
+        log.warning("waiting for another process to finish building %s (lock %s)", name, guard.lock_file)
+        guard.acquire()
+    try:
+        stale = d / "lock"
+        if stale.exists():
+            age = time.time() - stale.stat().st_mtime
+            log.warning("removing %s, left %.0f s ago by an interrupted build of %s", stale, age, name)
+            stale.unlink(missing_ok=True)
+        return load(name=name, sources=[str(s) for s in sources], build_directory=str(d), **kwargs)
+    finally:
+        guard.release()
 
 
 def load_kernels(verbose: bool = False) -> bool:
@@ -51,17 +91,8 @@ def load_kernels(verbose: bool = False) -> bool:
             return _state["ok"]
         ok = False
         try:
-            from torch.utils.cpp_extension import load
-
-            mod = load(
-                name="lowbit_kernels",
-                sources=[str(s) for s in SOURCES],
-                extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir()),
-                is_python_module=True,
-                verbose=verbose,
-            )
+            mod = load_extension("lowbit_kernels", SOURCES, extra_cflags=["-O3", "-fopenmp"],
+                                 extra_ldflags=["-fopenmp"], is_python_module=True, verbose=verbose)
             ok = hasattr(torch.ops.lowbit, "gemm_int")
             _state["module"] = mod if ok else None
             isa = "avx2+fma" if ok and torch.ops.lowbit.isa() == 1 else "scalar"
