@@ -68,6 +68,50 @@ def test_missing_model_and_empty_text(tmp_path, tiny_dir, capsys):
     assert "empty" in err.lower()
 
 
+def test_bad_out_or_text_fails_before_loading_and_keeps_files(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
+    """A save replaces its whole folder: --out may not be a file or a folder of other files. Checked, like
+    the text sources, before the model is loaded, so a bad flag costs no quantization time."""
+    import lowbit.api
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the bad flag was caught")
+
+    monkeypatch.setattr(lowbit.api, "load_model", no_load)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "draft.py").write_text("keep me too")
+    q = ["-q", "quantize", str(tiny_dir), "--method", "rtn", "--out"]
+    assert main(q + [str(afile)]) == 2
+    assert "is an existing file" in capsys.readouterr().err
+    assert main(q + [str(work)]) == 2
+    assert "holds other files and no lowbit.json" in capsys.readouterr().err
+    assert afile.read_text() == "keep me" and (work / "draft.py").read_text() == "keep me too"
+    for argv in (["run", str(tiny_dir), "--method", "rtn", "--ppl", "no-such-text"],
+                 ["run", str(tiny_dir), "--method", "gptq", "--calib", "hf:onlyname"],
+                 ["eval", str(tiny_dir), "--ppl", str(text_file), "no-such-text"],
+                 ["distill", str(tiny_dir), "--teacher-source", "no-such-text", "--out", str(tmp_path / "d")]):
+        assert main(["-q", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "no-such-text' is not a zoo text" in err or "bad dataset reference 'hf:onlyname'" in err
+
+
+def test_save_goes_to_a_new_empty_or_checkpoint_folder(tiny_dir, tmp_path):
+    import lowbit
+    from lowbit.errors import CheckpointError
+
+    model, tok = lowbit.load_model(str(tiny_dir))
+    out = tmp_path / "ck"
+    lowbit.save(model, out, tok)                 # new
+    lowbit.save(model, out, tok)                 # an earlier checkpoint: replaced
+    (tmp_path / "empty").mkdir()
+    lowbit.save(model, tmp_path / "empty", tok)  # empty
+    with pytest.raises(CheckpointError, match="holds other files"):
+        lowbit.save(model, tiny_dir, tok)        # an HF folder without lowbit.json
+    assert (tiny_dir / "config.json").is_file() and not (tiny_dir / "lowbit.json").exists()
+
+
 def test_device_flag(tiny_dir, text_file, tmp_path, capsys):
     import torch
 

@@ -109,6 +109,18 @@ def cmd_pull(args):
             raise LowbitError(f"{name!r} is neither a zoo model ({', '.join(sorted(models))}) nor a zoo text ({', '.join(sorted(texts))})")
 
 
+def _check_inputs(args):
+    """Fail on a bad text source or --out path now, not after minutes of loading and quantizing."""
+    from .data.texts import check_text_source
+    from .io import check_out_path
+
+    for ref in (*(getattr(args, "ppl", None) or ()), getattr(args, "calib", None), getattr(args, "teacher_source", None)):
+        if ref:
+            check_text_source(ref)
+    if getattr(args, "out", None):
+        check_out_path(args.out)
+
+
 def _calib_ids(recipe, tokenizer, model):
     if recipe.calib is None:
         return None
@@ -136,6 +148,7 @@ def _quantize(args):
     from .api import load_model, quantize
 
     recipe = recipe_from_args(args)
+    _check_inputs(args)
     device = _device(args)
     model, tok = load_model(args.model)  # stays on the CPU: the engine moves one block at a time to `device`
     resume = _resume_dir(args)
@@ -247,6 +260,7 @@ def cmd_eval(args):
     from .api import load_model
     from .io import is_checkpoint, read_meta
 
+    _check_inputs(args)
     model, tok = load_model(args.model)
     if is_checkpoint(args.model):
         meta = read_meta(args.model)
@@ -350,6 +364,7 @@ def cmd_distill(args):
     fmt = dataclass_from_args(FormatConfig, args)
     fmt.make()  # validate before loading a model
     cfg = dataclass_from_args(DistillConfig, args)
+    _check_inputs(args)
     model, tok = load_model(args.model, _device(args))
     _, summary = distill(model, tok, fmt, cfg, args.out, source_model=args.model, progress=not args.quiet)
     log.info("saved %s (final loss %.4f, %.0fs)", args.out, summary["distill"]["final_loss"], summary["quant_time_s"])

@@ -131,21 +131,34 @@ def pull_text(name: str, progress: bool = True) -> Path:
     return dest
 
 
+def check_text_source(name_or_path: str | Path) -> str:
+    """``name_or_path`` as a string if it names a text source :func:`load_text` can try, else DataError.
+
+    Cheap (nothing is pulled or read), so commands call it before long work.
+    """
+    ref = str(name_or_path)
+    if ref in TEXTS:
+        return ref
+    if ref.startswith("hf:"):
+        _hf_parts(ref)
+    elif not Path(ref).expanduser().is_file():
+        raise DataError(f"text source {ref!r} is not a zoo text ({', '.join(TEXTS)}), "
+                        f"an existing file, or hf:<dataset>[:<config>]:<split>")
+    return ref
+
+
 def load_text(name_or_path: str | Path) -> str:
     """The text of a zoo name, a local UTF-8 file, or ``hf:<dataset>[:<config>]:<split>``.
 
     Raises DataError when the source is unknown, unreadable or empty.
     """
-    ref = str(name_or_path)
+    ref = check_text_source(name_or_path)
     if ref in TEXTS:
         text = pull_text(ref).read_text(encoding="utf-8")
     elif ref.startswith("hf:"):
         text = _load_hf(ref)
     else:
         path = Path(ref).expanduser()
-        if not path.is_file():
-            raise DataError(f"text source {ref!r} is not a zoo text ({', '.join(TEXTS)}), "
-                            f"an existing file, or hf:<dataset>[:<config>]:<split>")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -155,12 +168,17 @@ def load_text(name_or_path: str | Path) -> str:
     return text
 
 
-def _load_hf(ref: str) -> str:
-    """Rows of a Hugging Face dataset's text column, joined with PARAGRAPH_SEP."""
+def _hf_parts(ref: str) -> tuple[str, str | None, str]:
+    """``hf:<dataset>[:<config>]:<split>`` -> (dataset, config or None, split)."""
     parts = ref[3:].split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise DataError(f"bad dataset reference {ref!r}; use hf:<dataset>[:<config>]:<split>")
-    dataset, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    return (parts[0], None, parts[1]) if len(parts) == 2 else tuple(parts)
+
+
+def _load_hf(ref: str) -> str:
+    """Rows of a Hugging Face dataset's text column, joined with PARAGRAPH_SEP."""
+    dataset, config, split = _hf_parts(ref)
     try:
         import datasets
     except ImportError:

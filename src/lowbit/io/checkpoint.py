@@ -34,11 +34,30 @@ FORMAT_VERSION = 1
 META_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
 
-__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_meta", "module_entries", "build_module", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_meta", "module_entries", "build_module",
+           "check_out_path", "FORMAT_VERSION"]
 
 
 def is_checkpoint(path) -> bool:
     return (Path(path) / META_FILE).is_file()
+
+
+def check_out_path(path) -> Path:
+    """``path`` if a checkpoint may be saved there, else :class:`CheckpointError`.
+
+    A save replaces the whole folder, so it may go only where nothing would be lost: a path that does not
+    exist yet, an empty folder, or an earlier lowbit checkpoint (which is replaced).
+    """
+    path = Path(path)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {path}: it is an existing file and a checkpoint is a "
+                              f"folder; choose a new folder name")
+    if not is_checkpoint(path) and any(path.iterdir()):
+        raise CheckpointError(f"cannot save a checkpoint to {path}: the folder holds other files and no {META_FILE}, "
+                              f"and saving replaces the whole folder; choose a new or empty folder")
+    return path
 
 
 def module_entries(model: nn.Module) -> dict:
@@ -66,8 +85,11 @@ def build_module(name: str, entry: dict) -> nn.Module:
 
 
 def save_checkpoint(model: nn.Module, path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Save a (quantized) model to folder ``path`` atomically; returns the path."""
-    path = Path(path)
+    """Save a (quantized) model to folder ``path`` atomically; returns the path.
+
+    ``path`` must be new, empty or an earlier checkpoint (:func:`check_out_path`), never a folder of other files.
+    """
+    path = check_out_path(path)
     summary = getattr(model, "lowbit_summary", {}) or {}
     storage = (summary.get("recipe") or {}).get("storage", {}).get("dtype", "float16")
     sdt = getattr(torch, storage)
