@@ -163,3 +163,20 @@ def test_resume_rebuilds_every_module_type(tmp_path, monkeypatch, method, fmt, m
     lowbit.quantize(m2, recipe, calib_ids=_calib(), progress=False, resume_dir=tmp_path / "r")
     with torch.no_grad():
         assert torch.equal(m2(input_ids=_eval_ids()).logits, want)
+
+
+def test_clear_resume_dir_deletes_only_finished_blocks(tmp_path, caplog):
+    from lowbit.calib.engine import clear_resume_dir
+
+    d = tmp_path / "out.resume"
+    for name in ("block0000", "block0001", ".block0002.abc.tmp"):
+        (d / name).mkdir(parents=True)
+        (d / name / "block.json").write_text("{}")
+    clear_resume_dir(d)
+    assert not d.exists()
+    (d / "block0000").mkdir(parents=True)
+    (d / "notes.txt").write_text("not the engine's")
+    clear_resume_dir(d)
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+    assert "holds files that are not finished blocks" in caplog.text
+    clear_resume_dir(tmp_path / "never-made")   # nothing to do

@@ -134,13 +134,13 @@ def _calib_ids(recipe, tokenizer, model):
 
 def _resume_dir(args):
     """Finished blocks are checkpointed next to --out; --resume continues from them."""
-    import shutil
+    from .calib.engine import clear_resume_dir
 
     if not getattr(args, "out", None):
         return None
     d = Path(str(args.out).rstrip("/") + ".resume")
-    if d.exists() and not args.resume:
-        shutil.rmtree(d)
+    if not args.resume:
+        clear_resume_dir(d)
     return d
 
 
@@ -162,10 +162,10 @@ def _quantize(args):
 
 
 def _finish_resume(resume):
-    import shutil
+    from .calib.engine import clear_resume_dir
 
     if resume is not None:
-        shutil.rmtree(resume, ignore_errors=True)
+        clear_resume_dir(resume)
 
 
 def cmd_quantize(args):

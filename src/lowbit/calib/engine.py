@@ -45,7 +45,8 @@ from ..models.arch import ArchSpec, InputGroup, get_module, set_module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockData", "GroupStats", "run_layerwise", "capture_inputs", "run_block", "CalibrationError"]
+__all__ = ["BlockData", "GroupStats", "run_layerwise", "capture_inputs", "run_block", "CalibrationError",
+           "clear_resume_dir"]
 
 
 class CalibrationError(LowbitError):
@@ -222,6 +223,24 @@ def _save_resume(resume_dir: Path, i: int, block: nn.Module, next_inputs: list[t
         save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp / "block.safetensors"))
         save_file({f"x{j}": x.contiguous() for j, x in enumerate(next_inputs)}, str(tmp / "inputs.safetensors"))
         (tmp / "block.json").write_text(json.dumps({"modules": modules, "fingerprint": fingerprint}))
+
+
+def clear_resume_dir(resume_dir: Path) -> None:
+    """Delete the finished-block folders in ``resume_dir`` (and the folder once empty); nothing else.
+
+    A file the engine did not write is left, with a warning, so a mistyped path never costs data.
+    """
+    import shutil
+
+    resume_dir = Path(resume_dir)
+    if not resume_dir.is_dir():
+        return
+    for p in [*resume_dir.glob("block[0-9][0-9][0-9][0-9]"), *resume_dir.glob(".block*.tmp")]:
+        shutil.rmtree(p, ignore_errors=True)
+    try:
+        resume_dir.rmdir()
+    except OSError:
+        log.warning("left %s: it holds files that are not finished blocks", resume_dir)
 
 
 def _load_resume(resume_dir: Path, n_blocks: int, fingerprint: dict):
