@@ -1,6 +1,7 @@
 """CLI smoke tests on a tiny local model and text (no downloads)."""
 import json
 import os
+import re
 
 import pytest
 
@@ -95,6 +96,42 @@ def test_bad_out_or_text_fails_before_loading_and_keeps_files(tiny_dir, text_fil
         assert main(["-q", *argv]) == 2
         err = capsys.readouterr().err
         assert "no-such-text' is not a zoo text" in err or "bad dataset reference 'hf:onlyname'" in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "M", "--seqlen", "0"], "argument --seqlen: must be at least 2, got 0"),
+    (["eval", "M", "--windows", "0"], "argument --windows: must be at least 1, got 0; or 'all'"),
+    (["eval", "M", "--windows", "al"], "argument --windows: expected an integer, got 'al'"),
+    (["run", "M", "--method", "gptq", "--nsamples", "0"], "argument --nsamples: must be at least 1"),
+    (["generate", "M", "hi", "--max-new-tokens", "-3"], "argument --max-new-tokens: must be at least 1, got -3"),
+    (["bench", "r.yaml", "--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
+])
+def test_counts_are_checked_when_parsed(capsys, argv, words):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert words in capsys.readouterr().err
+
+
+def test_windows_longer_than_the_context_fail_before_quantizing(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
+    """The tiny model's context is 256 tokens: longer windows or generations are refused up front."""
+    import lowbit.api
+
+    def no_quantize(*a, **kw):
+        raise AssertionError("quantized before the bad length was caught")
+
+    monkeypatch.setattr(lowbit.api, "quantize", no_quantize)
+    run = ["-q", "run", str(tiny_dir), "--method", "gptq", "--ppl", str(text_file), "--device", "cpu"]
+    assert main(run + ["--seqlen", "257"]) == 2
+    assert "--seqlen 257 is longer than the model's context of 256 tokens" in capsys.readouterr().err
+    assert main(run + ["--seqlen", "32", "--calib", str(text_file), "--calib-seqlen", "300"]) == 2
+    assert "--calib-seqlen 300 is longer than the model's context of 256" in capsys.readouterr().err
+    gen = ["-q", "generate", str(tiny_dir), "--device", "cpu"]
+    assert main(gen + ["the", "--max-new-tokens", "300"]) == 2
+    m = re.search(r"the prompt \((\d+) tokens\) plus .* use --max-new-tokens (\d+) or less", capsys.readouterr().err)
+    assert m and int(m[1]) + int(m[2]) == 256
+    assert main(gen + ["", "--max-new-tokens", "3"]) == 2
+    assert "the prompt is empty after tokenization" in capsys.readouterr().err
+    assert main(gen + ["the", "--max-new-tokens", "3"]) == 0
 
 
 def test_save_goes_to_a_new_empty_or_checkpoint_folder(tiny_dir, tmp_path):

@@ -70,10 +70,11 @@ def evaluate_ppl(model, tokenizer, corpus: str = "wiki", seqlen: int = 512, wind
                  progress: bool = True) -> tuple[float, dict]:
     """``(ppl, protocol)`` for ``model`` on ``corpus``; BOS per the model's architecture."""
     from .data.texts import JOIN_RULE
-    from .models.arch import arch_for
+    from .models.arch import arch_for, check_seqlen
 
     arch = arch_for(model)
     proto = PPLProtocol(corpus, seqlen, windows, arch.bos_per_window)
+    check_seqlen(model, seqlen)
     ids = ppl_windows(tokenizer, model, proto)
     ppl = perplexity(model, ids, progress=progress, desc=f"ppl {corpus}")
     d = proto.to_dict()

@@ -273,7 +273,7 @@ def is_cached(args: argparse.Namespace) -> bool:
         return False
     if res.get("config") != config:
         return False
-    windows = None if str(args.windows) == "all" else int(args.windows)
+    windows = args.windows  # None = all
     for corpus in args.ppl:
         p = res.get("protocol", {}).get(corpus)
         if corpus not in res.get("ppl", {}) or not p or p.get("seqlen") != args.seqlen or p.get("windows") != windows:

@@ -12,9 +12,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
-from .cli_args import add_dataclass_args, dataclass_from_args, parse_format_tag, parse_shape
+from .cli_args import add_dataclass_args, dataclass_from_args, int_at_least, parse_format_tag, parse_shape, windows_arg
 from .config import FormatConfig, StorageConfig
-from .errors import LowbitError
+from .errors import ConfigError, LowbitError
 
 log = logging.getLogger("lowbit")
 
@@ -35,8 +35,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(p.add_argument_group("storage"), StorageConfig, prefix="storage_")
     c = p.add_argument_group("calibration (calibrated methods)")
     c.add_argument("--calib", default="wiki-train", help="text source for calibration (default: wiki-train)")
-    c.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
-    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
+    c.add_argument("--nsamples", type=int_at_least(1), default=128, help="calibration windows (default: 128)")
+    c.add_argument("--calib-seqlen", type=int_at_least(2), default=512, help="tokens per calibration window (default: 512)")
     c.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the blocks checkpointed in OUT.resume/")
@@ -121,13 +121,22 @@ def _check_inputs(args):
         check_out_path(args.out)
 
 
+def _check_model_fits(args, model):
+    """Windows longer than the model's context fail before quantizing, not at evaluation."""
+    from .models.arch import check_seqlen
+
+    if getattr(args, "ppl", None):
+        check_seqlen(model, args.seqlen, "--seqlen")
+
+
 def _calib_ids(recipe, tokenizer, model):
     if recipe.calib is None:
         return None
     from .data.calib import sample_windows
-    from .models.arch import arch_for
+    from .models.arch import arch_for, check_seqlen
 
     c = recipe.calib
+    check_seqlen(model, c["seqlen"], "--calib-seqlen")
     bos = tokenizer.bos_token_id if arch_for(model).bos_per_window else None
     return sample_windows(tokenizer, c["source"], c["nsamples"], c["seqlen"], c["seed"], bos_id=bos)
 
@@ -151,6 +160,7 @@ def _quantize(args):
     _check_inputs(args)
     device = _device(args)
     model, tok = load_model(args.model)  # stays on the CPU: the engine moves one block at a time to `device`
+    _check_model_fits(args, model)
     resume = _resume_dir(args)
     if device.type == "cuda":
         import torch
@@ -195,7 +205,7 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
     model.to(device)
     ppl, protos = {}, {}
     t0 = time.perf_counter()
-    windows = None if str(args.windows) == "all" else int(args.windows)
+    windows = args.windows  # None = all
     for corpus in args.ppl:
         ppl[corpus], protos[corpus] = evaluate_ppl(model, tok, corpus, args.seqlen, windows, progress=not args.quiet)
     from .eval.zeroshot import result_fields
@@ -262,6 +272,7 @@ def cmd_eval(args):
 
     _check_inputs(args)
     model, tok = load_model(args.model)
+    _check_model_fits(args, model)
     if is_checkpoint(args.model):
         meta = read_meta(args.model)
         summary = meta.get("summary", {})
@@ -332,6 +343,17 @@ def cmd_generate(args):
     if args.chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt").to(model.device)
+    n = ids["input_ids"].shape[1]
+    if n == 0:
+        raise ConfigError("the prompt is empty after tokenization (this tokenizer adds no BOS); pass some text")
+    from .models.arch import context_length
+
+    ctx = context_length(model)
+    if ctx is not None and n >= ctx:
+        raise ConfigError(f"the prompt has {n} tokens, the model's whole context is {ctx}; use a shorter prompt")
+    if ctx is not None and n + args.max_new_tokens > ctx:
+        raise ConfigError(f"the prompt ({n} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                          f"context of {ctx} tokens; use --max-new-tokens {max(ctx - n, 0)} or less, or a shorter prompt")
     torch.manual_seed(args.seed)
     from .kernels import use_kernel_activations
     from .runtime import LeanDecoder, lean_supported
@@ -342,7 +364,6 @@ def cmd_generate(args):
     why = lean_supported(model) if args.loop == "lean" else "--loop hf"
     with use_kernel_activations(args.kernel_act):
         if why is None:
-            n = ids["input_ids"].shape[1]
             eos = model.generation_config.eos_token_id
             out = LeanDecoder(model, max_len=n + args.max_new_tokens).generate(
                 ids["input_ids"], args.max_new_tokens, eos_token_id=eos, temperature=args.temperature,
@@ -423,8 +444,8 @@ def cmd_bench(args):
 
 def _add_eval_args(p):
     p.add_argument("--ppl", nargs="+", default=["wiki"], metavar="CORPUS", help="corpora for perplexity (default: wiki)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default: 512)")
-    p.add_argument("--windows", default="40", help="number of windows, or 'all' (default: 40)")
+    p.add_argument("--seqlen", type=int_at_least(2), default=512, help="tokens per window (default: 512)")
+    p.add_argument("--windows", default="40", type=windows_arg, help="number of windows, or 'all' (default: 40)")
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=True, help="write a results JSON (default: yes)")
     p.add_argument("--results-dir", default="docs/results", help="where results JSON go (default: docs/results)")
     p.add_argument("--model-name", default=None, help="model name in results (default: the model argument's name)")
@@ -485,9 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate text with a model or checkpoint")
     s.add_argument("model")
     s.add_argument("prompt")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (with --temperature)")
+    s.add_argument("--top-k", type=int_at_least(1), default=None, help="sample from the k most likely tokens (with --temperature)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--loop", choices=["lean", "hf"], default="lean",
                    help="decode loop: lowbit's lean loop (static cache, fused ops; default, where the model fits it) "
@@ -501,12 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench-kernels", help="benchmark the CPU kernels (GEMV bandwidth, GEMM throughput)")
     s.add_argument("--formats", nargs="+", default=None, metavar="TAG", help="format tags; <tag>@q8 runs the layer with int8 activations (default: a fixed set)")
-    s.add_argument("--threads", nargs="+", type=int, default=None, help="thread counts to run (default: torch's)")
-    s.add_argument("--repeats", type=int, default=30, help="timed repeats per measurement (medians; default: 30)")
+    s.add_argument("--threads", nargs="+", type=int_at_least(1), default=None, help="thread counts to run (default: torch's)")
+    s.add_argument("--repeats", type=int_at_least(1), default=30, help="timed repeats per measurement (medians; default: 30)")
     s.add_argument("--quick", action="store_true", help="smollm2 shapes only")
     s.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="OUTxIN",
                    help="layer shapes to run, e.g. 4096x11008 (default: the zoo models' linears)")
-    s.add_argument("--batches", nargs="*", type=int, default=None, metavar="B",
+    s.add_argument("--batches", nargs="*", type=int_at_least(1), default=None, metavar="B",
                    help="GEMM batch sizes (default: 16 64 512; none: GEMV only)")
     s.add_argument("--json", default="docs/results/kernels.json")
     s.add_argument("--md", default="docs/kernels.md")
@@ -517,9 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--configs", nargs="+", default=None, metavar="NAME",
                    help="fp32, bf16, format tags such as int4-g128, or ckpt=DIR; suffixes @hf (transformers' "
                         "generate), @ref (no kernels), @q8 (int8-input kernels) (default: a fixed set)")
-    s.add_argument("--new-tokens", type=int, default=128)
-    s.add_argument("--repeats", type=int, default=3, help="generations per config (medians; default: 3)")
-    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    s.add_argument("--new-tokens", type=int_at_least(1), default=128)
+    s.add_argument("--repeats", type=int_at_least(1), default=3, help="generations per config (medians; default: 3)")
+    s.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's)")
     s.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                    help="also run llama.cpp via llama-cpp-python when installed (default: yes)")
     s.add_argument("--llama-cpp-bin", default=None, metavar="DIR",
@@ -540,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="YAML recipe, e.g. recipes/rtn_grid.yaml")
     s.add_argument("--force", action="store_true", help="rerun grid points whose results JSON already exists")
     s.add_argument("--dry-run", action="store_true", help="print the plan (cached / planned) without running")
-    s.add_argument("--jobs", type=int, default=1,
+    s.add_argument("--jobs", type=int_at_least(1), default=1,
                    help="grid points run at once, each in its own process (default: 1); on the CPU each gets "
                         "cores/jobs threads unless OMP_NUM_THREADS is set")
     s.add_argument("--device", default=None, help="passed to every run as --device (default: each run's own, auto)")

@@ -11,7 +11,8 @@ from dataclasses import MISSING, fields
 from .config import FormatConfig
 from .errors import ConfigError
 
-__all__ = ["add_dataclass_args", "dataclass_from_args", "parse_format_tag"]
+__all__ = ["add_dataclass_args", "dataclass_from_args", "int_at_least", "parse_format_tag", "parse_shape",
+           "windows_arg"]
 
 
 def _flag(prefix: str, name: str) -> str:
@@ -98,3 +99,28 @@ def parse_shape(text: str) -> tuple[int, int]:
     if not mt or not int(mt[1]) or not int(mt[2]):
         raise argparse.ArgumentTypeError(f"shape {text!r}: expected OUTxIN with positive sizes, e.g. 4096x11008")
     return int(mt[1]), int(mt[2])
+
+
+def int_at_least(lo: int):
+    """An argparse ``type=`` for integers ``>= lo``, so ``--seqlen 0`` is refused at parse time."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def windows_arg(text: str) -> int | None:
+    """``--windows``: a positive number of perplexity windows, or ``all`` (``None``)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int_at_least(1)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; or 'all' for every window") from None

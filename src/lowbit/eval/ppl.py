@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 __all__ = ["PPLProtocol", "make_windows", "perplexity"]
 
@@ -30,6 +30,12 @@ class PPLProtocol:
     seqlen: int = 512
     windows: int | None = 40   # None = every full window of the text
     bos: bool = False
+
+    def __post_init__(self):
+        if self.seqlen < 2:
+            raise ConfigError(f"perplexity windows need seqlen >= 2 (one token predicted from another), got {self.seqlen}")
+        if self.windows is not None and self.windows < 1:
+            raise ConfigError(f"perplexity needs windows >= 1 (or None for all), got {self.windows}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 
-__all__ = ["ArchSpec", "InputGroup", "ARCHS", "arch_for", "get_module", "set_module"]
+__all__ = ["ArchSpec", "InputGroup", "ARCHS", "arch_for", "check_seqlen", "context_length", "get_module", "set_module"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,27 @@ def arch_for(model: nn.Module) -> ArchSpec:
         f"lowbit has no adapter for model_type {mt!r}. Supported: {', '.join(known)}. "
         "Adding one is a new row in lowbit/models/arch.py."
     )
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` of its text config), if it states one."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) else None
+
+
+def check_seqlen(model: nn.Module, seqlen: int, what: str = "seqlen") -> None:
+    """ConfigError when windows of ``seqlen`` tokens exceed the model's :func:`context_length`.
+
+    Past it a model's position encoding is out of range: its numbers mean nothing, and attention over a
+    very long window can run for hours. ``what`` names the setting in the message.
+    """
+    n = context_length(model)
+    if n is not None and seqlen > n:
+        raise ConfigError(f"{what} {seqlen} is longer than the model's context of {n} tokens "
+                          f"(max_position_embeddings); use {what} {n} or less")
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

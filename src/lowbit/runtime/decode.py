@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..kernels import kernels_active
 from ..kernels.build import kernel_module
 from ..models.arch import arch_for, get_module
@@ -337,7 +337,7 @@ class LeanDecoder:
         """
         ids = input_ids.reshape(-1).to(self.device)
         if ids.numel() == 0:
-            raise ValueError("generate needs a prompt of at least one token (e.g. BOS)")
+            raise ConfigError("generate needs a prompt of at least one token (e.g. BOS)")
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         self.reset()
         for s in range(0, ids.numel(), prefill_chunk):
