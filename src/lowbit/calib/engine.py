@@ -108,7 +108,8 @@ def _first_hidden(args, kwargs):
 def _clean_kwargs(kwargs: dict) -> dict:
     out = {}
     for k, v in kwargs.items():
-        if k in ("hidden_states", "past_key_values", "past_key_value", "use_cache", "output_attentions"):
+        # the KV cache under both names transformers has used for it ("cache" since 5.24)
+        if k in ("hidden_states", "past_key_values", "past_key_value", "cache", "use_cache", "output_attentions"):
             continue
         out[k] = v
     out["use_cache"] = False

@@ -34,6 +34,7 @@ computed only where continuation tokens are scored (``logits_to_keep``).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -156,6 +157,11 @@ def _forward_rows(model, rows: list[tuple[list[int], list[int]]], max_len: int) 
     return out
 
 
+def _cache_kwarg(model) -> str:
+    """The forward keyword for a KV cache: ``cache`` from transformers 5.24, ``past_key_values`` before it."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def _forward_shared(model, rows: list[tuple[list[int], list[int]]], max_len: int) -> list[float]:
     """As :func:`_forward_rows` for the rows of ONE item, running their common token prefix once.
@@ -170,9 +176,9 @@ def _forward_shared(model, rows: list[tuple[list[int], list[int]]], max_len: int
     out1 = model(input_ids=torch.tensor([inps[0][:P]], device=device), use_cache=True,
                  logits_to_keep=torch.tensor(head_keep, device=device))
     head = torch.log_softmax(out1.logits[0].float(), dim=-1)     # (len(head_keep), V)
-    cache = out1.past_key_values
+    cache = getattr(out1, "cache", None) or out1.past_key_values
     cache.batch_repeat_interleave(len(rows))
-    tail = model(input_ids=_padded(inps, P).to(device), past_key_values=cache, use_cache=True).logits
+    tail = model(input_ids=_padded(inps, P).to(device), **{_cache_kwarg(model): cache}, use_cache=True).logits
     tail = torch.log_softmax(tail.float(), dim=-1)               # (rows, T - P, V)
     hpos = {p: j for j, p in enumerate(head_keep)}
     out = []
