@@ -257,3 +257,19 @@ def test_bench_kernels_shapes_and_gemv_only(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench-kernels", "--shapes", "64by96"])
     assert "expected OUTxIN" in capsys.readouterr().err
+
+
+def test_quiet_silences_transformers_progress_bars_too(tiny_dir, text_file):
+    """-q promises no progress bars; transformers' own ("Loading weights") read their switch at import,
+    so this runs in a fresh process."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "lowbit", "eval", str(tiny_dir), "--ppl", str(text_file), "--seqlen", "32",
+            "--windows", "2", "--no-record", "--device", "cpu"]
+    loud = subprocess.run(argv, capture_output=True, text=True, check=True)
+    quiet = subprocess.run(argv[:3] + ["-q"] + argv[3:], capture_output=True, text=True, check=True)
+    bar = f"ppl {text_file}: 100%"
+    assert "Loading weights" in loud.stderr and bar in loud.stderr     # the bars the flag removes
+    assert "Loading weights" not in quiet.stderr and bar not in quiet.stderr
+    assert "ppl" in quiet.stdout and f"{text_file} " in quiet.stdout   # the result still prints (rich wraps it)
