@@ -269,6 +269,22 @@ def test_cli_report(tmp_path, capsys):
     assert json.loads((res / "toy-1m__fp32.json").read_text())["model"] == "toy-1m"
 
 
+def test_cli_report_errors_write_nothing(tmp_path, capsys):
+    from lowbit.cli import main
+
+    res = tmp_path / "docs" / "results"
+    assert main(["report", "--results-dir", str(res)]) == 2
+    assert f"results folder {res} does not exist" in capsys.readouterr().err
+    res.mkdir(parents=True)
+    assert main(["report", "--results-dir", str(res)]) == 2
+    assert "holds no results JSON" in capsys.readouterr().err
+    write_result(SYNTH[0], res)
+    (res / "broken.json").write_text('{"model": ')
+    assert main(["report", "--results-dir", str(res)]) == 2
+    assert f"results file {res / 'broken.json'} cannot be read" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["results"]   # no empty or partial reports
+
+
 def test_report_plots_distillation_loss_curves(tmp_path):
     res = tmp_path / "docs" / "results"
     (res / "loss").mkdir(parents=True)

@@ -267,8 +267,10 @@ def test_quiet_silences_transformers_progress_bars_too(tiny_dir, text_file):
 
     argv = [sys.executable, "-m", "lowbit", "eval", str(tiny_dir), "--ppl", str(text_file), "--seqlen", "32",
             "--windows", "2", "--no-record", "--device", "cpu"]
-    loud = subprocess.run(argv, capture_output=True, text=True, check=True)
-    quiet = subprocess.run(argv[:3] + ["-q"] + argv[3:], capture_output=True, text=True, check=True)
+    # earlier in-process `main(["-q", ...])` calls leave these set in this process's environment
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    loud = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
+    quiet = subprocess.run(argv[:3] + ["-q"] + argv[3:], capture_output=True, text=True, check=True, env=env)
     bar = f"ppl {text_file}: 100%"
     assert "Loading weights" in loud.stderr and bar in loud.stderr     # the bars the flag removes
     assert "Loading weights" not in quiet.stderr and bar not in quiet.stderr

@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+from .errors import DataError
 from .results import DEFAULT_DIR, _fmt, load_results, source_label, write_table
 from .utils import atomic_write_text, write_between_markers
 
@@ -530,6 +531,10 @@ def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str 
     results_dir = Path(results_dir)
     docs = Path(docs_dir) if docs_dir else results_dir.parent
     results = load_results(results_dir)
+    if not results:
+        why = "does not exist" if not results_dir.is_dir() else "holds no results JSON"
+        raise DataError(f"results folder {results_dir} {why}; write results with `lowbit run` or `lowbit eval` "
+                        f"(--results-dir), or pass the folder that holds them")
     out = {"results": write_table(results_dir, docs / "results.md")}
     plots_dir = docs / "plots"
     plots: dict[str, str] = {}

@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from .errors import DataError
 from .utils import atomic_write_text
 
 __all__ = ["write_result", "load_results", "render_table", "write_table", "result_name", "source_label"]
@@ -30,10 +31,14 @@ def write_result(res: dict, results_dir: Path | str = DEFAULT_DIR) -> Path:
 
 
 def load_results(results_dir: Path | str = DEFAULT_DIR) -> list[dict]:
+    """Every run result (a JSON with ``model`` and ``ppl``) in ``results_dir``; DataError on an unreadable file."""
     out = []
     for p in sorted(Path(results_dir).glob("*.json")):
-        d = json.loads(p.read_text())
-        if "model" in d and "ppl" in d:
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"results file {p} cannot be read ({e}); fix it, or delete it and rerun its command") from None
+        if isinstance(d, dict) and "model" in d and "ppl" in d:
             out.append(d)
     return out
 
