@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from .errors import DataError
-from .results import DEFAULT_DIR, _fmt, load_results, source_label, write_table
+from .results import DEFAULT_DIR, _fmt, generated_note, load_results, source_label, write_table
 from .utils import atomic_write_text, write_between_markers
 
 __all__ = ["afpq_cells", "pareto_front", "plot_afpq", "plot_pareto", "primary_corpus", "render_leaderboard", "write_report"]
@@ -172,7 +172,7 @@ def _zs_avg(r: dict) -> str:
 def render_leaderboard(results: list[dict], plots: dict[str, str] | None = None,
                        source: str = DEFAULT_DIR.as_posix()) -> str:
     """The leaderboard markdown: per model, runs by all-in bpw; ``plots`` maps model -> image path."""
-    intro = (f"Generated from `{source}/*.json` by `lowbit report`; do not edit by hand. "
+    intro = (f"{generated_note(source)} "
              "bpw all-in counts every parameter (embedding, head, norms at their storage width); "
              "Pareto = no other run has both fewer bits (all-in) and lower perplexity. "
              "Zero-shot: mean accuracy over tasks (number of tasks); protocol in `docs/evaluation.md`.")
@@ -240,7 +240,7 @@ def render_comparisons(results: list[dict], afpq_plots: dict[str, str] | None = 
     Rows are the runs whose tag is exactly the format tag (no method options,
     no quantized embedding or head), so every cell of a row has the same bpw.
     """
-    intro = (f"Generated from `{source}/*.json` by `lowbit report`; do not edit by hand. One row per weight format, "
+    intro = (f"{generated_note(source)} One row per weight format, "
              "one column per weight-only method at its default settings; cells are perplexity on the model's first "
              "corpus (protocol in `results.md`). `asym` = asymmetric INT, or two scales (positive and negative "
              "halves, AFPQ) for FP/NF; `sym` = one scale. A dash: not run.")
@@ -535,7 +535,7 @@ def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str 
         why = "does not exist" if not results_dir.is_dir() else "holds no results JSON"
         raise DataError(f"results folder {results_dir} {why}; write results with `lowbit run` or `lowbit eval` "
                         f"(--results-dir), or pass the folder that holds them")
-    out = {"results": write_table(results_dir, docs / "results.md")}
+    out = {"results": write_table(results_dir, docs / "results.md", results)}
     plots_dir = docs / "plots"
     plots: dict[str, str] = {}
     made = set()

@@ -8,7 +8,8 @@ from pathlib import Path
 from .errors import DataError
 from .utils import atomic_write_text
 
-__all__ = ["write_result", "load_results", "render_table", "write_table", "result_name", "source_label"]
+__all__ = ["write_result", "load_results", "render_table", "write_table", "result_name", "source_label",
+           "generated_note"]
 
 DEFAULT_DIR = Path("docs/results")
 
@@ -59,6 +60,11 @@ def source_label(results_dir: Path | str, index: Path | str) -> str:
     return Path(os.path.relpath(Path(results_dir).resolve(), Path(index).resolve().parent.parent)).as_posix()
 
 
+def generated_note(source: str) -> str:
+    """The opening sentence of every generated index: which results folder it was built from."""
+    return f"Generated from `{source}/*.json` by `lowbit report`; do not edit by hand."
+
+
 def render_table(results: list[dict], source: str = DEFAULT_DIR.as_posix()) -> str:
     """A markdown table per model, sorted by method then bpw. Deterministic for the same files.
 
@@ -66,7 +72,7 @@ def render_table(results: list[dict], source: str = DEFAULT_DIR.as_posix()) -> s
     """
     note = ("Quantization time and peak memory depend on the device column (GPU peak = CUDA max allocated, "
             "CPU peak = process RSS); GPU grids ran several points at once on one GPU, so their times are upper bounds.")
-    lines = ["# Results", "", f"Generated from `{source}/*.json` by `lowbit report`; do not edit by hand.", note, ""]
+    lines = ["# Results", "", generated_note(source), note, ""]
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model]
         corpora = sorted({c for r in rows for c in r["ppl"]})
@@ -93,7 +99,11 @@ def render_table(results: list[dict], source: str = DEFAULT_DIR.as_posix()) -> s
     return "\n".join(lines)
 
 
-def write_table(results_dir: Path | str = DEFAULT_DIR, out: Path | str | None = None) -> Path:
+def write_table(results_dir: Path | str = DEFAULT_DIR, out: Path | str | None = None,
+                results: list[dict] | None = None) -> Path:
+    """Write ``results.md`` (default: beside ``results_dir``) from ``results`` (default: loaded from ``results_dir``)."""
     out = Path(out) if out else Path(results_dir).parent / "results.md"
-    atomic_write_text(out, render_table(load_results(results_dir), source=source_label(results_dir, out)))
+    if results is None:
+        results = load_results(results_dir)
+    atomic_write_text(out, render_table(results, source=source_label(results_dir, out)))
     return out
