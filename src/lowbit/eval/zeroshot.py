@@ -176,7 +176,9 @@ def _forward_shared(model, rows: list[tuple[list[int], list[int]]], max_len: int
     out1 = model(input_ids=torch.tensor([inps[0][:P]], device=device), use_cache=True,
                  logits_to_keep=torch.tensor(head_keep, device=device))
     head = torch.log_softmax(out1.logits[0].float(), dim=-1)     # (len(head_keep), V)
-    cache = getattr(out1, "cache", None) or out1.past_key_values
+    cache = getattr(out1, "cache", None)                          # transformers >= 5.24
+    if cache is None:
+        cache = out1.past_key_values
     cache.batch_repeat_interleave(len(rows))
     tail = model(input_ids=_padded(inps, P).to(device), **{_cache_kwarg(model): cache}, use_cache=True).logits
     tail = torch.log_softmax(tail.float(), dim=-1)               # (rows, T - P, V)
