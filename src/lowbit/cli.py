@@ -195,6 +195,7 @@ DISTILL_RESULT_FIELDS = ("loss", "init", "steps", "seqlen", "batch_size", "grad_
 
 def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summary: dict):
     from .api import evaluate_ppl
+    from .eval.ppl import PROTOCOL_VERSION
     from .nn.bpw import bpw_report
     from .results import write_result, write_table
     from .utils import peak_memory_gb
@@ -222,6 +223,7 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
                         "blocks_items": rep["blocks_items"]},
         "ppl": {k: round(v, 4) for k, v in ppl.items()},
         "protocol": protos,
+        "protocol_version": PROTOCOL_VERSION,
         "quant_time_s": summary.get("quant_time_s", 0.0),
         "peak_mem_gb": summary.get("peak_mem_gb") or peak_memory_gb(device),
         "eval_time_s": round(time.perf_counter() - t0, 1),

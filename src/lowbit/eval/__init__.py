@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (and later zero-shot tasks), under recorded protocols."""
-from .ppl import PPLProtocol, make_windows, perplexity
+"""Evaluation: perplexity and zero-shot tasks, under recorded protocols."""
+from .ppl import PROTOCOL_VERSION, PPLProtocol, make_windows, perplexity
 
-__all__ = ["PPLProtocol", "make_windows", "perplexity"]
+__all__ = ["PROTOCOL_VERSION", "PPLProtocol", "make_windows", "perplexity"]

