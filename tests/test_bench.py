@@ -6,11 +6,12 @@ import pytest
 
 from lowbit.bench import load_recipe, parse_recipe, run_argv, run_bench
 from lowbit.errors import ConfigError, LowbitError
+from lowbit.eval.ppl import PROTOCOL_VERSION
 from lowbit.report import pareto_front, render_leaderboard, write_report
 from lowbit.results import write_result
 
 GOOD = {"models": ["m"], "methods": ["fp32", "rtn"], "configs": [{"bits": 4, "group_size": 128}, {"bits": 3}],
-        "eval": {"ppl": ["wiki"], "windows": 4, "tasks": "strategyqa", "limit": 10}}
+        "eval": {"ppl": ["wiki"], "windows": 4, "tasks": "piqa", "limit": 10}}
 
 
 def test_recipe_grid_and_argv():
@@ -138,9 +139,9 @@ def test_bench_parallel_reports_a_failed_point(tiny_dir, text_file, tmp_path, ca
 def fake(method, tag, blocks, all_in, ppl, zs=None):
     r = {"model": "toy-1m", "method": method, "tag": tag, "config": {}, "bpw": {"blocks": blocks, "all_in": all_in},
          "ppl": {"wiki": ppl}, "protocol": {"wiki": {"seqlen": 512, "n_windows": 40, "bos": False}},
-         "quant_time_s": 1.0, "peak_mem_gb": None, "lowbit_version": "0"}
+         "quant_time_s": 1.0, "peak_mem_gb": None, "lowbit_version": "0", "protocol_version": PROTOCOL_VERSION}
     if zs is not None:
-        r["zeroshot"] = {"strategyqa": {"acc": zs, "acc_norm": zs, "n": 10, "chance": 0.5}}
+        r["zeroshot"] = {"piqa": {"acc": zs, "acc_norm": zs, "n": 10, "chance": 0.5}}
         r["zeroshot_avg"] = {"acc": zs, "acc_norm": zs, "chance": 0.5, "n_tasks": 1}
         r["zeroshot_protocol"] = {"limit": 10, "seed": 1234}
     return r
@@ -367,3 +368,17 @@ def test_vector_quantization_table_itemises_bpw():
     assert lines[3] == "| awq | int3-g128 | - | - | - | - | - | 3.161 | 60.00 | - | 12 |"
     assert len(lines) == 4
     assert render_vector_quantization([run("gptq", "int2-g64", 2.281, 7000.0)]) == []
+
+
+def test_reports_read_only_the_current_protocol_version(tmp_path, caplog):
+    """v1 results (other texts and tasks) stay on disk but never share a table with v2 ones."""
+    from lowbit.results import load_results
+
+    res = tmp_path / "results"
+    old = fake("rtn", "int4-g128", 4.25, 6.7, 24.0)
+    old.pop("protocol_version")            # v1 files carry no version field
+    write_result(old, res)
+    write_result(fake("fp32", "", 32, 32, 20.0), res)
+    assert [r["method"] for r in load_results(res)] == ["fp32"]
+    assert "skipped 1 results of an older protocol version" in caplog.text
+    assert sorted(r["method"] for r in load_results(res, any_version=True)) == ["fp32", "rtn"]

@@ -14,7 +14,7 @@ Recipe (see ``recipes/rtn_grid.yaml``)::
     configs:                        # keys are `lowbit run` flags without dashes (group-size -> group_size)
       - {bits: 4, group_size: 128}
       - {bits: 3, group_size: 64}
-    eval: {ppl: [wiki], seqlen: 512, windows: 40, tasks: all, limit: 500}
+    eval: {ppl: [wiki], seqlen: 512, windows: 40, tasks: all, limit: 200}
     results_dir: docs/results
 
 ``methods`` may instead map each method to its own list of configs
@@ -199,7 +199,7 @@ def _check_eval(source: str, ev) -> dict:
         try:
             parse_limit(ev["limit"])
         except LowbitError as exc:
-            raise ConfigError(f"{source}: eval.limit: {exc}; e.g. `limit: 500`") from None
+            raise ConfigError(f"{source}: eval.limit: {exc}; e.g. `limit: 200`") from None
     return ev
 
 

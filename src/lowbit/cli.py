@@ -451,11 +451,13 @@ def _add_eval_args(p):
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=True, help="write a results JSON (default: yes)")
     p.add_argument("--results-dir", default="docs/results", help="where results JSON go (default: docs/results)")
     p.add_argument("--model-name", default=None, help="model name in results (default: the model argument's name)")
+    from .eval.tasks import DEFAULT_LIMIT
     from .eval.zeroshot import limit_arg, tasks_arg
 
     _add_device_arg(p)
     p.add_argument("--tasks", default=None, type=tasks_arg, metavar="T1,T2|all", help="zero-shot tasks, comma-separated, or 'all' (default: none)")
-    p.add_argument("--limit", default="500", type=limit_arg, metavar="N|full", help="items per zero-shot task, seeded subset (default: 500)")
+    p.add_argument("--limit", default=str(DEFAULT_LIMIT), type=limit_arg, metavar="N|full",
+                   help=f"items per zero-shot task, seeded subset (default: {DEFAULT_LIMIT})")
 
 
 def build_parser() -> argparse.ArgumentParser:

