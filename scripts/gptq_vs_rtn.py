@@ -6,7 +6,7 @@ perplexity windows. Each weight is quantized with RTN and with GPTQ (from ``H_ca
 act-order; at the given damping values) and, as a check of the solver, with a plain textbook GPTQ
 written here without lazy batches. The relative output error of a quantized weight Q on data X is
 
-    err(Q; H) = tr((W - Q) H (W - Q)^T) / tr(W H W^T),    H = X^T X / n
+    err(Q; H) = tr((W - Q) H (W - Q)^T) / tr(W H W^T),    H = 2 X^T X / n (as the engine accumulates it)
 
 A solver that lowers err on H_cal but raises it on H_eval is fitting its calibration set; one that
 raises err on H_cal has a bug. Writes a JSON (per-layer rows and sums) and prints a summary.
@@ -23,45 +23,32 @@ from pathlib import Path
 import torch
 
 import lowbit
+from lowbit.calib.engine import GroupStats
 from lowbit.data.calib import sample_windows
+from lowbit.data.texts import load_text
 from lowbit.eval.ppl import PROTOCOL_VERSION, make_windows
 from lowbit.formats.quantize import quantize_rtn
 from lowbit.formats.registry import make_format
-from lowbit.data.texts import load_text
 from lowbit.methods.gptq import gptq_quantize, inverse_hessian_factor
 from lowbit.models.arch import arch_for, get_module
 from lowbit.utils import atomic_write_text
 
+HESSIAN = frozenset({"hessian"})
+
 
 def collect_hessians(model, arch, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{linear path: X^T X / n}`` over ``windows`` ``(n, T)``; linears sharing an input share one tensor."""
+    """``{linear path: H}`` over ``windows`` ``(n, T)`` of the float model, H accumulated as the calibration
+    engine does (:class:`GroupStats`, 2 X^T X / n); linears sharing an input share one tensor."""
     blocks = get_module(model, arch.blocks)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for i, block in enumerate(blocks):
-        for g in arch.groups:
-            key = f"{arch.blocks}.{i}.{g.linears[0]}"
-
-            def hook(mod, args, key=key):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                sums[key] = sums.get(key, 0) + x.T @ x
-                counts[key] = counts.get(key, 0) + x.shape[0]
-
-            hooks.append(get_module(block, g.linears[0]).register_forward_pre_hook(hook))
+    stats = {(i, g): GroupStats() for i in range(len(blocks)) for g in arch.groups}
+    hooks = [get_module(blocks[i], g.linears[0]).register_forward_pre_hook(
+                 lambda mod, args, s=s: s.add(args[0], HESSIAN)) for (i, g), s in stats.items()]
     with torch.inference_mode():
         for row in windows:
             model(input_ids=row.unsqueeze(0), use_cache=False)
     for h in hooks:
         h.remove()
-    out = {}
-    for i in range(len(blocks)):
-        for g in arch.groups:
-            key = f"{arch.blocks}.{i}.{g.linears[0]}"
-            H = sums[key] / counts[key]
-            for name in g.linears:
-                out[f"{arch.blocks}.{i}.{name}"] = H
-    return out
+    return {f"{arch.blocks}.{i}.{name}": s.hessian for (i, g), s in stats.items() for name in g.linears}
 
 
 def textbook_gptq(W: torch.Tensor, H: torch.Tensor, fmt, damp: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .eval.ppl import PPLProtocol, make_windows, perplexity
+from .eval.ppl import PROTOCOL_VERSION, PPLProtocol, make_windows, perplexity
 from .io import is_checkpoint, load_checkpoint, save_checkpoint
 from .nn.bpw import count_params
 from .quantize import QuantRecipe, quantize_model
@@ -70,7 +70,6 @@ def evaluate_ppl(model, tokenizer, corpus: str = "wiki", seqlen: int = 512, wind
                  progress: bool = True) -> tuple[float, dict]:
     """``(ppl, protocol)`` for ``model`` on ``corpus``; BOS per the model's architecture."""
     from .data.texts import JOIN_RULE
-    from .eval.ppl import PROTOCOL_VERSION
     from .models.arch import arch_for, check_seqlen
 
     arch = arch_for(model)
@@ -79,7 +78,7 @@ def evaluate_ppl(model, tokenizer, corpus: str = "wiki", seqlen: int = 512, wind
     ids = ppl_windows(tokenizer, model, proto)
     ppl = perplexity(model, ids, progress=progress, desc=f"ppl {corpus}")
     d = proto.to_dict()
-    d.update(version=PROTOCOL_VERSION, n_windows=int(ids.shape[0]), tokens_scored=int(ids.shape[0] * (ids.shape[1] - 1)),
-             tokenizer=getattr(tokenizer, "name_or_path", None), join_rule=JOIN_RULE,
+    d.update(version=PROTOCOL_VERSION, n_windows=int(ids.shape[0]),
+             tokens_scored=int(ids.shape[0] * (ids.shape[1] - 1)), tokenizer=getattr(tokenizer, "name_or_path", None), join_rule=JOIN_RULE,
              add_special_tokens=False, window_rule="non-overlapping, from the start of the text")
     return ppl, d

@@ -22,6 +22,7 @@ import gzip
 import json
 import logging
 import re
+import shutil
 import struct
 import subprocess
 import tarfile
@@ -233,7 +234,7 @@ def bigbench_dir(progress: bool = True) -> Path:
         return out
     tarball = bigbench_sdist(progress)
     with atomic_dir(out) as tmp:
-        names = _extract_tasks(tarball, tmp, progress)
+        names = extract_bigbench(tarball, tmp, BIGBENCH_TASKS, progress)
         missing = [t for t in BIGBENCH_TASKS if not any(n.startswith(t) for n in names)]
         if missing:
             raise PullError(f"{tarball} lacks {missing}; delete it so lowbit downloads it again")
@@ -247,26 +248,23 @@ def bigbench_sdist(progress: bool = True) -> Path:
     return package_file(BIGBENCH, progress)
 
 
-def _extract_tasks(tarball: Path, out: Path, progress: bool) -> list[str]:
-    """Stream ``tarball`` once, writing the BIGBENCH_TASKS files under ``out``."""
+def extract_bigbench(tarball: Path, out: Path, prefixes: tuple[str, ...], progress: bool) -> list[str]:
+    """Stream ``tarball`` once, writing each ``benchmark_tasks/`` file whose path there starts with one of
+    ``prefixes`` under ``out`` (each file atomically); returns those paths."""
     names: list[str] = []
-    size = tarball.stat().st_size
     with open(tarball, "rb") as raw, tqdm.wrapattr(
-        raw, "read", total=size, desc=f"scan {tarball.name}", disable=not progress,
+        raw, "read", total=tarball.stat().st_size, desc=f"scan {tarball.name}", disable=not progress,
     ) as f, tarfile.open(fileobj=f, mode="r|gz") as tar:
         for member in tar:
             if not (member.isfile() and member.name.startswith(BIGBENCH_PREFIX)):
                 continue
             rel = PurePosixPath(member.name[len(BIGBENCH_PREFIX):])
-            if ".." in rel.parts or not any(str(rel).startswith(t) for t in BIGBENCH_TASKS):
+            if ".." in rel.parts or not str(rel).startswith(prefixes):
                 continue
-            target = out.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
             src = tar.extractfile(member)
             assert src is not None  # regular file
-            with src, open(target, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
+            with src, atomic_file(out.joinpath(*rel.parts)) as tmp, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
             names.append(str(rel))
     return names
 
@@ -291,6 +289,7 @@ def squad_request_paragraphs(path: Path) -> list[str]:
     Each line is a JSON request whose ``doc.query`` holds ``Background: <paragraph>\nQuestion: ...``.
     """
     paras: dict[str, None] = {}
+    n = 0   # the line being read; 0 while the file is opened
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -298,7 +297,7 @@ def squad_request_paragraphs(path: Path) -> list[str]:
                 start = query.index(_BACKGROUND) + len(_BACKGROUND)
                 paras.setdefault(query[start:query.index(_QUESTION, start)].strip())
     except (OSError, EOFError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        where = f"line {n}" if "n" in locals() else "the start"
+        where = f"line {n}" if n else "the start"
         raise DataError(f"{path} is not a readable SQuAD requests file ({where}: {exc!r}); "
                         f"delete it so lowbit extracts it again") from exc
     paras.pop("", None)

@@ -34,7 +34,9 @@ import tempfile
 from pathlib import Path
 
 from ..errors import LowbitError
-from .tasks import DEFAULT_LIMIT, DEFAULT_SEED, TASKS, items_digest, load_items, resolve_tasks, subset_order, task_rows
+from .tasks import (
+    DEFAULT_LIMIT, DEFAULT_SEED, TASKS, build_items, items_digest, resolve_tasks, subset_order, task_rows,
+)
 
 __all__ = ["evaluate_lm_eval", "lm_eval_task_config", "lm_eval_task_name", "wrap"]
 
@@ -116,7 +118,7 @@ def _write_rows(task: str, limit: int | None, seed: int, path: Path, progress: b
     with open(path, "w", encoding="utf-8") as f:
         for i in order:
             f.write(json.dumps({**cast(rows[i]), "lowbit_id": str(i)}, ensure_ascii=False) + "\n")
-    items = load_items(task, progress=progress)
+    items = build_items(task, rows)
     return items_digest([items[i] for i in order])
 
 

@@ -59,7 +59,6 @@ import json
 import logging
 import random
 import re
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -77,6 +76,7 @@ __all__ = [
     "TASKS",
     "MCItem",
     "TaskSpec",
+    "build_items",
     "ensure_task_data",
     "hellaswag_preprocess",
     "items_digest",
@@ -346,8 +346,11 @@ def task_rows(name: str, progress: bool = True) -> list[Row]:
     return table.to_pylist()
 
 
-def _build_items(spec: TaskSpec, rows: list[Row], where) -> list[MCItem]:
+def build_items(name: str, rows: list[Row]) -> list[MCItem]:
+    """The items of default task ``name`` from its data ``rows`` (as :func:`task_rows` returns them)."""
+    spec = TASKS[name]
     assert spec.build is not None
+    where = spec.member
     items = []
     for i, row in enumerate(rows):
         try:
@@ -364,7 +367,7 @@ def load_items(name: str, root: Path | None = None, progress: bool = True) -> li
     """
     spec = TASKS[resolve_tasks([name])[0]]
     if spec.member:
-        return _build_items(spec, task_rows(spec.name, progress), spec.member)
+        return build_items(spec.name, task_rows(spec.name, progress))
     return _bigbench_items(spec, root, progress)
 
 
@@ -422,27 +425,11 @@ def ensure_task_data(names: list[str] | None = None, root: Path | None = None, p
 
 
 def _extract_folders(root: Path, folders: list[str], progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    from ..data.fetch import atomic_file
-    from ..data.texts import BIGBENCH_PREFIX, bigbench_sdist
+    from ..data.texts import bigbench_sdist, extract_bigbench
 
     tarball = bigbench_sdist(progress)
-    prefixes = tuple(f.rstrip("/") + "/" for f in folders)
     log.info("unpacking %s from %s", ", ".join(folders), tarball.name)
-    with open(tarball, "rb") as raw, tqdm.wrapattr(
-        raw, "read", total=tarball.stat().st_size, desc=f"scan {tarball.name}", disable=not progress,
-    ) as f, tarfile.open(fileobj=f, mode="r|gz") as tar:
-        for member in tar:
-            if not (member.isfile() and member.name.startswith(BIGBENCH_PREFIX)):
-                continue
-            rel = PurePosixPath(member.name[len(BIGBENCH_PREFIX):])
-            if ".." in rel.parts or not str(rel).startswith(prefixes):
-                continue
-            src = tar.extractfile(member)
-            assert src is not None  # a regular file
-            with src, atomic_file(root.joinpath(*rel.parts)) as tmp:
-                tmp.write_bytes(src.read())
+    extract_bigbench(tarball, root, tuple(f.rstrip("/") + "/" for f in folders), progress)
 
 
 def _bigbench_items(spec: TaskSpec, root: Path | None, progress: bool) -> list[MCItem]:
