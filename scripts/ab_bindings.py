@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench_decode import _lowbit_model, _prompt_model
-from lowbit.bench_kernels import _median_time
+from lowbit.bench.decode import _lowbit_model, _prompt_model
+from lowbit.bench.kernels import _median_time
 from lowbit.kernels.build import _state, kernel_module
 from lowbit.runtime import LeanDecoder
 
@@ -37,8 +37,8 @@ def _median_us(fn, n: int = 500) -> float:
 
 def call_costs(direct, via_ops, rounds: int = 5) -> list[dict]:
     """Median µs per call of each arm (hot weights), arms alternating over ``rounds``."""
-    from lowbit.bench_kernels import _layer
-    from lowbit.kernels import layout_for
+    from lowbit.bench.kernels import _layer
+    from lowbit.nn.kernel_layouts import layout_for
 
     out = []
     cases = []

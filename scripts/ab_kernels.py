@@ -88,8 +88,9 @@ def main() -> None:
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
 
-    from lowbit.bench_kernels import _COLD_BYTES, _clone_layout, _layer, split_act
-    from lowbit.kernels import layout_for, load_kernels
+    from lowbit.bench.kernels import _COLD_BYTES, _clone_layout, _layer, split_act
+    from lowbit.kernels import load_kernels
+    from lowbit.nn.kernel_layouts import layout_for
 
     if not load_kernels():
         raise SystemExit("the lowbit kernels did not build here; nothing to compare")

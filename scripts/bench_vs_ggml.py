@@ -6,7 +6,7 @@ tree ``lowbit bench-decode --llama-cpp-bin`` uses. ``scripts/ggml_gemv_bench.c``
 llama.cpp decode step runs them (no Python). lowbit's rows are timed as ``lowbit bench-kernels`` times
 them: one torch-op call per product from Python. Both stream from DRAM ("cold": > 96 MiB of weight
 copies in rotation) and from cache ("hot": one weight). The same run measures the DRAM read bandwidth
-with ``lowbit.bench_kernels.measure_bandwidth``, and alternates the two engines shape by shape.
+with ``lowbit.bench.kernels.measure_bandwidth``, and alternates the two engines shape by shape.
 
     python scripts/bench_vs_ggml.py --llama-cpp LLAMA_CPP_DIR --threads 2 \\
         --json docs/results/speed/gemv_vs_ggml.json --md docs/results/speed/gemv_vs_ggml.md
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench_kernels import SHAPES, _COLD_BYTES, _layer, gemv_times, measure_bandwidth, split_act
+from lowbit.bench.kernels import SHAPES, _COLD_BYTES, _layer, gemv_times, measure_bandwidth, split_act
 
 #: (lowbit format, ggml type) pairs compared; the ggml types that exist for any width first
 PAIRS = [("int4-g128", "q4_0"), ("int4-g128@q8", None), ("int4-g32", "q4_1"), ("int2-g128", "q2_K"), ("int2-g128@q8", None),
@@ -53,7 +53,8 @@ def ggml_row(exe: Path, gtype: str, out_f: int, in_f: int, threads: int, repeats
 
 
 def lowbit_row(tag: str, out_f: int, in_f: int, repeats: int) -> dict | None:
-    from lowbit.kernels import layout_for, use_kernel_activations
+    from lowbit.kernels import use_kernel_activations
+    from lowbit.nn.kernel_layouts import layout_for
 
     base, act = split_act(tag)  # <tag>@q8: int8 inputs, as ggml's own quantized dot products
     m, _ = _layer(base, out_f, in_f)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit.bench_kernels import _median_time
+from lowbit.bench.kernels import _median_time
 from lowbit.formats import IntFormat, quantize_rtn
 from lowbit.nn.w8a8 import QuantizedActLinear, act_spec, from_quantized_weight
 
@@ -59,7 +59,7 @@ def bench_layers(model: str, tokens: int, repeats: int) -> list[dict]:
             mod = _act_layer(w, bits, x)
             row[f"w{bits}a{bits}_int_ms"] = _median_s(lambda: mod(x), repeats) * 1e3
         a = torch.randint(-127, 128, (tokens, k), dtype=torch.int8)
-        from lowbit.intmm import int_mm
+        from lowbit.kernels.intmm import int_mm
 
         row["gemm_int8_only_ms"] = _median_s(lambda: int_mm(a, mod.int_weight()), repeats) * 1e3
         row = {kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in row.items()}

@@ -17,7 +17,7 @@ from lowbit.data.calib import sample_windows
 from lowbit.formats import IntFormat
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.models.arch import arch_for, get_module
-from lowbit.quantize import quantize_linear_module
+from lowbit.nn import to_module
 from lowbit.models.arch import set_module
 
 
@@ -43,7 +43,7 @@ def main(model_name="smollm2-135m", nsamples=32, index=0):
         for name in g.linears:
             lin = get_module(block, name)
             qw = gptq_quantize(lin.weight, stats[g].hessian, IntFormat(bits=3, group_size=128))
-            set_module(block, name, quantize_linear_module(lin, qw))
+            set_module(block, name, to_module(lin, qw))
     t["gptq solve (7 linears)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_block(block, inputs, kwargs[index], cpu, cpu)

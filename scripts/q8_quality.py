@@ -28,7 +28,7 @@ import torch
 
 
 def _q8_hooks(model):
-    from lowbit.kernels import layout_for
+    from lowbit.nn.kernel_layouts import layout_for
     from lowbit.kernels.reference import quantize_act_q8
     from lowbit.nn import QuantizedLinear
 
@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lowbit.api import PPLProtocol, evaluate_ppl, ppl_windows
-    from lowbit.bench_decode import PROMPT, _lowbit_model, _prompt_model
+    from lowbit.bench.decode import PROMPT, _lowbit_model, _prompt_model
     from lowbit.kernels import use_kernel_activations
     from lowbit.models.arch import arch_for
     from lowbit.runtime import LeanDecoder

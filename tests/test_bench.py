@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from lowbit.bench import load_recipe, parse_recipe, run_argv, run_bench
+from lowbit.bench.grid import load_recipe, parse_recipe, run_argv, run_bench
 from lowbit.errors import ConfigError, LowbitError
 from lowbit.eval.ppl import PROTOCOL_VERSION
-from lowbit.report import pareto_front, render_leaderboard, write_report
-from lowbit.results import write_result
+from lowbit.report.pages import render_leaderboard, write_report
+from lowbit.report.plots import pareto_front
+from lowbit.eval.record import write_result
 
 GOOD = {"models": ["m"], "methods": ["fp32", "rtn"], "configs": [{"bits": 4, "group_size": 128}, {"bits": 3}],
         "eval": {"ppl": ["wiki"], "windows": 4, "tasks": "piqa", "limit": 10}}
@@ -116,7 +117,7 @@ def test_bench_parallel_jobs_match_serial(tiny_dir, text_file, tmp_path):
 def test_parallel_cpu_jobs_split_the_cores(monkeypatch):
     import os
 
-    from lowbit.bench import job_threads
+    from lowbit.bench.grid import job_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
@@ -181,7 +182,7 @@ def test_report_plot_and_leaderboard_are_reproducible(tmp_path):
 
 
 def test_comparisons_pivot_methods_by_format():
-    from lowbit.report import render_comparisons
+    from lowbit.report.pages import render_comparisons
 
     def run(method, fmt, ppl, tag=None):
         from lowbit.config import FormatConfig
@@ -205,7 +206,7 @@ def test_comparisons_pivot_methods_by_format():
 
 def test_afpq_table_formats_side_by_side():
     from lowbit.config import FormatConfig
-    from lowbit.report import render_afpq
+    from lowbit.report.pages import render_afpq
 
     def run(method, fmt, sym, bits, group, ppl, bpw):
         f = {"format": fmt, "bits": bits, "group_size": group, "sym": sym}
@@ -298,7 +299,7 @@ def test_report_plots_distillation_loss_curves(tmp_path):
 
 
 def test_loss_curves_one_panel_per_format_and_group():
-    from lowbit.report import loss_panels
+    from lowbit.report.plots import loss_panels
     names = ["m__bitdistiller__int2-g128-cakld-30steps", "m__bitdistiller__int2-g128-gptq-cakld-30steps",
              "m__bitdistiller__nf3-g128-ce-30steps", "m__bitdistiller__odd"]
     panels = loss_panels([Path(f"/x/{n}.csv") for n in names])
@@ -309,7 +310,7 @@ def test_loss_curves_one_panel_per_format_and_group():
 
 
 def test_distillation_table_compares_students_with_their_init():
-    from lowbit.report import render_distillation
+    from lowbit.report.pages import render_distillation
 
     fmt = {"format": "int", "bits": 2, "group_size": 128, "sym": False}
     small = {"nsamples": 16, "seqlen": 256, "seed": 0, "source": "wiki-train"}
@@ -341,7 +342,7 @@ def test_distillation_table_compares_students_with_their_init():
 
 
 def test_vector_quantization_table_itemises_bpw():
-    from lowbit.report import render_vector_quantization
+    from lowbit.report.pages import render_vector_quantization
 
     def run(method, tag, blocks, ppl, items=None):
         r = fake(method, tag, blocks, 5.0, ppl)
@@ -372,7 +373,7 @@ def test_vector_quantization_table_itemises_bpw():
 
 def test_reports_read_only_the_current_protocol_version(tmp_path, caplog):
     """v1 results (other texts and tasks) stay on disk but never share a table with v2 ones."""
-    from lowbit.results import load_results
+    from lowbit.eval.record import load_results
 
     res = tmp_path / "results"
     old = fake("rtn", "int4-g128", 4.25, 6.7, 24.0)

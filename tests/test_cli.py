@@ -194,7 +194,7 @@ def test_generated_flags_carry_their_config_comment_as_help(capsys, cmd, flag, w
 
 
 def test_every_config_flag_has_a_description():
-    from lowbit.cli_args import field_docs
+    from lowbit.cli.args import field_docs
     from lowbit.config import FormatConfig
     from lowbit.distill.train import DistillConfig
     from lowbit.methods.vptq import VPTQConfig

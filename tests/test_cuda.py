@@ -61,13 +61,13 @@ def test_method_on_gpu_matches_cpu(arch, method):
 
 @pytest.mark.parametrize("tag", ["int4-g32", "int3-sym-g64", "fp4-g32", "nf3-g32", "int2-pc"])
 def test_quantized_linear_on_gpu_equals_cpu(tag):
-    from lowbit.cli_args import parse_format_tag
+    from lowbit.config import parse_format_tag
     from lowbit.formats import quantize_rtn
-    from lowbit.quantize import quantize_linear_module
+    from lowbit.nn import to_module
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 40)
-    q = quantize_linear_module(lin, quantize_rtn(lin.weight.detach(), parse_format_tag(tag).make()))
+    q = to_module(lin, quantize_rtn(lin.weight.detach(), parse_format_tag(tag).make()))
     x = torch.randn(5, 96)
     y_cpu = q(x)
     y_gpu = q.to("cuda")(x.cuda()).cpu()

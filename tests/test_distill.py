@@ -6,7 +6,7 @@ import torch
 
 import lowbit
 from lowbit.config import FormatConfig
-from lowbit.distill.clip import apply_clip, asym_clip_search
+from lowbit.formats.clip import apply_clip, asym_clip_search
 from lowbit.distill.fakequant import FakeQuantLinear
 from lowbit.distill.losses import cakld, distill_loss, teacher_confidence
 from lowbit.distill.teacher import TeacherDataConfig, generate_teacher_data, read_teacher_data

@@ -139,14 +139,14 @@ def test_resume_rebuilds_every_module_type(tmp_path, monkeypatch, method, fmt, m
     """Activation-quantized and vector-quantized blocks resume too, bitwise equal to an uninterrupted run."""
     import importlib
 
-    q = importlib.import_module("lowbit.quantize")  # the module (``lowbit.quantize`` the attribute is the API function)
+    q = importlib.import_module("lowbit.calib.engine")
     recipe = QuantRecipe(method=method, fmt=fmt, method_config=mcfg)
     full = tiny_model("llama")
     lowbit.quantize(full, recipe, calib_ids=_calib(), progress=False)
     with torch.no_grad():
         want = full(input_ids=_eval_ids()).logits
 
-    real, calls = q.quantize_linear_module, {"n": 0}
+    real, calls = q.to_module, {"n": 0}
 
     def crashing(*a, **k):  # crash on block 1's first linear (block 0 has 7)
         calls["n"] += 1
@@ -154,10 +154,10 @@ def test_resume_rebuilds_every_module_type(tmp_path, monkeypatch, method, fmt, m
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(q, "quantize_linear_module", crashing)
+    monkeypatch.setattr(q, "to_module", crashing)
     with pytest.raises(KeyboardInterrupt):
         lowbit.quantize(tiny_model("llama"), recipe, calib_ids=_calib(), progress=False, resume_dir=tmp_path / "r")
-    monkeypatch.setattr(q, "quantize_linear_module", real)
+    monkeypatch.setattr(q, "to_module", real)
     assert (tmp_path / "r" / "block0000").is_dir() and not (tmp_path / "r" / "block0001").exists()
     m2 = tiny_model("llama")
     lowbit.quantize(m2, recipe, calib_ids=_calib(), progress=False, resume_dir=tmp_path / "r")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.cli_args import parse_format_tag
+from lowbit.config import parse_format_tag
 from lowbit.config import FormatConfig
 from lowbit.errors import ConfigError
 from lowbit.formats import FPFormat, NFFormat, TableFormat, group_layout, make_format, quantize_rtn
@@ -174,16 +174,16 @@ def test_dequantize_is_a_table_lookup():
 
 def test_bpw_by_hand_two_scale():
     """16x100 layer, fp3 two-scale, groups of 32 -> 4 groups: 3-bit codes + 2 fp16 scales per group."""
-    from lowbit.quantize import quantize_linear_module
+    from lowbit.nn import to_module
 
     lin = torch.nn.Linear(100, 16, bias=False)
-    q = quantize_linear_module(lin, quantize_rtn(lin.weight, FPFormat(bits=3, group_size=32, sym=False)))
+    q = to_module(lin, quantize_rtn(lin.weight, FPFormat(bits=3, group_size=32, sym=False)))
     rep = layer_bits(q, "float16")
     codes = 16 * 100 * 3          # 4800 bits = 600 bytes exactly
     scales = 16 * 4 * 16          # one fp16 scale per group, for each half
     assert rep["items"] == {"codes": codes, "scale_pos": scales, "scale_neg": scales}
     assert rep["bpw"] == pytest.approx((codes + 2 * scales) / 1600)  # 3 + 2*16*4/100 = 4.28
-    q = quantize_linear_module(lin, quantize_rtn(lin.weight, NFFormat(bits=4, group_size=32, sym=True)))
+    q = to_module(lin, quantize_rtn(lin.weight, NFFormat(bits=4, group_size=32, sym=True)))
     assert layer_bits(q, "float16")["bpw"] == pytest.approx((16 * 100 * 4 + scales) / 1600)
 
 

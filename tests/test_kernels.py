@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats import FPFormat, IntFormat, NFFormat, quantize_rtn
-from lowbit.kernels import layout_for, load_kernels
+from lowbit.kernels import load_kernels
+from lowbit.nn.kernel_layouts import layout_for
 from lowbit.kernels.layout import repack_codes, unpack_kernel_codes
 from lowbit.kernels.reference import dequant_ref
 from lowbit.nn import QuantizedLinear, scalar_spec
@@ -121,7 +122,7 @@ def test_layout_cache_follows_buffers():
 
 
 def test_llama_cpp_bin_without_programs_is_a_clear_error(tmp_path):
-    from lowbit.bench_decode import _bench_llama_bin
+    from lowbit.bench.decode import _bench_llama_bin
     from lowbit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no llama-quantize there"):
@@ -210,7 +211,7 @@ def test_vq_linear_float16_codebooks_equal_float32(v, isa):
 
 
 def test_bench_kernels_vq_rows_run():
-    from lowbit.bench_kernels import bench_kernels
+    from lowbit.bench.kernels import bench_kernels
 
     res = bench_kernels(formats=["vq-v6-k256"], shapes=[(576, 576), (100, 64)], batches=(4,), repeats=2,
                         progress=False, bandwidth_bytes=1 << 20)

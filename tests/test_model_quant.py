@@ -68,10 +68,10 @@ def test_save_load_tied_untouched_head(tmp_path):
 def test_bpw_by_hand():
     """A 16x100 layer, int3 asym, groups of 32 -> 4 groups (32, 32, 32, 4)."""
     from lowbit.formats import IntFormat, quantize_rtn
-    from lowbit.quantize import quantize_linear_module
+    from lowbit.nn import to_module
 
     lin = torch.nn.Linear(100, 16, bias=True)
-    q = quantize_linear_module(lin, quantize_rtn(lin.weight, IntFormat(bits=3, group_size=32)))
+    q = to_module(lin, quantize_rtn(lin.weight, IntFormat(bits=3, group_size=32)))
     rep = layer_bits(q, "float16")
     codes = 16 * 100 * 3          # 4800 bits = 600 bytes exactly
     scales = 16 * 4 * 16          # fp16 scale per group
@@ -101,13 +101,13 @@ def test_codec_bits_match_stored_buffers():
     from lowbit.formats import quantize_rtn
     from lowbit.nn.bpw import codec_bits, item_kind
     from lowbit.nn.qlinear import scalar_spec
-    from lowbit.quantize import quantize_linear_module
+    from lowbit.nn import to_module
 
     lin = torch.nn.Linear(100, 24, bias=False)
     for fc in (FormatConfig(bits=3, group_size=32), FormatConfig(format="fp", bits=4, group_size=64, sym=False),
                FormatConfig(format="nf", bits=3, group_size=-1, sym=True)):
         fmt = fc.make()
-        q = quantize_linear_module(lin, quantize_rtn(lin.weight, fmt))
+        q = to_module(lin, quantize_rtn(lin.weight, fmt))
         assert codec_bits("scalar", scalar_spec(fmt, 24, 100)) == layer_bits(q, "float16")["items"]
     assert [item_kind(n) for n in ("codes", "scale_neg", "zero", "col_bias", "bias")] == \
         ["codes", "scales", "scales", "norms", "other"]
@@ -192,7 +192,7 @@ def test_quantizing_a_checkpoint_again_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("head", [None, "int4-g32"])
 def test_decode_bench_checkpoint_head(tmp_path, head):
     """bench-decode's ckpt= rows RTN-quantize a float head on request, leaving the blocks as saved."""
-    from lowbit.bench_decode import _checkpoint_model
+    from lowbit.bench.decode import _checkpoint_model
 
     m = tiny_model("llama")
     lowbit.quantize(m, QuantRecipe(fmt=FormatConfig(bits=4, group_size=32)), progress=False)

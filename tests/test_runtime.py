@@ -37,7 +37,7 @@ def _lean_logits(dec: LeanDecoder, ids: torch.Tensor, prefill: int) -> torch.Ten
 def test_lean_matches_model_forward(arch, quant, fused):
     m = _model(arch)
     if quant:
-        from lowbit.cli_args import parse_format_tag
+        from lowbit.config import parse_format_tag
 
         fmt = parse_format_tag(quant, default_group=32)
         quantize(m, QuantRecipe(method="rtn", fmt=fmt, head=fmt), progress=False)

@@ -9,7 +9,8 @@ from lowbit.methods.vptq import VPTQConfig, preset_for, vptq_quantize, vq_layer_
 from lowbit.nn import QuantizedLinear
 from lowbit.nn.bpw import codec_bits, layer_bits
 from lowbit.packing import pack, unpack
-from lowbit.quantize import QuantRecipe, quantize_linear_module
+from lowbit.nn import to_module
+from lowbit.quantize import QuantRecipe
 
 from conftest import tiny_model
 
@@ -129,7 +130,7 @@ def test_codec_roundtrip_and_bpw_counts_everything():
     cfg = VPTQConfig(vector_len=4, codebook_size=64, residual_size=8, outlier_pct=5.0)
     qw = vptq_quantize(w, h, cfg)
     lin = torch.nn.Linear(64, 48, bias=False)
-    m = quantize_linear_module(lin, qw)
+    m = to_module(lin, qw)
     assert isinstance(m, QuantizedLinear)
     assert torch.equal(m.dequantize_weight(), qw.dequantize())
     rep = layer_bits(m)

@@ -1,5 +1,5 @@
 """lowbit: extreme low-bit quantization of LLMs, on a laptop CPU and on GPUs by the same code."""
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .api import load, load_model, quantize, save  # noqa: E402
 

@@ -1,11 +1,12 @@
 """Config dataclasses shared by the library and the CLI (one source of defaults).
 
-CLI flags are generated from these dataclasses (see :mod:`lowbit.cli_args`),
+CLI flags are generated from these dataclasses (see :mod:`lowbit.cli.args`),
 so a default lives in exactly one place. Every config round-trips through
 JSON (``asdict`` / ``from_dict``) and is recorded in checkpoints and results.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 from .errors import ConfigError
@@ -48,7 +49,7 @@ class FormatConfig:
     def tag(self) -> str:
         """Short readable name, e.g. ``fp4-g128`` (two-scale/asymmetric), ``int4-sym-g128``, ``nf3-pc``.
 
-        The inverse of :func:`lowbit.cli_args.parse_format_tag`.
+        The inverse of :func:`parse_format_tag`.
         """
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.format}{self.bits}{'-sym' if self.sym else ''}-{g}"
@@ -67,3 +68,15 @@ class StorageConfig:
 
 def to_dict(cfg) -> dict:
     return asdict(cfg)
+
+
+_TAG = re.compile(r"^(?P<fmt>[a-z]+?)(?P<bits>\d+)(?P<sym>-sym)?(?:-(?:g(?P<g>\d+)|(?P<pc>pc)))?$")
+
+
+def parse_format_tag(tag: str, default_group: int = -1) -> FormatConfig:
+    """``int8``, ``int4-g128``, ``int4-sym-g64``, ``int8-pc`` -> FormatConfig."""
+    m = _TAG.match(tag.strip().lower())
+    if not m:
+        raise ConfigError(f"cannot read format {tag!r}; write it like int8, int4-g128 or int4-sym-g64 (pc = per row)")
+    g = -1 if m["pc"] else int(m["g"]) if m["g"] else default_group
+    return FormatConfig(format=m["fmt"], bits=int(m["bits"]), group_size=g, sym=bool(m["sym"]))

@@ -9,16 +9,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .config import FormatConfig, StorageConfig
 from .methods import get_method
 from .models.arch import ArchSpec, arch_for, get_module, set_module
-from .nn import QuantizedEmbedding, QuantizedLinear, scalar_spec
+from .nn import QuantizedEmbedding, scalar_spec, to_module
 from .utils import peak_memory_gb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantRecipe", "quantize_model", "quantize_linear_module", "finalize_storage"]
+__all__ = ["QuantRecipe", "quantize_model", "quantize_embed_and_head", "finalize_storage"]
 
 
 @dataclass(frozen=True)
@@ -64,21 +64,6 @@ class QuantRecipe:
         return "-".join([tag] + extra)
 
 
-def quantize_linear_module(lin: nn.Linear, qw) -> QuantizedLinear:
-    """A QuantizedLinear holding ``qw`` (a QuantizedWeight) and ``lin``'s bias.
-
-    A method may instead return a finished module (e.g. QuantizedActLinear): it is used as is, given ``lin``'s bias.
-    The new module lives on ``lin``'s device (a calibrated block keeps running on its compute device).
-    """
-    if isinstance(qw, nn.Module):
-        if lin.bias is not None:
-            qw.bias = nn.Parameter(lin.bias.detach().float().clone(), requires_grad=False)
-        return qw.to(lin.weight.device)
-    # vector codecs (VQ) carry their own layer spec; scalar formats use the group-wise codec
-    spec = qw.layer_spec() if hasattr(qw, "layer_spec") else scalar_spec(qw.fmt, lin.out_features, lin.in_features)
-    return QuantizedLinear.from_quantized(qw, spec, lin.bias).to(lin.weight.device)
-
-
 def _untie(model: nn.Module) -> None:
     """Stop tying head and embedding (they are now stored separately)."""
     cfg = model.config
@@ -87,14 +72,14 @@ def _untie(model: nn.Module) -> None:
             c.tie_word_embeddings = False
 
 
-def _quantize_embed_and_head(model: nn.Module, arch: ArchSpec, recipe: QuantRecipe) -> None:
+def quantize_embed_and_head(model: nn.Module, arch: ArchSpec, recipe: QuantRecipe) -> None:
     from .formats import quantize_rtn
 
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     if recipe.head is not None:
         head = get_module(model, arch.head)
         qw = quantize_rtn(head.weight, recipe.head.make())
-        set_module(model, arch.head, quantize_linear_module(head, qw))
+        set_module(model, arch.head, to_module(head, qw))
     if recipe.embed is not None:
         emb = get_module(model, arch.embed)
         qw = quantize_rtn(emb.weight, recipe.embed.make())
@@ -165,8 +150,8 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
             for name in arch.linears:
                 lin = get_module(block, name)
                 qw = method.quantize_linear(lin.weight, {}, fmt, mcfg)
-                set_module(block, name, quantize_linear_module(lin, qw))
-    _quantize_embed_and_head(model, arch, recipe)
+                set_module(block, name, to_module(lin, qw))
+    quantize_embed_and_head(model, arch, recipe)
     finalize_storage(model, recipe.storage)
     summary = {
         "recipe": recipe.to_dict(),

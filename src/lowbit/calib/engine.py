@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LowbitError
 from ..models.arch import ArchSpec, InputGroup, get_module, set_module
+from ..nn import to_module
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def capture_inputs(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, ba
     return inputs, block_kwargs  # type: ignore[return-value]
 
 
-def _batch_kwargs(kwargs: dict, b: int) -> dict:
+def batch_kwargs(kwargs: dict, b: int) -> dict:
     """Kwargs captured on a full batch, cut to a (last, smaller) batch of ``b`` rows."""
     def cut(v):
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > b:
@@ -183,7 +184,7 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
     """Outputs of ``block`` for each input batch."""
     outs = []
     for x in inputs:
-        y = block(x.to(device), **_batch_kwargs(kwargs, x.shape[0]))
+        y = block(x.to(device), **batch_kwargs(kwargs, x.shape[0]))
         y = y[0] if isinstance(y, tuple) else y
         outs.append(y.to(offload))
     return outs
@@ -278,8 +279,6 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
                   offload: torch.device | str = "cpu", progress: bool = True,
                   resume_dir: str | Path | None = None) -> None:
     """Quantize every decoder block of ``model`` in place with ``method`` (see module doc)."""
-    from ..quantize import quantize_linear_module
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     offload = torch.device(offload)
     blocks = get_module(model, arch.blocks)
@@ -319,7 +318,7 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
             for name in g.linears:
                 lin = get_module(block, name)
                 qw = method.quantize_linear(lin.weight, stats[g], fmt, cfg)
-                set_module(block, name, quantize_linear_module(lin, qw))
+                set_module(block, name, to_module(lin, qw))
         del stats
         if method.finish_block is not None:
             method.finish_block(data, arch, float_outputs, cfg)

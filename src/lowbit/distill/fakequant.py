@@ -73,9 +73,9 @@ class FakeQuantLinear(nn.Module):
 
     def to_packed(self):
         """The packed QuantizedLinear this layer computes with (same weight, bit for bit)."""
-        from ..quantize import quantize_linear_module
+        from ..nn import to_module
 
-        return quantize_linear_module(self, quantize_rtn(self.weight, self.fmt))
+        return to_module(self, quantize_rtn(self.weight, self.fmt))
 
     def extra_repr(self) -> str:
         f = ", ".join(f"{k}={v}" for k, v in self.fmt.spec().items())

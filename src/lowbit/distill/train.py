@@ -113,7 +113,7 @@ def build_student(model: nn.Module, fmt_cfg: FormatConfig, init: str = "rtn", ca
     ``method_config``: settings of the init method (e.g. ``{"clip_grid": 10}``), defaults otherwise.
     """
     from ..api import quantize
-    from ..distill.clip import apply_clip
+    from ..formats.clip import apply_clip
     from ..quantize import QuantRecipe
 
     if init not in INITS:
@@ -293,7 +293,7 @@ def distill(model, tokenizer, fmt_cfg: FormatConfig, cfg: DistillConfig, out, so
     """
     import time
 
-    from .. import __version__
+    from .._version import __version__
     from ..utils import peak_memory_gb
 
     t0 = time.perf_counter()

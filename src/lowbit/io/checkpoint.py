@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CheckpointError
 from ..models.arch import set_module
 from ..nn import QuantizedEmbedding, QuantizedLinear

@@ -4,9 +4,10 @@
   lowbit cache) and registers ``torch.ops.lowbit.{gemm_int, gemm_lut,
   dequant_int, dequant_lut, isa, set_isa}``; falls back quietly without a compiler.
 - :mod:`.layout`: the kernel layout derived at load time from the checkpoint layout.
-- :mod:`.ops`: per-module layout cache and :func:`kernel_linear`, which
-  :class:`lowbit.nn.QuantizedLinear` calls transparently (disable with
-  ``LOWBIT_KERNELS=0`` or ``module.use_kernels = False``).
+- :mod:`.ops`: the scalar kernel layout and the kernel switches (``LOWBIT_KERNELS=0`` disables them all);
+  :mod:`lowbit.nn.kernel_layouts` builds layouts from packed modules, and :class:`lowbit.nn.QuantizedLinear`
+  calls them transparently (``module.use_kernels = False`` opts one module out).
+- :mod:`.intmm`: exact INT8 x INT8 -> INT32 GEMM for the weight+activation methods.
 - :mod:`.reference`: the plain-torch references.
 
 ``LOWBIT_KERNEL_ACT=q8`` makes the INT2/3/4 and FP4 GEMV kernels quantize their input to int8
@@ -18,13 +19,9 @@ from .ops import (
     FUSED_MAX_BATCH,
     KERNEL_ACTIVATIONS,
     ScalarKernelLayout,
-    build_layout,
     kernel_activations,
-    kernel_linear,
     kernels_active,
     kernels_enabled,
-    layout_for,
-    register_layout,
     use_kernel_activations,
 )
 from .vq_layout import VQKernelLayout
@@ -34,14 +31,10 @@ __all__ = [
     "KERNEL_ACTIVATIONS",
     "ScalarKernelLayout",
     "VQKernelLayout",
-    "build_layout",
     "kernel_activations",
-    "kernel_linear",
     "kernels_active",
     "kernels_available",
     "kernels_enabled",
-    "layout_for",
     "load_kernels",
-    "register_layout",
     "use_kernel_activations",
 ]

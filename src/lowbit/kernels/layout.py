@@ -35,8 +35,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.base import group_layout
-
 __all__ = ["KERNEL_BITS", "KernelGeometry", "kernel_geometry", "repack_codes", "unpack_kernel_codes"]
 
 #: code widths the kernels handle
@@ -70,9 +68,12 @@ class KernelGeometry:
 
 
 def kernel_geometry(bits: int, group_size: int, in_features: int) -> KernelGeometry:
-    lay = group_layout(in_features, group_size)
-    gsp = -(-lay.group_size // 32) * 32
-    return KernelGeometry(bits, in_features, lay.group_size, lay.n_groups, gsp, -(-lay.tail // 32) * 32)
+    # the groups of lowbit.formats.group_layout: -1 (or a group wider than the row) is one group per row,
+    # and a group size that does not divide the width leaves a shorter last group
+    gs = in_features if group_size == -1 or group_size >= in_features else group_size
+    n_groups = -(-in_features // gs)
+    tail = in_features - (n_groups - 1) * gs
+    return KernelGeometry(bits, in_features, gs, n_groups, -(-gs // 32) * 32, -(-tail // 32) * 32)
 
 
 def _le_bytes(v: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,22 +1,13 @@
-"""Kernel dispatch for quantized layers: derived layouts, cached per module, and the ops.
+"""The scalar kernel layout (packed int/LUT codes in the kernels' block order) and the kernel switches.
 
-:func:`kernel_linear` is what :class:`lowbit.nn.QuantizedLinear` calls on CPU float32
-inputs. It builds (once per module, and again only when the module's buffers
-change) a kernel layout from the layer's canonical buffers, and runs the fused
-``torch.ops.lowbit`` kernel. It returns ``None`` whenever no kernel applies
-(kernels disabled with ``LOWBIT_KERNELS=0``, extension not built, a format or bit
-width without a kernel), and the caller then takes the plain-torch path.
-
-Layouts are registered per codec (:func:`register_layout`): the ``scalar`` codec
-(every group-wise int and table format at 2-4 bits) has one here; a vector
-codec (VQ) adds its own builder returning an object with the same
-``linear(x, bias)`` / ``nbytes`` interface.
+A :class:`ScalarKernelLayout` runs one fused ``torch.ops.lowbit`` GEMV/GEMM (float32 or int8-quantized
+input, ``LOWBIT_KERNEL_ACT``). Building a layout from a packed module, and caching it per module, is
+:mod:`lowbit.nn.kernel_layouts`; ``LOWBIT_KERNELS=0`` disables every kernel (:func:`kernels_enabled`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,23 +15,9 @@ import torch.nn.functional as F
 
 from ..utils import env_var
 from .build import kernel_module, load_kernels
-from .layout import KERNEL_BITS, kernel_geometry, repack_codes
 from .reference import dequant_ref
 
-__all__ = [
-    "FUSED_MAX_BATCH",
-    "KERNEL_ACTIVATIONS",
-    "ScalarKernelLayout",
-    "build_layout",
-    "check_kernel_activations",
-    "kernel_activations",
-    "kernel_linear",
-    "kernels_active",
-    "kernels_enabled",
-    "layout_for",
-    "register_layout",
-    "use_kernel_activations",
-]
+__all__ = ["FUSED_MAX_BATCH", "KERNEL_ACTIVATIONS", "ScalarKernelLayout", "check_kernel_activations", "kernel_activations", "kernels_active", "kernels_enabled", "use_kernel_activations"]
 
 #: inputs with more rows than this dequantize the weight (fast, exact) and use
 #: torch's matmul: at prefill sizes the GEMM is compute-bound and BLAS wins
@@ -165,83 +142,3 @@ class ScalarKernelLayout:
                                 self.in_features)
         return ops.gemm_lut(x, self.codes, self.scale_a, self.scale_b, self.table, bias, self.bits,
                             self.group_size, self.in_features)
-
-
-def _scalar_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> ScalarKernelLayout | None:
-    from ..formats import IntFormat, TableFormat, make_format
-    from ..nn.codecs import get_codec
-
-    fmt = make_format(spec["format"])
-    if fmt.bits not in KERNEL_BITS or not isinstance(fmt, (IntFormat, TableFormat)):
-        return None
-    if buffers["codes"].device.type != "cpu":
-        return None
-    out_f, in_f = spec["out_features"], spec["in_features"]
-    qw = get_codec("scalar").to_quantized_weight(buffers, spec)
-    codes = repack_codes(qw.codes, fmt.bits, fmt.group_size)
-    geo = kernel_geometry(fmt.bits, fmt.group_size, in_f)
-    common = dict(bits=fmt.bits, group_size=geo.group_size, in_features=in_f, out_features=out_f, codes=codes)
-    if isinstance(fmt, IntFormat):
-        if fmt.sym:
-            zero = torch.full((out_f, geo.n_groups), 1 << (fmt.bits - 1), dtype=torch.uint8)
-        else:
-            zero = qw.params["zero"].round().to(torch.uint8).contiguous()
-        return ScalarKernelLayout("int", scale_a=buffers["scale"].contiguous(), zero=zero, **common)
-    table = fmt.lut()
-    common["q8"] = q8_tables(table) if fmt.bits == 4 else None
-    if fmt.sym:
-        return ScalarKernelLayout("lut", scale_a=buffers["scale"].contiguous(), table=table, **common)
-    return ScalarKernelLayout("lut", scale_a=buffers["scale_pos"].contiguous(),
-                              scale_b=buffers["scale_neg"].contiguous(), table=table, **common)
-
-
-_LAYOUTS: dict[str, Callable] = {"scalar": _scalar_layout}
-
-
-def register_layout(codec: str, builder: Callable) -> None:
-    """Register ``builder(spec, buffers) -> layout | None`` for layers of ``codec``.
-
-    The layout needs ``linear(x, bias) -> Tensor`` (float32 ``x``) and ``nbytes``.
-    """
-    _LAYOUTS[codec] = builder
-
-
-def build_layout(spec: dict, buffers: dict[str, torch.Tensor]):
-    """The kernel layout for a layer, or ``None`` when no kernel handles its spec."""
-    builder = _LAYOUTS.get(spec.get("codec"))
-    return None if builder is None else builder(spec, buffers)
-
-
-def _buffers_key(module) -> tuple:
-    # identity + in-place version of every buffer: a load_state_dict, set_packed or
-    # .to() changes one of them, and the cached layout is rebuilt
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in module._buffers.values()
-                 if t is not None)
-
-
-def layout_for(module):
-    """The module's cached kernel layout (built on first use; ``None`` if no kernel applies).
-
-    Kept in the module's ``__dict__`` (not a buffer), so ``state_dict`` is unchanged.
-    """
-    key = _buffers_key(module)
-    cached = module.__dict__.get("_kernel_layout")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    lay = build_layout(module.spec, module.packed_buffers())
-    module.__dict__["_kernel_layout"] = (key, lay)
-    return lay
-
-
-def kernel_linear(module, x: torch.Tensor) -> torch.Tensor | None:
-    """``module(x)`` through a fused kernel, or ``None`` when none applies.
-
-    Used by :meth:`lowbit.nn.QuantizedLinear.forward` for CPU float32 inputs that
-    do not require grad.
-    """
-    if not kernels_active():
-        return None
-    lay = layout_for(module)
-    if lay is None:
-        return None
-    return lay.linear(x, module.bias)

@@ -19,18 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .build import kernel_module, load_kernels
-from .ops import register_layout
+from .build import kernel_module
 
 __all__ = ["VQKernelLayout"]
 
 
-def _i16(idx: torch.Tensor) -> torch.Tensor:
+def as_i16(idx: torch.Tensor) -> torch.Tensor:
     """Indices ``< 2**16`` as int16 with the same 16-bit pattern (the low half of each little-endian int32)."""
     return idx.to(torch.int32).contiguous().view(torch.int16)[..., 0::2].contiguous()
 
 
-def _padded(cb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def padded_codebook(cb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     k, v = cb.shape
     vp = 8 if v <= 8 else 16  # the builder takes v <= 16 only
     out = torch.zeros(k, vp, dtype=dtype)
@@ -67,29 +66,3 @@ class VQKernelLayout:
         return kernel_module().vq_linear(x, self.codes, self.codebook, self.res_codes, self.res_codebook,
                                          self.main_cols, self.out_codes, self.out_codebook, self.outlier_cols,
                                          self.col_scale, self.col_bias, bias, self.v, self.v0)
-
-
-def _vq_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> VQKernelLayout | None:
-    from ..nn.codecs import get_codec
-
-    if buffers["codebook"].device.type != "cpu" or not load_kernels() or not hasattr(torch.ops.lowbit, "vq_linear"):
-        return None
-    if max(spec["k"], spec.get("k_res", 0), spec.get("k0", 0)) > 65536 or spec["v"] > 16:
-        return None
-    qw = get_codec("vq").to_vq_weight(buffers, spec)
-    books = [qw.codebook] + ([qw.res_codebook] if qw.res_codebook is not None else [])
-    dtype = torch.float16 if all(b.dtype == torch.float16 for b in books) else torch.float32  # the kernel's two
-    lay = VQKernelLayout(spec["out_features"], spec["in_features"], spec["v"], _i16(qw.idx),
-                         _padded(qw.codebook.detach(), dtype), qw.main_cols().contiguous())
-    if qw.res_codebook is not None:
-        lay.res_codes, lay.res_codebook = _i16(qw.res_idx), _padded(qw.res_codebook.detach(), dtype)
-    if qw.n_outlier:
-        lay.out_codes, lay.out_codebook = _i16(qw.out_idx), qw.out_codebook.detach().float().contiguous()
-        lay.outlier_cols, lay.v0 = qw.outlier_cols.contiguous(), spec["v0"]
-    if qw.col_scale is not None:
-        lay.col_scale = qw.col_scale.detach().float().contiguous()
-        lay.col_bias = qw.col_bias.detach().float().contiguous()
-    return lay
-
-
-register_layout("vq", _vq_layout)

@@ -49,7 +49,7 @@ def _inspect_fn(block: nn.Module, group: InputGroup, kwargs: dict, window: int, 
     Attention for q/k/v (run per batch of whole windows, with the block's
     mask and position arguments), the MLP for gate/up, else the linear itself.
     """
-    from ..calib.engine import _batch_kwargs
+    from ..calib.engine import batch_kwargs
 
     names = group.linears
     if any(n.endswith("q_proj") for n in names):
@@ -61,7 +61,7 @@ def _inspect_fn(block: nn.Module, group: InputGroup, kwargs: dict, window: int, 
             outs = []
             for i in range(0, xs.shape[0], batch):
                 chunk = xs[i : i + batch]
-                out = attn(hidden_states=chunk, **_batch_kwargs(kw, chunk.shape[0]))
+                out = attn(hidden_states=chunk, **batch_kwargs(kw, chunk.shape[0]))
                 out = out[0] if isinstance(out, tuple) else out  # (b, T, hidden)
                 outs.append(out.reshape(-1, out.shape[-1]))
             return torch.cat(outs)

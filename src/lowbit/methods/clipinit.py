@@ -30,7 +30,7 @@ class ClipConfig:
 
 def clip_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: ClipConfig) -> None:
     """Clamp each linear's float weight to its searched per-group bounds, in place."""
-    from ..distill.clip import apply_clip, asym_clip_search
+    from ..formats.clip import apply_clip, asym_clip_search
 
     for group in arch.groups:
         x = torch.cat(stats[group].inputs, 0)                  # (N*T, in)

@@ -273,9 +273,9 @@ _TUNED = ("codebook", "res_codebook", "out_codebook", "col_scale", "col_bias")
 
 
 def _block_loss(block, xs, ys, kwargs, device):
-    from ..calib.engine import _batch_kwargs
+    from ..calib.engine import batch_kwargs
 
-    out = block(xs.to(device), **_batch_kwargs(kwargs, xs.shape[0]))
+    out = block(xs.to(device), **batch_kwargs(kwargs, xs.shape[0]))
     out = out[0] if isinstance(out, tuple) else out
     return torch.nn.functional.mse_loss(out.float(), ys.to(device).float())
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import kernel_linear
+from .kernel_layouts import kernel_linear
 from .codecs import get_codec
 
 #: token count up to which QuantizedLinear uses the fused kernels (env LOWBIT_KERNEL_MAX_TOKENS)
@@ -135,3 +135,18 @@ class QuantizedEmbedding(_PackedWeight):
         if self.embed_scale is not None:
             out = out * torch.tensor(self.embed_scale, dtype=out.dtype)
         return out
+
+
+def to_module(lin: nn.Linear, qw) -> nn.Module:
+    """A QuantizedLinear holding ``qw`` (a QuantizedWeight) and ``lin``'s bias.
+
+    A method may instead return a finished module (e.g. QuantizedActLinear): it is used as is, given ``lin``'s bias.
+    The new module lives on ``lin``'s device (a calibrated block keeps running on its compute device).
+    """
+    if isinstance(qw, nn.Module):
+        if lin.bias is not None:
+            qw.bias = nn.Parameter(lin.bias.detach().float().clone(), requires_grad=False)
+        return qw.to(lin.weight.device)
+    # vector codecs (VQ) carry their own layer spec; scalar formats use the group-wise codec
+    spec = qw.layer_spec() if hasattr(qw, "layer_spec") else scalar_spec(qw.fmt, lin.out_features, lin.in_features)
+    return QuantizedLinear.from_quantized(qw, spec, lin.bias).to(lin.weight.device)

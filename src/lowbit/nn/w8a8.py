@@ -201,7 +201,7 @@ class QuantizedActLinear(nn.Module):
 
     def int_accumulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact int32 accumulation ``qa @ qw^T`` ``(M, out)`` and the activation scale."""
-        from ..intmm import int_mm
+        from ..kernels.intmm import int_mm
 
         qa, s = self.quantize_input(x)
         return int_mm(qa.to(torch.int8), self.int_weight()), s

@@ -76,7 +76,7 @@ class _Fused(nn.Module):
 
 def _direct(m: nn.Module):
     """``m``'s kernel layout call when it has one (skips the module's per-call dispatch), else ``m``."""
-    from ..kernels.ops import layout_for
+    from ..nn.kernel_layouts import layout_for
     from ..nn.qlinear import QuantizedLinear
 
     if type(m) is QuantizedLinear and m.use_kernels and kernels_active():
@@ -106,7 +106,8 @@ def _fuse(linears: list[nn.Module]):
 
 def _fuse_kernel_layouts(linears):
     """Concatenate the rows of same-kind scalar kernel layouts (the kernels treat rows independently)."""
-    from ..kernels.ops import ScalarKernelLayout, layout_for
+    from ..kernels.ops import ScalarKernelLayout
+    from ..nn.kernel_layouts import layout_for
     from ..nn.qlinear import QuantizedLinear
 
     if not kernels_active() or not all(type(m) is QuantizedLinear and m.use_kernels

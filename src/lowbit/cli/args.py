@@ -8,11 +8,8 @@ import re
 import typing
 from dataclasses import MISSING, fields
 
-from .config import FormatConfig
-from .errors import ConfigError
 
-__all__ = ["add_dataclass_args", "dataclass_from_args", "int_at_least", "parse_format_tag", "parse_shape",
-           "windows_arg"]
+__all__ = ["add_dataclass_args", "dataclass_from_args", "int_at_least", "parse_shape", "windows_arg"]
 
 
 def _flag(prefix: str, name: str) -> str:
@@ -79,18 +76,6 @@ def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = ""):
         if v is not None:
             kw[f.name] = v
     return cls(**kw)
-
-
-_TAG = re.compile(r"^(?P<fmt>[a-z]+?)(?P<bits>\d+)(?P<sym>-sym)?(?:-(?:g(?P<g>\d+)|(?P<pc>pc)))?$")
-
-
-def parse_format_tag(tag: str, default_group: int = -1) -> FormatConfig:
-    """``int8``, ``int4-g128``, ``int4-sym-g64``, ``int8-pc`` -> FormatConfig."""
-    m = _TAG.match(tag.strip().lower())
-    if not m:
-        raise ConfigError(f"cannot read format {tag!r}; write it like int8, int4-g128 or int4-sym-g64 (pc = per row)")
-    g = -1 if m["pc"] else int(m["g"]) if m["g"] else default_group
-    return FormatConfig(format=m["fmt"], bits=int(m["bits"]), group_size=g, sym=bool(m["sym"]))
 
 
 def parse_shape(text: str) -> tuple[int, int]:

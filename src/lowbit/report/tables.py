@@ -1,63 +1,17 @@
-"""Results files: one JSON per run in ``docs/results/``, and a markdown table built from them."""
+"""The per-run results table (``docs/results.md``) and the helpers every generated page shares."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
-from .errors import DataError
-from .utils import atomic_write_text
+from ..eval.record import DEFAULT_DIR, load_results
+from ..utils import atomic_write_text
 
-__all__ = ["write_result", "load_results", "render_table", "write_table", "result_name", "source_label",
-           "generated_note"]
-
-log = logging.getLogger(__name__)
-
-DEFAULT_DIR = Path("docs/results")
+__all__ = ["device_label", "fmt_num", "generated_note", "render_table", "source_label", "write_table"]
 
 
-def result_name(res: dict) -> str:
-    parts = [res["model"], res["method"]]
-    if res.get("tag"):
-        parts.append(res["tag"])
-    return "__".join(p.replace("/", "_") for p in parts) + ".json"
-
-
-def write_result(res: dict, results_dir: Path | str = DEFAULT_DIR) -> Path:
-    """Write (or replace) one run's JSON; returns its path."""
-    for k in ("model", "method", "config", "bpw", "ppl", "protocol", "quant_time_s", "peak_mem_gb", "lowbit_version"):
-        if k not in res:
-            raise ValueError(f"result is missing field {k!r}")
-    path = Path(results_dir) / result_name(res)
-    atomic_write_text(path, json.dumps(res, indent=1, sort_keys=True) + "\n")
-    return path
-
-
-def load_results(results_dir: Path | str = DEFAULT_DIR, any_version: bool = False) -> list[dict]:
-    """Every run result (a JSON with ``model`` and ``ppl``) of the current protocol version in ``results_dir``
-    (``any_version``: of every version); DataError on an unreadable file. Older results are skipped with a log
-    line: they were measured on other texts and tasks (docs/evaluation.md), so they never share a table."""
-    from .eval.ppl import PROTOCOL_VERSION
-
-    out, old = [], []
-    for p in sorted(Path(results_dir).glob("*.json")):
-        try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"results file {p} cannot be read ({e}); fix it, or delete it and rerun its command") from None
-        if isinstance(d, dict) and "model" in d and "ppl" in d:
-            if any_version or d.get("protocol_version", 1) == PROTOCOL_VERSION:
-                out.append(d)
-            else:
-                old.append(p.name)
-    if old:
-        log.warning("skipped %d results of an older protocol version in %s (e.g. %s); rerun them to compare",
-                    len(old), results_dir, old[0])
-    return out
-
-
-def _fmt(x, nd=2):
+def fmt_num(x, nd=2):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
@@ -101,9 +55,9 @@ def render_table(results: list[dict], source: str = DEFAULT_DIR.as_posix()) -> s
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         rows.sort(key=lambda r: (r["method"] != "fp32", r["method"], -r["bpw"]["blocks"], r.get("tag", "")))
         for r in rows:
-            cells = [r["method"], r.get("tag", "") or "-", _fmt(r["bpw"]["blocks"], 3), _fmt(r["bpw"]["all_in"], 3)]
-            cells += [_fmt(r["ppl"].get(c)) for c in corpora]
-            cells += [_fmt(r.get("quant_time_s"), 1), _fmt(r.get("peak_mem_gb"), 2), device_label(r)]
+            cells = [r["method"], r.get("tag", "") or "-", fmt_num(r["bpw"]["blocks"], 3), fmt_num(r["bpw"]["all_in"], 3)]
+            cells += [fmt_num(r["ppl"].get(c)) for c in corpora]
+            cells += [fmt_num(r.get("quant_time_s"), 1), fmt_num(r.get("peak_mem_gb"), 2), device_label(r)]
             if zs:
                 avg = r.get("zeroshot_avg")
                 cells.append(f"{avg['acc']:.3f} ({avg['n_tasks']})" if avg else "-")

@@ -11,10 +11,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
-from .cli_args import add_dataclass_args, dataclass_from_args, int_at_least, parse_format_tag, parse_shape, windows_arg
-from .config import FormatConfig, StorageConfig
-from .errors import ConfigError, LowbitError
+from .._version import __version__
+from ..config import FormatConfig, StorageConfig, parse_format_tag
+from .args import add_dataclass_args, dataclass_from_args, int_at_least, parse_shape, windows_arg
+from ..errors import ConfigError, LowbitError
 
 log = logging.getLogger("lowbit")
 
@@ -22,7 +22,7 @@ log = logging.getLogger("lowbit")
 # ---------------------------------------------------------------- arguments
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    from .methods import get_method, method_names
+    from ..methods import get_method, method_names
 
     g = p.add_argument_group("method and format")
     g.add_argument("--method", default="rtn", help=f"one of: {', '.join(method_names())} (default: rtn)")
@@ -48,14 +48,14 @@ def _add_device_arg(p) -> None:
 
 
 def _device(args):
-    from .utils import resolve_device
+    from ..utils import resolve_device
 
     return resolve_device(getattr(args, "device", "auto"))
 
 
 def recipe_from_args(args):
-    from .methods import get_method
-    from .quantize import QuantRecipe
+    from ..methods import get_method
+    from ..quantize import QuantRecipe
 
     method = get_method(args.method)
     mcfg = dataclass_from_args(method.config, args)
@@ -81,8 +81,8 @@ def cmd_list(args):
     from rich.console import Console
     from rich.table import Table
 
-    from .data.texts import list_texts
-    from .models.zoo import list_models
+    from ..data.texts import list_texts
+    from ..models.zoo import list_models
 
     t = Table("model", "description")
     for m in list_models():
@@ -95,8 +95,8 @@ def cmd_list(args):
 
 
 def cmd_pull(args):
-    from .data.texts import list_texts, pull_text
-    from .models.zoo import list_models, pull_model
+    from ..data.texts import list_texts, pull_text
+    from ..models.zoo import list_models, pull_model
 
     models = {m.name for m in list_models()}
     texts = {s.name for s in list_texts()}
@@ -111,8 +111,8 @@ def cmd_pull(args):
 
 def _check_inputs(args):
     """Fail on a bad text source or --out path now, not after minutes of loading and quantizing."""
-    from .data.texts import check_text_source
-    from .io import check_out_path
+    from ..data.texts import check_text_source
+    from ..io import check_out_path
 
     for ref in (*(getattr(args, "ppl", None) or ()), getattr(args, "calib", None), getattr(args, "teacher_source", None)):
         if ref:
@@ -123,7 +123,7 @@ def _check_inputs(args):
 
 def _check_model_fits(args, model):
     """Windows longer than the model's context fail before quantizing, not at evaluation."""
-    from .models.arch import check_seqlen
+    from ..models.arch import check_seqlen
 
     if getattr(args, "ppl", None):
         check_seqlen(model, args.seqlen, "--seqlen")
@@ -132,8 +132,8 @@ def _check_model_fits(args, model):
 def _calib_ids(recipe, tokenizer, model):
     if recipe.calib is None:
         return None
-    from .data.calib import sample_windows
-    from .models.arch import arch_for, check_seqlen
+    from ..data.calib import sample_windows
+    from ..models.arch import arch_for, check_seqlen
 
     c = recipe.calib
     check_seqlen(model, c["seqlen"], "--calib-seqlen")
@@ -143,7 +143,7 @@ def _calib_ids(recipe, tokenizer, model):
 
 def _resume_dir(args):
     """Finished blocks are checkpointed next to --out; --resume continues from them."""
-    from .calib.engine import clear_resume_dir
+    from ..calib.engine import clear_resume_dir
 
     if not getattr(args, "out", None):
         return None
@@ -154,7 +154,7 @@ def _resume_dir(args):
 
 
 def _quantize(args):
-    from .api import load_model, quantize
+    from ..api import load_model, quantize
 
     recipe = recipe_from_args(args)
     _check_inputs(args)
@@ -172,14 +172,14 @@ def _quantize(args):
 
 
 def _finish_resume(resume):
-    from .calib.engine import clear_resume_dir
+    from ..calib.engine import clear_resume_dir
 
     if resume is not None:
         clear_resume_dir(resume)
 
 
 def cmd_quantize(args):
-    from .api import save
+    from ..api import save
 
     model, tok, recipe, summary, resume = _quantize(args)
     save(model, args.out, tok, source_model=args.model)
@@ -194,11 +194,12 @@ DISTILL_RESULT_FIELDS = ("loss", "init", "steps", "seqlen", "batch_size", "grad_
 
 
 def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summary: dict):
-    from .api import evaluate_ppl
-    from .eval.ppl import PROTOCOL_VERSION
-    from .nn.bpw import bpw_report
-    from .results import write_result, write_table
-    from .utils import peak_memory_gb
+    from ..api import evaluate_ppl
+    from ..eval.ppl import PROTOCOL_VERSION
+    from ..nn.bpw import bpw_report
+    from ..eval.record import write_result
+    from ..report.tables import write_table
+    from ..utils import peak_memory_gb
 
     storage = (config.get("storage") or {}).get("dtype", "float32" if method == "fp32" else "float16")
     rep = bpw_report(model, storage)
@@ -209,7 +210,7 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
     windows = args.windows  # None = all
     for corpus in args.ppl:
         ppl[corpus], protos[corpus] = evaluate_ppl(model, tok, corpus, args.seqlen, windows, progress=not args.quiet)
-    from .eval.zeroshot import result_fields
+    from ..eval.zeroshot import result_fields
 
     zeroshot = result_fields(model, tok, getattr(args, "tasks", None), getattr(args, "limit", None), progress=not args.quiet)
     res = {
@@ -233,7 +234,7 @@ def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summ
     }
     if summary.get("distill"):  # distilled checkpoints: the training run that produced them
         res["distill"] = {k: summary["distill"][k] for k in DISTILL_RESULT_FIELDS if k in summary["distill"]}
-    from .nn.w8a8 import act_linear_summary
+    from ..nn.w8a8 import act_linear_summary
 
     act = act_linear_summary(model)
     if act["macs_per_token"]:  # weight+activation methods: precision mix and flattening overhead
@@ -254,7 +255,7 @@ def _env(device=None) -> dict:
     import torch
     import transformers
 
-    from .utils import device_name
+    from ..utils import device_name
 
     # transformers builds the model (and, for GGUF sources, converts it): its version is part of the protocol
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -269,8 +270,8 @@ def _env(device=None) -> dict:
 
 
 def cmd_eval(args):
-    from .api import load_model
-    from .io import is_checkpoint, read_meta
+    from ..api import load_model
+    from ..io import is_checkpoint, read_meta
 
     _check_inputs(args)
     model, tok = load_model(args.model)
@@ -280,7 +281,7 @@ def cmd_eval(args):
         summary = meta.get("summary", {})
         recipe = summary.get("recipe", {})
         method = recipe.get("method", "unknown")
-        from .quantize import QuantRecipe
+        from ..quantize import QuantRecipe
 
         tag = QuantRecipe.from_dict(recipe).tag() if recipe else ""
         if args.model_name is None:
@@ -297,7 +298,7 @@ def cmd_run(args):
         return cmd_eval(args)
     model, tok, recipe, summary, resume = _quantize(args)
     if args.out:
-        from .api import save
+        from ..api import save
 
         save(model, args.out, tok, source_model=args.model)
         _finish_resume(resume)
@@ -309,7 +310,7 @@ def _print_bpw(model, storage: str, brief: bool = False):
     from rich.console import Console
     from rich.table import Table
 
-    from .nn.bpw import bpw_report
+    from ..nn.bpw import bpw_report
 
     rep = bpw_report(model, storage)
     con = Console()
@@ -324,8 +325,8 @@ def _print_bpw(model, storage: str, brief: bool = False):
 
 
 def cmd_info(args):
-    from .api import load
-    from .io import read_meta
+    from ..api import load
+    from ..io import read_meta
 
     meta = read_meta(args.dir)
     model = load(args.dir)
@@ -338,7 +339,7 @@ def cmd_info(args):
 def cmd_generate(args):
     import torch
 
-    from .api import load_model
+    from ..api import load_model
 
     model, tok = load_model(args.model, _device(args))
     prompt = args.prompt
@@ -348,7 +349,7 @@ def cmd_generate(args):
     n = ids["input_ids"].shape[1]
     if n == 0:
         raise ConfigError("the prompt is empty after tokenization (this tokenizer adds no BOS); pass some text")
-    from .models.arch import context_length
+    from ..models.arch import context_length
 
     ctx = context_length(model)
     if ctx is not None and n >= ctx:
@@ -357,8 +358,8 @@ def cmd_generate(args):
         raise ConfigError(f"the prompt ({n} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds the model's "
                           f"context of {ctx} tokens; use --max-new-tokens {max(ctx - n, 0)} or less, or a shorter prompt")
     torch.manual_seed(args.seed)
-    from .kernels import use_kernel_activations
-    from .runtime import LeanDecoder, lean_supported
+    from ..kernels import use_kernel_activations
+    from ..runtime import LeanDecoder, lean_supported
 
     if args.kernel_act and model.device.type != "cpu":
         log.warning("--kernel-act sets the input precision of the CPU kernels; on %s the quantized layers run "
@@ -381,8 +382,8 @@ def cmd_generate(args):
 
 
 def cmd_distill(args):
-    from .api import load_model
-    from .distill.train import DistillConfig, distill
+    from ..api import load_model
+    from ..distill.train import DistillConfig, distill
 
     fmt = dataclass_from_args(FormatConfig, args)
     fmt.make()  # validate before loading a model
@@ -394,7 +395,7 @@ def cmd_distill(args):
 
 
 def cmd_bench_kernels(args):
-    from .bench_kernels import BENCH_FORMATS, GEMM_BATCHES, SHAPES, bench_kernels, write_kernels_report
+    from ..bench.kernels import BENCH_FORMATS, GEMM_BATCHES, SHAPES, bench_kernels, write_kernels_report
 
     shapes = args.shapes or (SHAPES[:4] if args.quick else SHAPES)
     batches = GEMM_BATCHES if args.batches is None else tuple(args.batches)
@@ -406,10 +407,10 @@ def cmd_bench_kernels(args):
 
 
 def cmd_bench_decode(args):
-    from .bench_decode import bench_decode, write_decode_report
+    from ..bench.decode import bench_decode, write_decode_report
 
     if args.ckpt_head.lower() != "none":
-        from .cli_args import parse_format_tag
+        from ..config import parse_format_tag
 
         parse_format_tag(args.ckpt_head, default_group=128)  # a bad --ckpt-head fails before any timing
     res = bench_decode(args.models, args.configs, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -421,14 +422,14 @@ def cmd_bench_decode(args):
 
 
 def cmd_report(args):
-    from .report import write_report
+    from ..report.pages import write_report
 
     for path in write_report(args.results_dir).values():
         print(path)
 
 
 def cmd_bench(args):
-    from .bench import duration, load_recipe, plan_summary, run_bench
+    from ..bench.grid import duration, load_recipe, plan_summary, run_bench
 
     plan = run_bench(load_recipe(args.recipe), force=args.force, dry_run=args.dry_run, quiet=args.quiet,
                      jobs=args.jobs, device=args.device, log_dir=args.log_dir)
@@ -451,8 +452,8 @@ def _add_eval_args(p):
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=True, help="write a results JSON (default: yes)")
     p.add_argument("--results-dir", default="docs/results", help="where results JSON go (default: docs/results)")
     p.add_argument("--model-name", default=None, help="model name in results (default: the model argument's name)")
-    from .eval.tasks import DEFAULT_LIMIT
-    from .eval.zeroshot import limit_arg, tasks_arg
+    from ..eval.tasks import DEFAULT_LIMIT
+    from ..eval.zeroshot import limit_arg, tasks_arg
 
     _add_device_arg(p)
     p.add_argument("--tasks", default=None, type=tasks_arg, metavar="T1,T2|all", help="zero-shot tasks, comma-separated, or 'all' (default: none)")
@@ -493,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="also save the checkpoint here")
     s.set_defaults(fn=cmd_run)
 
-    from .distill.train import DistillConfig
+    from ..distill.train import DistillConfig
 
     s = sub.add_parser("distill", help="BitDistiller: quantization-aware self-distillation, saves a packed checkpoint")
     s.add_argument("model", help="zoo name, HF folder or hub id (the float teacher)")

@@ -29,7 +29,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, LowbitError
+from ..errors import ConfigError, LowbitError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class BenchRecipe:
 
 
 def _run_parser() -> argparse.ArgumentParser:
-    from .cli import build_parser
+    from ..cli.main import build_parser
 
     p = build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
@@ -140,7 +140,7 @@ def parse_recipe(data, source: str = "<recipe>") -> BenchRecipe:
         methods = {m: None for m in methods}
     if not isinstance(methods, dict):
         raise ConfigError(f"{source}: `methods` must be a list of names or a mapping name -> list of configs")
-    from .methods import method_names
+    from ..methods import method_names
 
     known = ["fp32", *method_names()]
     grid: list[tuple[str, tuple]] = []
@@ -184,7 +184,7 @@ def _check_eval(source: str, ev) -> dict:
                                                            and not isinstance(ev["windows"], bool))):
         raise ConfigError(f"{source}: eval.windows: expected an integer or 'all'; got {ev['windows']!r}")
     if "tasks" in ev:
-        from .eval.tasks import resolve_tasks
+        from ..eval.tasks import resolve_tasks
 
         t = ev["tasks"]
         if not isinstance(t, (str, list)):
@@ -194,7 +194,7 @@ def _check_eval(source: str, ev) -> dict:
         except LowbitError as exc:
             raise ConfigError(f"{source}: eval.tasks: {exc}") from None
     if "limit" in ev:
-        from .eval.zeroshot import parse_limit
+        from ..eval.zeroshot import parse_limit
 
         try:
             parse_limit(ev["limit"])
@@ -241,7 +241,7 @@ def run_argv(run: Run, ev: dict, results_dir: str, quiet: bool = False) -> list[
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    from .cli import build_parser
+    from ..cli.main import build_parser
 
     try:
         return build_parser().parse_args(argv)
@@ -251,8 +251,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _expected(args: argparse.Namespace) -> tuple[str, dict]:
     """The results path and config a ``lowbit run`` with ``args`` would write (without running it)."""
-    from .cli import recipe_from_args
-    from .results import result_name
+    from ..cli.main import recipe_from_args
+    from ..eval.record import result_name
 
     model = args.model_name or Path(str(args.model)).name
     if args.method == "fp32":
@@ -271,7 +271,7 @@ def is_cached(args: argparse.Namespace) -> bool:
         res = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    from .eval.ppl import PROTOCOL_VERSION
+    from ..eval.ppl import PROTOCOL_VERSION
 
     if res.get("config") != config or res.get("protocol_version", 1) != PROTOCOL_VERSION:
         return False
@@ -281,8 +281,8 @@ def is_cached(args: argparse.Namespace) -> bool:
         if corpus not in res.get("ppl", {}) or not p or p.get("seqlen") != args.seqlen or p.get("windows") != windows:
             return False
     if args.tasks:
-        from .eval.tasks import resolve_tasks
-        from .eval.zeroshot import parse_limit
+        from ..eval.tasks import resolve_tasks
+        from ..eval.zeroshot import parse_limit
 
         zp = res.get("zeroshot_protocol") or {}
         if (not set(resolve_tasks(args.tasks)) <= set(res.get("zeroshot") or {})
@@ -330,7 +330,7 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
     if jobs > 1 and todo:
         _run_parallel(todo, jobs, Path(log_dir), quiet, job_threads(jobs, device))
     if not dry_run:
-        from .report import write_report
+        from ..report.pages import write_report
 
         write_report(recipe.results_dir)
     for p in plan:
@@ -340,7 +340,7 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
 
 def _device_kind(device) -> str:
     """``cpu`` or ``cuda`` for a ``--device`` value or a results file's ``env.device`` (``auto``: this machine's)."""
-    from .utils import default_device
+    from ..utils import default_device
 
     name = str(device or "auto")
     if name == "auto":
@@ -358,7 +358,7 @@ def estimate_times(plan: list[dict], results_dir: str | Path) -> None:
     """
     import statistics
 
-    from .results import load_results
+    from ..eval.record import load_results
 
     seen: dict[tuple[str, str, str], list[float]] = {}
     for r in load_results(results_dir):
@@ -404,7 +404,7 @@ def job_threads(jobs: int, device: str | None) -> int | None:
     thread per core; None (each run's own default) on a GPU or when ``OMP_NUM_THREADS`` is set already."""
     import os
 
-    from .utils import resolve_device
+    from ..utils import resolve_device
 
     if jobs < 2 or os.environ.get("OMP_NUM_THREADS") or resolve_device(device or "auto").type != "cpu":
         return None

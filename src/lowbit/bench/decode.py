@@ -71,7 +71,7 @@ def _time_generate(model, ids, new_tokens: int, repeats: int) -> list[float]:
 
 
 def _time_lean(model, ids, new_tokens: int, repeats: int) -> list[float]:
-    from .runtime import LeanDecoder
+    from ..runtime import LeanDecoder
 
     dec = LeanDecoder(model, max_len=ids.shape[1] + new_tokens + 8)
     dec.generate(ids, 8)  # warm-up (builds kernel layouts)
@@ -89,7 +89,7 @@ def _parse_config(cfg: str) -> tuple[str, bool, bool, bool]:
     tag, *flags = cfg.split("@")
     unknown = set(flags) - {"ref", "hf", "q8"}
     if unknown:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"decode config {cfg!r}: unknown suffix {sorted(unknown)}; use @hf, @ref and/or @q8")
     return tag, "ref" in flags, "hf" in flags, "q8" in flags
@@ -102,9 +102,9 @@ def _checkpoint_model(path: str, name: str, head: str | None = None):
     format rows quantize theirs), so every lowbit row streams a packed head.
     Returns ``(model, head_added)``.
     """
-    from .api import load_model
-    from .errors import ConfigError
-    from .io.checkpoint import read_meta
+    from ..api import load_model
+    from ..errors import ConfigError
+    from ..io.checkpoint import read_meta
 
     p = Path(path)
     if not (p / "lowbit.json").is_file():
@@ -119,30 +119,30 @@ def _checkpoint_model(path: str, name: str, head: str | None = None):
     if head:
         from torch import nn
 
-        from .cli_args import parse_format_tag
-        from .models.arch import arch_for, get_module
-        from .quantize import QuantRecipe, _quantize_embed_and_head
+        from ..config import parse_format_tag
+        from ..models.arch import arch_for, get_module
+        from ..quantize import QuantRecipe, quantize_embed_and_head
 
         arch = arch_for(model)
         if isinstance(get_module(model, arch.head), nn.Linear):
             fmt = parse_format_tag(head, default_group=128)
-            _quantize_embed_and_head(model, arch, QuantRecipe(method="rtn", fmt=fmt, head=fmt))
+            quantize_embed_and_head(model, arch, QuantRecipe(method="rtn", fmt=fmt, head=fmt))
             added = fmt.tag()
     return model.eval(), added
 
 
 def _prompt_model(name: str):
     """``(model, tokenizer, prompt ids)``: the zoo model in eval mode and :data:`PROMPT` tokenized."""
-    from .api import load_model
+    from ..api import load_model
 
     base, tok = load_model(name)
     return base.eval(), tok, tok(PROMPT, return_tensors="pt")["input_ids"]
 
 
 def _lowbit_model(base, tag: str):
-    from .api import quantize
-    from .cli_args import parse_format_tag
-    from .quantize import QuantRecipe
+    from ..api import quantize
+    from ..config import parse_format_tag
+    from ..quantize import QuantRecipe
 
     fmt = parse_format_tag(tag, default_group=128)
     model = copy.deepcopy(base)
@@ -151,7 +151,7 @@ def _lowbit_model(base, tag: str):
 
 
 def _bpw(model) -> float | None:
-    from .nn.bpw import bpw_report
+    from ..nn.bpw import bpw_report
 
     try:
         return bpw_report(model, "float16")["all_in"]
@@ -194,9 +194,9 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
             else:
                 model = _lowbit_model(base, tag)
                 bpw = _bpw(model)
-            from .kernels import use_kernel_activations
-            from .runtime import lean_supported
-            from .utils import env_var
+            from ..kernels import use_kernel_activations
+            from ..runtime import lean_supported
+            from ..utils import env_var
 
             with env_var("LOWBIT_KERNELS", "0") if ref else contextlib.nullcontext(), \
                     use_kernel_activations("q8" if q8 else None):
@@ -309,8 +309,8 @@ def gguf_bpw(path: Path) -> float:
 
 def _llama_f32(name: str) -> tuple[Path, Path]:
     """The llama.cpp work folder and the zoo model's F32 GGUF in it (written once)."""
-    from .cache import cache_dir
-    from .models.zoo import ZOO
+    from ..cache import cache_dir
+    from ..models.zoo import ZOO
 
     d = cache_dir() / "bench" / "llama_cpp"
     d.mkdir(parents=True, exist_ok=True)
@@ -368,7 +368,7 @@ def _bench_llama_bin(name: str, bindir: Path, new_tokens: int, repeats: int, thr
     ``new_tokens`` generated tokens (its ``tg`` test: from an empty context, no sampling, no Python)."""
     import subprocess
 
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     quantize, bench = bindir / "llama-quantize", bindir / "llama-bench"
     for prog in (quantize, bench):
@@ -409,7 +409,7 @@ def _no_eos(logits, eos: int):
 # ---------------------------------------------------------------- report
 
 def write_decode_report(res: dict, json_path: Path, md_path: Path) -> None:
-    from .utils import atomic_write_text, write_between_markers
+    from ..utils import atomic_write_text, write_between_markers
 
     atomic_write_text(json_path, json.dumps(res, indent=2) + "\n")
     e = res["env"]

@@ -41,7 +41,7 @@ def load_intmm():
             mod = None
             if os.environ.get("LOWBIT_INTMM", "1") != "0":
                 try:
-                    from ..kernels.build import load_extension
+                    from .build import load_extension
 
                     mod = load_extension("lowbit_intmm", [_SRC], extra_cflags=["-O3", "-fopenmp"],
                                          extra_ldflags=["-fopenmp"], verbose=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import Format, group_layout
+from .base import Format, group_layout
 
 __all__ = ["asym_clip_search", "apply_clip"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .utils import atomic_write_text, write_between_markers
+from ..utils import atomic_write_text, write_between_markers
 
 __all__ = ["BENCH_FORMATS", "SHAPES", "bench_kernels", "measure_bandwidth", "write_kernels_report"]
 
@@ -64,9 +64,9 @@ def _vq_layer(tag: str, out_f: int, in_f: int):
     and the per-column norm, as VPTQ's defaults store them."""
     import re
 
-    from .errors import ConfigError
-    from .formats.codebook import VQWeight
-    from .nn import QuantizedLinear
+    from ..errors import ConfigError
+    from ..formats.codebook import VQWeight
+    from ..nn import QuantizedLinear
 
     mt = re.fullmatch(r"vq-v(\d+)-k(\d+)(?:-r(\d+))?", tag)
     if not mt:
@@ -87,7 +87,7 @@ def _vq_layer(tag: str, out_f: int, in_f: int):
 
 def split_act(tag: str) -> tuple[str, str | None]:
     """``"int4-g128@q8"`` -> ``("int4-g128", "q8")``; a plain tag -> ``(tag, None)``."""
-    from .kernels.ops import check_kernel_activations
+    from ..kernels.ops import check_kernel_activations
 
     base, sep, act = tag.partition("@")
     if sep:
@@ -96,9 +96,9 @@ def split_act(tag: str) -> tuple[str, str | None]:
 
 
 def _layer(tag: str, out_f: int, in_f: int):
-    from .cli_args import parse_format_tag
-    from .formats import quantize_rtn
-    from .nn import QuantizedLinear, scalar_spec
+    from ..config import parse_format_tag
+    from ..formats import quantize_rtn
+    from ..nn import QuantizedLinear, scalar_spec
 
     if tag.startswith("vq-"):
         return _vq_layer(tag, out_f, in_f)
@@ -124,7 +124,7 @@ class _Copies:
 def _clone_layout(lay):
     from dataclasses import fields, replace
 
-    from .kernels import VQKernelLayout
+    from ..kernels import VQKernelLayout
 
     if isinstance(lay, VQKernelLayout):  # every buffer a call reads (nbytes counts them): each layer has its own
         return replace(lay, **{f.name: getattr(lay, f.name).clone() for f in fields(lay)
@@ -144,7 +144,8 @@ def gemv_times(lay, x1: torch.Tensor, repeats: int) -> tuple[float, float]:
 def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int = 30, threads: int | None = None,
                   progress: bool = True, bandwidth_bytes: int = 512 << 20) -> dict:
     """Run the benchmark; returns a JSON-ready dict (see :func:`write_kernels_report`)."""
-    from .kernels import FUSED_MAX_BATCH, layout_for, load_kernels, use_kernel_activations
+    from ..kernels import FUSED_MAX_BATCH, load_kernels, use_kernel_activations
+    from ..nn.kernel_layouts import layout_for
 
     if not load_kernels():
         raise RuntimeError("the lowbit C++ kernels are not available (see the log); nothing to benchmark")
@@ -167,7 +168,7 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
                 continue
             lay = layout_for(m)
             if act == "q8" and not lay.q8_capable:
-                from .errors import ConfigError
+                from ..errors import ConfigError
 
                 raise ConfigError(f"{tag}: int8 activations apply to INT2/3/4 and FP4 layers only")
             x1 = torch.randn(1, in_f)
