@@ -45,7 +45,7 @@ def zoo_case(method: str, bits: int, method_config: dict) -> dict:
                                 calib={"source": "wiki-train", "nsamples": 32, "seqlen": 512, "seed": 0})
     calib = None
     if method != "rtn":
-        calib = sample_windows(tok, "wiki-train", 32, 512, seed=0)
+        calib = sample_windows(tok, "wiki-train", 32, 512, 0)
     lowbit.quantize(model, recipe, calib, progress=False)
     ppl, _ = lowbit.api.evaluate_ppl(model, tok, "wiki", 512, 8, progress=False)
     return {"state": state_digest(model), "ppl": repr(ppl)}

@@ -39,6 +39,7 @@ def test_recipe_grid_and_argv():
     ({"eval": {"seqlen": "long"}}, "eval.seqlen: expected an integer"),
     ({"eval": {"limit": 0}}, "eval.limit: limit must be a positive number"),
     ({"eval": {"ppl": "wiki", "lr": 1}}, "eval: unknown key 'lr'"),
+    ({"configs": [{"act_order": True}]}, "methods.rtn {act_order=True}: --act-order is a setting of gptq"),
 ])
 def test_recipe_errors_name_the_key_and_the_fix(patch, msg):
     data = {**GOOD, **patch}

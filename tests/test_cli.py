@@ -52,12 +52,36 @@ def test_run_fp32_and_rtn(tiny_dir, text_file, tmp_path):
     (["--group-size", "0"], "positive number of columns or -1"),
     (["--bits", "12"], "2..8 bits"),
     (["--method", "nope"], "unknown method"),
+    (["--method", "rtn", "--act-order"], "--act-order is a setting of gptq"),
+    (["--method", "rtn", "--nsamples", "64"], "--nsamples sets calibration data, but --method rtn uses none"),
+    (["--method", "awq", "--vector-len", "4"], "--vector-len is a setting of vptq, not of --method awq"),
 ])
 def test_bad_flags_give_clear_errors(tiny_dir, tmp_path, capsys, argv, msg):
     rc = main(["-q", "quantize", str(tiny_dir), *argv, "--out", str(tmp_path / "x")])
     assert rc == 2
     assert msg in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_fp32_takes_no_quantization_settings(tiny_dir, tmp_path, capsys):
+    assert main(["-q", "run", str(tiny_dir), "--method", "fp32", "--bits", "3", "--results-dir", str(tmp_path)]) == 2
+    assert "--method fp32 is the float reference and takes no quantization settings; drop --bits" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_cli_and_library_share_recipe_defaults():
+    """A flag left out takes its dataclass default: the CLI's recipe equals the library's."""
+    from lowbit.cli import build_parser
+    from lowbit.cli.main import recipe_from_args
+    from lowbit.config import CalibConfig
+    from lowbit.quantize import QuantRecipe, recipe_from_options
+
+    args = build_parser().parse_args(["run", "m", "--method", "gptq"])
+    r = recipe_from_args(args)
+    assert r == recipe_from_options("gptq", {})
+    assert r.calib == {"source": "wiki-train", "nsamples": 128, "seqlen": 512, "seed": 0} == vars(CalibConfig())
+    assert QuantRecipe.from_dict(r.to_dict()) == r
+    assert recipe_from_args(build_parser().parse_args(["run", "m", "--method", "rtn"])).calib is None
 
 
 def test_missing_model_and_empty_text(tmp_path, tiny_dir, capsys):

@@ -1,4 +1,4 @@
-"""The public API: load, quantize, save, evaluate."""
+"""The public API: load, quantize, save, evaluate, and a whole run (quantize, evaluate, record)."""
 from __future__ import annotations
 
 import logging
@@ -6,14 +6,17 @@ from pathlib import Path
 
 import torch
 
-from .eval.ppl import PROTOCOL_VERSION, PPLProtocol, make_windows, perplexity
+from .config import EvalConfig
+from .eval.ppl import evaluate_ppl, ppl_windows
+from .eval.record import evaluate_record
 from .io import is_checkpoint, load_checkpoint, save_checkpoint
 from .nn.bpw import count_params
 from .quantize import QuantRecipe, quantize_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "load", "save", "quantize", "evaluate_ppl", "ppl_windows"]
+__all__ = ["load_model", "load", "save", "quantize", "evaluate_ppl", "ppl_windows", "calibration_windows", "check_inputs",
+           "quantize_named", "evaluate", "run"]
 
 
 def load_model(name_or_path: str, device: str | torch.device = "cpu"):
@@ -52,33 +55,99 @@ def quantize(model, recipe: QuantRecipe | None = None, calib_ids: torch.Tensor |
     return quantize_model(model, recipe or QuantRecipe(), calib_ids, progress, resume_dir, device)
 
 
-def ppl_windows(tokenizer, model, protocol: PPLProtocol) -> torch.Tensor:
-    """Token windows for ``protocol`` (BOS handling from the model's architecture row)."""
-    from .data.texts import load_text
-
-    text = load_text(protocol.corpus)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    bos = tokenizer.bos_token_id if protocol.bos else None
-    if protocol.bos and bos is None:
-        from .errors import DataError
-
-        raise DataError("the protocol asks for BOS but the tokenizer has no bos_token_id")
-    return make_windows(ids, protocol.seqlen, protocol.windows, bos)
 
 
-def evaluate_ppl(model, tokenizer, corpus: str = "wiki", seqlen: int = 512, windows: int | None = 40,
-                 progress: bool = True) -> tuple[float, dict]:
-    """``(ppl, protocol)`` for ``model`` on ``corpus``; BOS per the model's architecture."""
-    from .data.texts import JOIN_RULE
+def calibration_windows(recipe: QuantRecipe, tokenizer, model) -> torch.Tensor | None:
+    """The calibration windows ``recipe.calib`` asks for (BOS per the model's architecture row); None without."""
+    if recipe.calib is None:
+        return None
+    from .data.calib import sample_windows
     from .models.arch import arch_for, check_seqlen
 
-    arch = arch_for(model)
-    proto = PPLProtocol(corpus, seqlen, windows, arch.bos_per_window)
-    check_seqlen(model, seqlen)
-    ids = ppl_windows(tokenizer, model, proto)
-    ppl = perplexity(model, ids, progress=progress, desc=f"ppl {corpus}")
-    d = proto.to_dict()
-    d.update(version=PROTOCOL_VERSION, n_windows=int(ids.shape[0]),
-             tokens_scored=int(ids.shape[0] * (ids.shape[1] - 1)), tokenizer=getattr(tokenizer, "name_or_path", None), join_rule=JOIN_RULE,
-             add_special_tokens=False, window_rule="non-overlapping, from the start of the text")
-    return ppl, d
+    c = recipe.calib
+    check_seqlen(model, c["seqlen"], "--calib-seqlen")
+    bos = tokenizer.bos_token_id if arch_for(model).bos_per_window else None
+    return sample_windows(tokenizer, c["source"], c["nsamples"], c["seqlen"], c["seed"], bos_id=bos)
+
+
+def check_inputs(ev: EvalConfig | None = None, recipe: QuantRecipe | None = None, out=None,
+                 texts: tuple[str, ...] = ()) -> None:
+    """Fail on a bad text source or output path now, not after minutes of loading and quantizing."""
+    from .data.texts import check_text_source
+    from .io import check_out_path
+
+    refs = [*(ev.ppl if ev else ()), *(texts or ())]
+    if recipe is not None and recipe.calib:
+        refs.append(recipe.calib["source"])
+    for ref in refs:
+        check_text_source(ref)
+    if out:
+        check_out_path(out)
+
+
+def quantize_named(name: str, recipe: QuantRecipe, *, device="auto", out=None, resume: bool = False,
+                   ev: EvalConfig | None = None, progress: bool = True):
+    """Load ``name`` (zoo name, HF folder, GGUF file or hub id), quantize it with ``recipe`` and, with ``out``,
+    save the checkpoint there; returns ``(model, tokenizer, summary)``.
+
+    Inputs are checked before the model loads (``ev``: the evaluation that follows, so its corpora and window
+    length are checked too). With ``out``, finished blocks are checkpointed in ``OUT.resume/`` and ``resume``
+    continues from them; the folder is removed once the checkpoint is saved.
+    """
+    from .calib.engine import clear_resume_dir
+    from .models.arch import check_seqlen
+    from .utils import resolve_device
+
+    check_inputs(ev, recipe, out)
+    device = resolve_device(device)
+    model, tok = load_model(name)  # stays on the CPU: the engine moves one block at a time to `device`
+    if ev is not None and ev.ppl:
+        check_seqlen(model, ev.seqlen, "--seqlen")
+    resume_dir = Path(str(out).rstrip("/") + ".resume") if out else None
+    if resume_dir is not None and not resume:
+        clear_resume_dir(resume_dir)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    summary = quantize(model, recipe, calibration_windows(recipe, tok, model), progress=progress,
+                       resume_dir=resume_dir, device=device)
+    if out:
+        save(model, out, tok, source_model=name)
+        clear_resume_dir(resume_dir)
+    return model, tok, summary
+
+
+def evaluate(name: str, ev: EvalConfig, *, model_name: str | None = None, device="auto",
+             progress: bool = True) -> dict:
+    """The results record of ``name`` (a lowbit checkpoint, or a float model: method ``fp32``) evaluated as
+    ``ev`` asks; nothing is written (:func:`lowbit.eval.record.write_result`)."""
+    from .io import read_meta
+    from .models.arch import check_seqlen
+
+    check_inputs(ev)
+    model, tok = load_model(name)
+    if ev.ppl:
+        check_seqlen(model, ev.seqlen, "--seqlen")
+    if is_checkpoint(name):
+        meta = read_meta(name)
+        summary = meta.get("summary", {})
+        recipe = summary.get("recipe", {})
+        method = recipe.get("method", "unknown")
+        tag = QuantRecipe.from_dict(recipe).tag() if recipe else ""
+        model_name = model_name or Path(str(meta.get("source_model", name))).name
+    else:
+        method, tag, recipe, summary = "fp32", "", {"storage": {"dtype": "float32"}}, {"quant_time_s": 0.0}
+    return evaluate_record(model, tok, ev, model_name=model_name or Path(str(name)).name, method=method, tag=tag,
+                           config=recipe, summary=summary, device=device, progress=progress)
+
+
+def run(name: str, recipe: QuantRecipe | None, ev: EvalConfig, *, model_name: str | None = None,
+        device="auto", out=None, resume: bool = False, progress: bool = True) -> dict:
+    """Quantize ``name`` with ``recipe`` in memory (None: the float reference, method ``fp32``), evaluate it as
+    ``ev`` asks and return the results record (``lowbit run``; nothing is written but ``out``'s checkpoint)."""
+    if recipe is None:
+        return evaluate(name, ev, model_name=model_name or Path(str(name)).name, device=device, progress=progress)
+    model, tok, summary = quantize_named(name, recipe, device=device, out=out, resume=resume, ev=ev,
+                                         progress=progress)
+    return evaluate_record(model, tok, ev, model_name=model_name or Path(str(name)).name, method=recipe.method,
+                           tag=recipe.tag(), config=recipe.to_dict(), summary=summary, device=device,
+                           progress=progress)

@@ -7,11 +7,9 @@ JSON (``asdict`` / ``from_dict``) and is recorded in checkpoints and results.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import ConfigError
-
-CONFIG_VERSION = 1
 
 
 def from_dict(cls, d: dict | None):
@@ -66,8 +64,42 @@ class StorageConfig:
             raise ConfigError(f"storage dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
 
 
-def to_dict(cfg) -> dict:
-    return asdict(cfg)
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration windows for methods that need data (recorded in checkpoints and results as ``calib``)."""
+
+    source: str = field(default="wiki-train", metadata={"flag": "calib"})         # text source for calibration
+    nsamples: int = field(default=128, metadata={"min": 1})                      # calibration windows
+    seqlen: int = field(default=512, metadata={"flag": "calib_seqlen", "min": 2})  # tokens per calibration window
+    seed: int = 0                                                                # calibration sampling seed
+
+    def __post_init__(self):
+        if not isinstance(self.nsamples, int) or self.nsamples < 1:
+            raise ConfigError(f"--nsamples must be at least 1, got {self.nsamples!r}")
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise ConfigError(f"--calib-seqlen must be at least 2, got {self.seqlen!r}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What a run evaluates: perplexity corpora and windows, and zero-shot tasks (docs/evaluation.md)."""
+
+    ppl: tuple[str, ...] = ("wiki",)   # corpora for perplexity
+    seqlen: int = 512                  # tokens per window
+    windows: int | None = 40           # number of windows; None = every window
+    tasks: tuple[str, ...] = ()        # zero-shot tasks (names; empty = none)
+    limit: int | None = 200            # items per zero-shot task, seeded subset; None = every item
+
+    def __post_init__(self):
+        if isinstance(self.ppl, str) or isinstance(self.tasks, str):
+            raise ConfigError("EvalConfig.ppl and .tasks are tuples of names, e.g. ppl=('wiki',)")
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise ConfigError(f"--seqlen must be at least 2, got {self.seqlen!r}")
+        if self.windows is not None and (not isinstance(self.windows, int) or self.windows < 1):
+            raise ConfigError(f"--windows must be a positive number or 'all', got {self.windows!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError(f"--limit must be a positive number or 'full', got {self.limit!r}")
 
 
 _TAG = re.compile(r"^(?P<fmt>[a-z]+?)(?P<bits>\d+)(?P<sym>-sym)?(?:-(?:g(?P<g>\d+)|(?P<pc>pc)))?$")

@@ -10,7 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .config import FormatConfig, StorageConfig
+from .config import CalibConfig, FormatConfig, StorageConfig
+from .errors import ConfigError
 from .methods import get_method
 from .models.arch import ArchSpec, arch_for, get_module, set_module
 from .nn import QuantizedEmbedding, scalar_spec, to_module
@@ -18,7 +19,8 @@ from .utils import peak_memory_gb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantRecipe", "quantize_model", "quantize_embed_and_head", "finalize_storage"]
+__all__ = ["QuantRecipe", "finalize_storage", "quantize_embed_and_head", "quantize_model", "recipe_from_options",
+           "recipe_option_names", "recipe_option_types"]
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,6 @@ def finalize_storage(model: nn.Module, storage: StorageConfig) -> None:
 
 def _check_float_blocks(model: nn.Module, arch: ArchSpec) -> None:
     """A clear error when the decoder blocks are already quantized (e.g. a lowbit checkpoint was passed)."""
-    from .errors import ConfigError
-
     for i, block in enumerate(get_module(model, arch.blocks)):
         for name in arch.linears:
             lin = get_module(block, name)
@@ -139,8 +139,6 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         from .calib.engine import run_layerwise
 
         if calib_ids is None:
-            from .errors import ConfigError
-
             raise ConfigError(f"method {recipe.method!r} needs calibration data (it uses {', '.join(sorted(method.needs))})")
         run_layerwise(model, arch, method, fmt, mcfg, calib_ids, progress=progress, resume_dir=resume_dir,
                       device=device)
@@ -161,3 +159,97 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     }
     model.lowbit_summary = summary
     return summary
+
+
+def _options_of(cls) -> dict[str, tuple[str, object]]:
+    """``{option: (field, type)}`` of a config dataclass; an option is the field's CLI flag without dashes."""
+    import typing
+    from dataclasses import fields
+
+    hints = typing.get_type_hints(cls)
+    return {f.metadata.get("flag", f.name): (f.name, hints[f.name]) for f in fields(cls) if f.init}
+
+
+def _check_type(key: str, value, typ) -> None:
+    want = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(typ)
+    if want is None:
+        return
+    if not isinstance(value, want) or (typ is not bool and isinstance(value, bool)):
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
+        raise ConfigError(f"--{key.replace('_', '-')}: expected {what}, got {value!r}")
+
+
+def recipe_option_types() -> dict[str, object]:
+    """``{option: type}`` of every option :func:`recipe_from_options` knows, over all methods (the CLI adds one
+    flag for each)."""
+    from .methods import get_method, method_names
+
+    tables = [_options_of(FormatConfig), _options_of(CalibConfig),
+              {"storage_" + k: v for k, v in _options_of(StorageConfig).items()},
+              *(_options_of(get_method(m).config) for m in method_names())]
+    types = {"embed": str, "head": str}
+    for table in tables:
+        for key, (_, typ) in table.items():
+            types.setdefault(key, typ)
+    return types
+
+
+def recipe_option_names() -> set[str]:
+    """Every option :func:`recipe_from_options` knows (:func:`recipe_option_types`)."""
+    return set(recipe_option_types())
+
+
+def recipe_from_options(method: str, options: dict) -> QuantRecipe:
+    """The recipe of ``lowbit run --method METHOD`` with ``options``: flags without dashes (``group_size: 64``,
+    ``act_order: true``, ``nsamples: 64``, ``storage_dtype``, ``embed: int8``), every other setting at its
+    dataclass default. The CLI and ``lowbit bench`` both build recipes here, so a grid point and the same
+    command line give the same results file.
+
+    A setting of another method (``--method rtn --act-order``), a calibration setting for a method that uses
+    no data, an unknown key or a value of the wrong type is a ConfigError naming the fix.
+    """
+    from .config import parse_format_tag
+    from .methods import get_method, method_names
+
+    m = get_method(method)
+    own, fmt, calib = _options_of(m.config), _options_of(FormatConfig), _options_of(CalibConfig)
+    storage = {"storage_" + k: v for k, v in _options_of(StorageConfig).items()}
+    owners: dict[str, list[str]] = {}
+    for name in method_names():
+        for k in _options_of(get_method(name).config):
+            owners.setdefault(k, []).append(name)
+    kw: dict[str, dict] = {"own": {}, "fmt": {}, "calib": {}, "storage": {}}
+    tags = {}
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if key in ("embed", "head"):
+            _check_type(key, value, str)
+            tags[key] = parse_format_tag(value)
+            continue
+        for part, table in (("own", own), ("fmt", fmt), ("calib", calib), ("storage", storage)):
+            if key in table:
+                break
+        else:
+            if key in owners:
+                raise ConfigError(f"{flag} is a setting of {', '.join(owners[key])}, not of --method {method}; "
+                                  f"drop it or choose that method")
+            raise ConfigError(f"unknown setting {key!r}; settings are `lowbit run` flags without dashes, e.g. "
+                              "bits, group_size, nsamples, act_order")
+        if part == "calib" and not m.needs:
+            raise ConfigError(f"{flag} sets calibration data, but --method {method} uses none; drop it")
+        field_name, typ = table[key]
+        _check_type(key, value, typ)
+        kw[part][field_name] = value
+    recipe = QuantRecipe(
+        method=method,
+        fmt=FormatConfig(**kw["fmt"]),
+        method_config=asdict(m.config(**kw["own"])),
+        embed=tags.get("embed"),
+        head=tags.get("head"),
+        storage=StorageConfig(**kw["storage"]),
+        calib=asdict(CalibConfig(**kw["calib"])) if m.needs else None,
+    )
+    for f in (recipe.fmt, recipe.embed, recipe.head):
+        if f is not None:
+            f.make()  # a bad format fails here, before any model loads
+    return recipe

@@ -1,8 +1,9 @@
 """``lowbit bench``: a grid of runs (models x methods x configs) from a YAML recipe.
 
-Each grid point is exactly one ``lowbit run`` command line (the recipe is
-turned into its argv and parsed by the same parser), so a bench row and a
-hand-made ``lowbit run`` with the same flags give the same results file.
+Each grid point is one :func:`lowbit.api.run`: its config becomes a
+:class:`~lowbit.quantize.QuantRecipe` through :func:`~lowbit.quantize.recipe_from_options`, the function the
+CLI uses too, so a bench row and a hand-made ``lowbit run`` with the same flags give the same results file
+(the plan prints that command line).
 Runs whose results JSON already exists with the same config and covering
 the requested evaluation are skipped unless ``force``. The reports
 (``lowbit report``) are rebuilt at the end.
@@ -23,7 +24,6 @@ to nothing uses ``configs``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass, field
@@ -38,8 +38,6 @@ __all__ = ["BenchRecipe", "Run", "duration", "estimate_times", "load_recipe", "p
 
 TOP_KEYS = ("models", "methods", "configs", "eval", "results_dir")
 EVAL_KEYS = ("ppl", "seqlen", "windows", "tasks", "limit")
-# `lowbit run` options a recipe does not set through `configs`
-_NOT_CONFIG = {"help", "model", "method", "record", "results_dir", "model_name", "out", "device", *EVAL_KEYS}
 
 
 @dataclass(frozen=True)
@@ -63,26 +61,14 @@ class BenchRecipe:
     source: str = "<recipe>"
 
 
-def _run_parser() -> argparse.ArgumentParser:
-    from ..cli.main import build_parser
+def _options() -> dict[str, object]:
+    """``{config key: type}``: every ``lowbit run`` quantization flag without dashes."""
+    from ..quantize import recipe_option_types
 
-    p = build_parser()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["run"]
-
-
-def _options() -> dict[str, argparse.Action]:
-    return {a.dest: a for a in _run_parser()._actions if a.option_strings and a.dest not in _NOT_CONFIG}
+    return recipe_option_types()
 
 
-def _type_name(action: argparse.Action) -> tuple[type | tuple, str]:
-    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
-        return bool, "true or false"
-    if action.type is int:
-        return int, "an integer"
-    if action.type is float:
-        return (int, float), "a number"
-    return str, "a string"
+_TYPE_NAMES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number")}
 
 
 def _check_value(where: str, key: str, value, want: type | tuple, what: str, example: str) -> None:
@@ -92,7 +78,7 @@ def _check_value(where: str, key: str, value, want: type | tuple, what: str, exa
                           f"write it like `{key}: {example}`")
 
 
-def _check_config(where: str, cfg, options: dict[str, argparse.Action]) -> tuple[tuple[str, object], ...]:
+def _check_config(where: str, cfg, options: dict[str, object]) -> tuple[tuple[str, object], ...]:
     if cfg is None:
         return ()
     if not isinstance(cfg, dict):
@@ -105,7 +91,7 @@ def _check_config(where: str, cfg, options: dict[str, argparse.Action]) -> tuple
             hint = " (set it under `eval:`)" if dest in EVAL_KEYS else ""
             raise ConfigError(f"{where}: unknown key {key!r}{hint}; config keys are `lowbit run` flags without "
                               f"dashes: {', '.join(sorted(options))}")
-        want, what = _type_name(options[dest])
+        want, what = _TYPE_NAMES.get(options[dest], (str, "a string"))
         example = {bool: "true", int: "4", str: "int8"}.get(want, "0.01")  # type: ignore[call-overload]
         _check_value(where, dest, value, want, what, example)
         out.append((dest, value))
@@ -163,8 +149,42 @@ def parse_recipe(data, source: str = "<recipe>") -> BenchRecipe:
     results_dir = data.get("results_dir", "docs/results")
     if not isinstance(results_dir, str):
         raise ConfigError(f"{source}: `results_dir` must be a path string, like docs/results")
+    for m, c in grid:
+        if m != "fp32":
+            try:
+                run_recipe(Run("", m, c))
+            except LowbitError as exc:
+                cfg = " ".join(f"{k}={v}" for k, v in c)
+                raise ConfigError(f"{source}: methods.{m} {{{cfg}}}: {exc}") from None
     runs = tuple(dict.fromkeys(Run(model, m, c) for model in models for m, c in grid))
     return BenchRecipe(runs, ev, results_dir, source)
+
+
+def run_recipe(run: Run):
+    """The :class:`~lowbit.quantize.QuantRecipe` of a grid point (None for ``fp32``, the float reference)."""
+    from ..quantize import recipe_from_options
+
+    return None if run.method == "fp32" else recipe_from_options(run.method, dict(run.config))
+
+
+def eval_config(ev: dict):
+    """The :class:`~lowbit.config.EvalConfig` of a recipe's ``eval`` mapping (defaults for what it leaves out)."""
+    from ..config import EvalConfig
+    from ..eval.tasks import resolve_tasks
+    from ..eval.zeroshot import parse_limit
+
+    kw = {}
+    if "ppl" in ev:
+        kw["ppl"] = tuple(ev["ppl"])
+    if "seqlen" in ev:
+        kw["seqlen"] = ev["seqlen"]
+    if "windows" in ev:
+        kw["windows"] = None if ev["windows"] == "all" else ev["windows"]
+    if ev.get("tasks"):
+        kw["tasks"] = tuple(resolve_tasks(ev["tasks"]))
+    if "limit" in ev:
+        kw["limit"] = parse_limit(ev["limit"])
+    return EvalConfig(**kw)
 
 
 def _check_eval(source: str, ev) -> dict:
@@ -220,16 +240,12 @@ def load_recipe(path: str | Path) -> BenchRecipe:
 
 
 def run_argv(run: Run, ev: dict, results_dir: str, quiet: bool = False) -> list[str]:
-    """The ``lowbit run`` command line of one grid point."""
-    options = _options()
+    """The ``lowbit run`` command line that gives the same results file as this grid point (shown in plans)."""
     argv = (["-q"] if quiet else []) + ["run", run.model, "--method", run.method]
-    for dest, value in run.config:
-        flag = "--" + dest.replace("_", "-")
+    for key, value in run.config:
+        flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            if isinstance(options[dest], argparse.BooleanOptionalAction):
-                argv.append(flag if value else "--no-" + dest.replace("_", "-"))
-            elif value:
-                argv.append(flag)
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
         else:
             argv += [flag, str(value)]
     if "ppl" in ev:
@@ -240,55 +256,50 @@ def run_argv(run: Run, ev: dict, results_dir: str, quiet: bool = False) -> list[
     return argv + ["--results-dir", results_dir]
 
 
-def _parse(argv: list[str]) -> argparse.Namespace:
-    from ..cli.main import build_parser
-
-    try:
-        return build_parser().parse_args(argv)
-    except SystemExit:
-        raise ConfigError(f"`lowbit {' '.join(argv)}` was rejected (see the message above)") from None
-
-
-def _expected(args: argparse.Namespace) -> tuple[str, dict]:
-    """The results path and config a ``lowbit run`` with ``args`` would write (without running it)."""
-    from ..cli.main import recipe_from_args
+def expected_result(run: Run, recipe, results_dir: str | Path) -> tuple[Path, dict]:
+    """The results path and config the grid point writes (without running it)."""
     from ..eval.record import result_name
 
-    model = args.model_name or Path(str(args.model)).name
-    if args.method == "fp32":
+    model = Path(str(run.model)).name
+    if recipe is None:
         name, config = result_name({"model": model, "method": "fp32", "tag": ""}), {"storage": {"dtype": "float32"}}
     else:
-        recipe = recipe_from_args(args)
-        name = result_name({"model": model, "method": recipe.method, "tag": recipe.tag()})
-        config = recipe.to_dict()
-    return str(Path(args.results_dir) / name), json.loads(json.dumps(config))
+        name, config = result_name({"model": model, "method": recipe.method, "tag": recipe.tag()}), recipe.to_dict()
+    return Path(results_dir) / name, json.loads(json.dumps(config))
 
 
-def is_cached(args: argparse.Namespace) -> bool:
-    """Whether the results JSON exists with the same config and covers the requested evaluation."""
-    path, config = _expected(args)
+def is_cached(run: Run, recipe, ev, results_dir: str | Path) -> bool:
+    """Whether the results JSON exists with the same config and covers evaluation ``ev`` (an EvalConfig)."""
+    path, config = expected_result(run, recipe, results_dir)
     try:
-        res = json.loads(Path(path).read_text())
+        res = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
     from ..eval.ppl import PROTOCOL_VERSION
 
     if res.get("config") != config or res.get("protocol_version", 1) != PROTOCOL_VERSION:
         return False
-    windows = args.windows  # None = all
-    for corpus in args.ppl:
+    for corpus in ev.ppl:
         p = res.get("protocol", {}).get(corpus)
-        if corpus not in res.get("ppl", {}) or not p or p.get("seqlen") != args.seqlen or p.get("windows") != windows:
+        if corpus not in res.get("ppl", {}) or not p or p.get("seqlen") != ev.seqlen or p.get("windows") != ev.windows:
             return False
-    if args.tasks:
-        from ..eval.tasks import resolve_tasks
-        from ..eval.zeroshot import parse_limit
-
+    if ev.tasks:
         zp = res.get("zeroshot_protocol") or {}
-        if (not set(resolve_tasks(args.tasks)) <= set(res.get("zeroshot") or {})
-                or zp.get("limit") != parse_limit(args.limit)):
+        if not set(ev.tasks) <= set(res.get("zeroshot") or {}) or zp.get("limit") != ev.limit:
             return False
     return True
+
+
+def run_point(point: dict, progress: bool = True) -> Path:
+    """Run one grid point (``{model, method, config, eval, results_dir, device}``, JSON-ready) and write its
+    results file; the reports are left to the caller."""
+    from ..api import run
+    from ..eval.record import write_result
+
+    pt = Run(point["model"], point["method"], tuple((k, v) for k, v in point["config"]))
+    res = run(pt.model, run_recipe(pt), eval_config(point["eval"]), device=point.get("device") or "auto",
+              progress=progress)
+    return write_result(res, point["results_dir"])
 
 
 def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, quiet: bool = False,
@@ -298,23 +309,26 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
     ``status``: ``cached`` (skipped), ``planned`` (dry run), ``done`` or ``failed``
     (``jobs`` > 1 only). Points not cached carry a time estimate (``est_s``,
     ``est_n``: :func:`estimate_times`); a real run logs their sum first.
-    ``device`` is passed to every run as ``--device``.
-    With ``jobs`` > 1 the grid points run in that many ``lowbit run``
-    processes at once (on the CPU, splitting the cores: :func:`job_threads`),
-    each logging to ``log_dir/<results name>.log``; a
-    failed point is reported and the others go on. The reports are rebuilt
-    from the results folder after the runs.
+    ``device`` is every run's compute device (default: each run's own, auto).
+    With ``jobs`` > 1 the grid points run in that many processes at once
+    (on the CPU, splitting the cores: :func:`job_threads`), each logging to
+    ``log_dir/<results name>.log``; a failed point is reported and the others
+    go on. The reports are rebuilt from the results folder after the runs.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    ev = eval_config(recipe.eval)
     plan = []
     for run in recipe.runs:
         argv = run_argv(run, recipe.eval, recipe.results_dir, quiet or jobs > 1)
         if device is not None:
             argv += ["--device", str(device)]
-        args = _parse(argv)
-        cached = not force and is_cached(args)
-        plan.append({"run": run.label(), "argv": argv, "args": args,
+        rr = run_recipe(run)
+        cached = not force and is_cached(run, rr, ev, recipe.results_dir)
+        point = {"model": run.model, "method": run.method, "config": [list(kv) for kv in run.config],
+                 "eval": recipe.eval, "results_dir": recipe.results_dir, "device": device}
+        plan.append({"run": run.label(), "argv": argv, "point": point,
+                     "result": expected_result(run, rr, recipe.results_dir)[0],
                      "status": "cached" if cached else ("planned" if dry_run else "todo")})
     todo = [p for p in plan if p["status"] == "todo"]
     estimate_times(plan, recipe.results_dir)
@@ -325,7 +339,7 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
             log.info("[%d/%d] %s: %s", i, len(plan), p["run"], p["status"])
         elif jobs == 1:
             log.info("[%d/%d] lowbit %s", i, len(plan), " ".join(p["argv"]))
-            p["args"].fn(p["args"])
+            log.info("recorded %s", run_point(p["point"], progress=not quiet))
             p["status"] = "done"
     if jobs > 1 and todo:
         _run_parallel(todo, jobs, Path(log_dir), quiet, job_threads(jobs, device))
@@ -334,7 +348,7 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
 
         write_report(recipe.results_dir)
     for p in plan:
-        del p["args"]
+        del p["point"], p["result"]
     return plan
 
 
@@ -369,9 +383,8 @@ def estimate_times(plan: list[dict], results_dir: str | Path) -> None:
     for p in plan:
         if p["status"] == "cached":
             continue
-        a = p["args"]
-        model = a.model_name or Path(str(a.model)).name
-        times = seen.get((model, a.method, _device_kind(a.device)), [])
+        pt = p["point"]
+        times = seen.get((Path(str(pt["model"])).name, pt["method"], _device_kind(pt["device"])), [])
         p["est_s"] = statistics.median(times) if times else None
         p["est_n"] = len(times)
 
@@ -413,7 +426,7 @@ def job_threads(jobs: int, device: str | None) -> int | None:
 
 
 def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool, threads: int | None = None) -> None:
-    """Each grid point in its own ``python -m lowbit`` process, ``jobs`` at a time (``threads``: each one's
+    """Each grid point in its own ``python -m lowbit.bench.grid POINT`` process, ``jobs`` at a time (``threads``: each one's
     ``OMP_NUM_THREADS``, see :func:`job_threads`)."""
     import os
     import subprocess
@@ -429,11 +442,10 @@ def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool, threa
         log.info("%d runs at a time on the CPU, %d thread(s) each", jobs, threads)
 
     def one(p):
-        name = Path(_expected(p["args"])[0]).stem
-        logfile = log_dir / f"{name}.log"
+        logfile = log_dir / f"{p['result'].stem}.log"
         with open(logfile, "w") as fh:
-            rc = subprocess.run([sys.executable, "-m", "lowbit", *p["argv"]], stdout=fh, stderr=subprocess.STDOUT,
-                                check=False, env=env).returncode
+            rc = subprocess.run([sys.executable, "-m", "lowbit.bench.grid", json.dumps(p["point"])], stdout=fh,
+                                stderr=subprocess.STDOUT, check=False, env=env).returncode
         return p, rc, logfile
 
     failed = []
@@ -447,3 +459,23 @@ def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool, threa
                 failed.append(p["run"])
     if failed:
         log.error("%d of %d grid points failed: %s", len(failed), len(todo), "; ".join(failed))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lowbit.bench.grid POINT_JSON``: one grid point in its own process (``--jobs`` > 1)."""
+    import sys
+
+    from ..errors import LowbitError
+
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        log.info("recorded %s", run_point(json.loads(args[0]), progress=False))
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -48,7 +48,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     for f in fields(cls):
         if not f.init:
             continue
-        flag = _flag(prefix, f.name)
+        flag = _flag(prefix, f.metadata.get("flag", f.name))
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         if seen is not None:
             if flag in seen:
@@ -63,6 +63,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             conv = {int: int, float: float, str: str}.get(typ, str)
+            if typ is int and "min" in f.metadata:  # counts are refused when parsed, before any model loads
+                conv = int_at_least(f.metadata["min"])
             parser.add_argument(flag, type=conv, default=None, help=help_)
 
 
@@ -72,7 +74,7 @@ def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = ""):
     for f in fields(cls):
         if not f.init:
             continue
-        v = getattr(args, (prefix + f.name).replace("-", "_"), None)
+        v = getattr(args, (prefix + f.metadata.get("flag", f.name)).replace("-", "_"), None)
         if v is not None:
             kw[f.name] = v
     return cls(**kw)

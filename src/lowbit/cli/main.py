@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import os
-import platform
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 from .._version import __version__
-from ..config import FormatConfig, StorageConfig, parse_format_tag
+from ..config import CalibConfig, EvalConfig, FormatConfig, StorageConfig
 from .args import add_dataclass_args, dataclass_from_args, int_at_least, parse_shape, windows_arg
 from ..errors import ConfigError, LowbitError
 
@@ -34,10 +30,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head", default=None, metavar="FMT", help="also quantize the LM head, e.g. int8 or int4-g128")
     add_dataclass_args(p.add_argument_group("storage"), StorageConfig, prefix="storage_")
     c = p.add_argument_group("calibration (calibrated methods)")
-    c.add_argument("--calib", default="wiki-train", help="text source for calibration (default: wiki-train)")
-    c.add_argument("--nsamples", type=int_at_least(1), default=128, help="calibration windows (default: 128)")
-    c.add_argument("--calib-seqlen", type=int_at_least(2), default=512, help="tokens per calibration window (default: 512)")
-    c.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: 0)")
+    add_dataclass_args(c, CalibConfig)
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the blocks checkpointed in OUT.resume/")
 
@@ -54,27 +47,19 @@ def _device(args):
 
 
 def recipe_from_args(args):
-    from ..methods import get_method
-    from ..quantize import QuantRecipe
+    """The recipe of the flags given (every other setting at its default); another method's flag is an error."""
+    from ..quantize import recipe_from_options, recipe_option_names
 
-    method = get_method(args.method)
-    mcfg = dataclass_from_args(method.config, args)
-    calib = None
-    if method.needs:
-        calib = {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.calib_seqlen, "seed": args.seed}
-    recipe = QuantRecipe(
-        method=args.method,
-        fmt=dataclass_from_args(FormatConfig, args),
-        method_config=asdict(mcfg),
-        embed=parse_format_tag(args.embed) if args.embed else None,
-        head=parse_format_tag(args.head) if args.head else None,
-        storage=dataclass_from_args(StorageConfig, args, prefix="storage_"),
-        calib=calib,
-    )
-    for f in (recipe.fmt, recipe.embed, recipe.head):
-        if f is not None:
-            f.make()  # validate formats before loading a model
-    return recipe
+    given = {k: getattr(args, k) for k in sorted(recipe_option_names()) if getattr(args, k, None) is not None}
+    return recipe_from_options(args.method, given)
+
+
+def eval_from_args(args) -> EvalConfig:
+    from ..eval.tasks import resolve_tasks
+    from ..eval.zeroshot import parse_limit
+
+    return EvalConfig(ppl=tuple(args.ppl), seqlen=args.seqlen, windows=args.windows,
+                      tasks=tuple(resolve_tasks(args.tasks)) if args.tasks else (), limit=parse_limit(args.limit))
 
 
 def cmd_list(args):
@@ -109,201 +94,54 @@ def cmd_pull(args):
             raise LowbitError(f"{name!r} is neither a zoo model ({', '.join(sorted(models))}) nor a zoo text ({', '.join(sorted(texts))})")
 
 
-def _check_inputs(args):
-    """Fail on a bad text source or --out path now, not after minutes of loading and quantizing."""
-    from ..data.texts import check_text_source
-    from ..io import check_out_path
-
-    for ref in (*(getattr(args, "ppl", None) or ()), getattr(args, "calib", None), getattr(args, "teacher_source", None)):
-        if ref:
-            check_text_source(ref)
-    if getattr(args, "out", None):
-        check_out_path(args.out)
-
-
-def _check_model_fits(args, model):
-    """Windows longer than the model's context fail before quantizing, not at evaluation."""
-    from ..models.arch import check_seqlen
-
-    if getattr(args, "ppl", None):
-        check_seqlen(model, args.seqlen, "--seqlen")
-
-
-def _calib_ids(recipe, tokenizer, model):
-    if recipe.calib is None:
-        return None
-    from ..data.calib import sample_windows
-    from ..models.arch import arch_for, check_seqlen
-
-    c = recipe.calib
-    check_seqlen(model, c["seqlen"], "--calib-seqlen")
-    bos = tokenizer.bos_token_id if arch_for(model).bos_per_window else None
-    return sample_windows(tokenizer, c["source"], c["nsamples"], c["seqlen"], c["seed"], bos_id=bos)
-
-
-def _resume_dir(args):
-    """Finished blocks are checkpointed next to --out; --resume continues from them."""
-    from ..calib.engine import clear_resume_dir
-
-    if not getattr(args, "out", None):
-        return None
-    d = Path(str(args.out).rstrip("/") + ".resume")
-    if not args.resume:
-        clear_resume_dir(d)
-    return d
-
-
-def _quantize(args):
-    from ..api import load_model, quantize
+def cmd_quantize(args):
+    from ..api import quantize_named
 
     recipe = recipe_from_args(args)
-    _check_inputs(args)
-    device = _device(args)
-    model, tok = load_model(args.model)  # stays on the CPU: the engine moves one block at a time to `device`
-    _check_model_fits(args, model)
-    resume = _resume_dir(args)
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(device)
-    summary = quantize(model, recipe, _calib_ids(recipe, tok, model), progress=not args.quiet, resume_dir=resume,
-                       device=device)
-    return model, tok, recipe, summary, resume
-
-
-def _finish_resume(resume):
-    from ..calib.engine import clear_resume_dir
-
-    if resume is not None:
-        clear_resume_dir(resume)
-
-
-def cmd_quantize(args):
-    from ..api import save
-
-    model, tok, recipe, summary, resume = _quantize(args)
-    save(model, args.out, tok, source_model=args.model)
-    _finish_resume(resume)
+    model, _, summary = quantize_named(args.model, recipe, device=args.device, out=args.out, resume=args.resume,
+                                       progress=not args.quiet)
     log.info("saved %s (%.1fs)", args.out, summary["quant_time_s"])
     _print_bpw(model, recipe.storage.dtype, brief=True)
 
 
-# fields of a distillation run's summary copied into its evaluation result (the report's budget column)
-DISTILL_RESULT_FIELDS = ("loss", "init", "steps", "seqlen", "batch_size", "grad_accum", "lr", "teacher_samples",
-                         "max_new_tokens", "teacher_source", "n_windows", "beta", "final_loss", "seed")
-
-
-def _eval_and_record(args, model, tok, method: str, tag: str, config: dict, summary: dict):
-    from ..api import evaluate_ppl
-    from ..eval.ppl import PROTOCOL_VERSION
-    from ..nn.bpw import bpw_report
-    from ..eval.record import write_result
-    from ..report.tables import write_table
-    from ..utils import peak_memory_gb
-
-    storage = (config.get("storage") or {}).get("dtype", "float32" if method == "fp32" else "float16")
-    rep = bpw_report(model, storage)
-    device = _device(args)
-    model.to(device)
-    ppl, protos = {}, {}
-    t0 = time.perf_counter()
-    windows = args.windows  # None = all
-    for corpus in args.ppl:
-        ppl[corpus], protos[corpus] = evaluate_ppl(model, tok, corpus, args.seqlen, windows, progress=not args.quiet)
-    from ..eval.zeroshot import result_fields
-
-    zeroshot = result_fields(model, tok, getattr(args, "tasks", None), getattr(args, "limit", None), progress=not args.quiet)
-    res = {
-        "model": args.model_name or Path(str(args.model)).name,
-        "method": method,
-        "tag": tag,
-        "config": config,
-        "bpw": {"blocks": round(rep["blocks"], 6), "all_in": round(rep["all_in"], 6)},
-        "bpw_detail": {"blocks_bits": rep["blocks_bits"], "blocks_weights": rep["blocks_weights"],
-                        "total_bits": rep["total_bits"], "n_params": rep["n_params"], "storage_dtype": storage,
-                        "blocks_items": rep["blocks_items"]},
-        "ppl": {k: round(v, 4) for k, v in ppl.items()},
-        "protocol": protos,
-        "protocol_version": PROTOCOL_VERSION,
-        "quant_time_s": summary.get("quant_time_s", 0.0),
-        "peak_mem_gb": summary.get("peak_mem_gb") or peak_memory_gb(device),
-        "eval_time_s": round(time.perf_counter() - t0, 1),
-        "lowbit_version": __version__,
-        "env": _env(device),
-        **zeroshot,
-    }
-    if summary.get("distill"):  # distilled checkpoints: the training run that produced them
-        res["distill"] = {k: summary["distill"][k] for k in DISTILL_RESULT_FIELDS if k in summary["distill"]}
-    from ..nn.w8a8 import act_linear_summary
-
-    act = act_linear_summary(model)
-    if act["macs_per_token"]:  # weight+activation methods: precision mix and flattening overhead
-        res["act_linears"] = {"macs_per_token": act["macs_per_token"], "int4_share": round(act["int4_share"], 4),
-                              "flatten_overhead": round(act["flatten_overhead"], 4)}
+def _show_and_record(args, res: dict) -> dict:
     from rich.console import Console
 
-    Console().print(f"[bold]{res['model']}[/] {method} {tag}: bpw blocks {res['bpw']['blocks']:.3f} all-in "
-                    f"{res['bpw']['all_in']:.3f}; " + ", ".join(f"ppl {k} {v:.3f}" for k, v in ppl.items()))
+    Console().print(f"[bold]{res['model']}[/] {res['method']} {res['tag']}: bpw blocks {res['bpw']['blocks']:.3f} "
+                    f"all-in {res['bpw']['all_in']:.3f}; "
+                    + ", ".join(f"ppl {k} {v:.3f}" for k, v in res["ppl"].items()))
     if args.record:
+        from ..eval.record import write_result
+        from ..report.tables import write_table
+
         path = write_result(res, args.results_dir)
         write_table(args.results_dir)
         log.info("recorded %s", path)
     return res
 
 
-def _env(device=None) -> dict:
-    import torch
-    import transformers
-
-    from ..utils import device_name
-
-    # transformers builds the model (and, for GGUF sources, converts it): its version is part of the protocol
-    env = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "machine": platform.machine(),
-           "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()}
-    if device is not None:
-        env["device"] = device_name(device)
-    if hasattr(os, "getloadavg"):  # above `threads`, other work shared the cores and the times overstate the compute
-        env["cpus"] = os.cpu_count()
-        env["load_avg_15m"] = round(os.getloadavg()[2], 2)
-    return env
-
-
 def cmd_eval(args):
-    from ..api import load_model
-    from ..io import is_checkpoint, read_meta
+    from ..api import evaluate
 
-    _check_inputs(args)
-    model, tok = load_model(args.model)
-    _check_model_fits(args, model)
-    if is_checkpoint(args.model):
-        meta = read_meta(args.model)
-        summary = meta.get("summary", {})
-        recipe = summary.get("recipe", {})
-        method = recipe.get("method", "unknown")
-        from ..quantize import QuantRecipe
-
-        tag = QuantRecipe.from_dict(recipe).tag() if recipe else ""
-        if args.model_name is None:
-            args.model_name = Path(str(meta.get("source_model", args.model))).name
-        _eval_and_record(args, model, tok, method, tag, recipe, summary)
-    else:
-        _eval_and_record(args, model, tok, "fp32", "", {"storage": {"dtype": "float32"}}, {"quant_time_s": 0.0})
+    return _show_and_record(args, evaluate(args.model, eval_from_args(args), model_name=args.model_name,
+                                           device=args.device, progress=not args.quiet))
 
 
 def cmd_run(args):
     """Quantize in memory, evaluate and record (no checkpoint unless --out)."""
-    if args.method == "fp32":
-        args.model_name = args.model_name or Path(str(args.model)).name
-        return cmd_eval(args)
-    model, tok, recipe, summary, resume = _quantize(args)
-    if args.out:
-        from ..api import save
+    from ..api import run
 
-        save(model, args.out, tok, source_model=args.model)
-        _finish_resume(resume)
-    args.model_name = args.model_name or Path(str(args.model)).name
-    return _eval_and_record(args, model, tok, recipe.method, recipe.tag(), recipe.to_dict(), summary)
+    if args.method == "fp32":
+        from ..quantize import recipe_option_names
+
+        given = sorted(k for k in recipe_option_names() if getattr(args, k, None) is not None)
+        if given:
+            raise ConfigError(f"--method fp32 is the float reference and takes no quantization settings; drop "
+                              f"{', '.join('--' + k.replace('_', '-') for k in given)}")
+    recipe = None if args.method == "fp32" else recipe_from_args(args)
+    return _show_and_record(args, run(args.model, recipe, eval_from_args(args), model_name=args.model_name,
+                                      device=args.device, out=args.out, resume=getattr(args, "resume", False),
+                                      progress=not args.quiet))
 
 
 def _print_bpw(model, storage: str, brief: bool = False):
@@ -382,13 +220,13 @@ def cmd_generate(args):
 
 
 def cmd_distill(args):
-    from ..api import load_model
+    from ..api import check_inputs, load_model
     from ..distill.train import DistillConfig, distill
 
     fmt = dataclass_from_args(FormatConfig, args)
     fmt.make()  # validate before loading a model
     cfg = dataclass_from_args(DistillConfig, args)
-    _check_inputs(args)
+    check_inputs(texts=(cfg.teacher_source,), out=args.out)
     model, tok = load_model(args.model, _device(args))
     _, summary = distill(model, tok, fmt, cfg, args.out, source_model=args.model, progress=not args.quiet)
     log.info("saved %s (final loss %.4f, %.0fs)", args.out, summary["distill"]["final_loss"], summary["quant_time_s"])
@@ -446,19 +284,21 @@ def cmd_bench(args):
 # ---------------------------------------------------------------- parser
 
 def _add_eval_args(p):
-    p.add_argument("--ppl", nargs="+", default=["wiki"], metavar="CORPUS", help="corpora for perplexity (default: wiki)")
-    p.add_argument("--seqlen", type=int_at_least(2), default=512, help="tokens per window (default: 512)")
-    p.add_argument("--windows", default="40", type=windows_arg, help="number of windows, or 'all' (default: 40)")
+    ev = EvalConfig()  # the defaults
+    p.add_argument("--ppl", nargs="+", default=list(ev.ppl), metavar="CORPUS",
+                   help=f"corpora for perplexity (default: {' '.join(ev.ppl)})")
+    p.add_argument("--seqlen", type=int_at_least(2), default=ev.seqlen, help=f"tokens per window (default: {ev.seqlen})")
+    p.add_argument("--windows", default=ev.windows, type=windows_arg,
+                   help=f"number of windows, or 'all' (default: {ev.windows})")
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=True, help="write a results JSON (default: yes)")
     p.add_argument("--results-dir", default="docs/results", help="where results JSON go (default: docs/results)")
     p.add_argument("--model-name", default=None, help="model name in results (default: the model argument's name)")
-    from ..eval.tasks import DEFAULT_LIMIT
     from ..eval.zeroshot import limit_arg, tasks_arg
 
     _add_device_arg(p)
     p.add_argument("--tasks", default=None, type=tasks_arg, metavar="T1,T2|all", help="zero-shot tasks, comma-separated, or 'all' (default: none)")
-    p.add_argument("--limit", default=str(DEFAULT_LIMIT), type=limit_arg, metavar="N|full",
-                   help=f"items per zero-shot task, seeded subset (default: {DEFAULT_LIMIT})")
+    p.add_argument("--limit", default=str(ev.limit), type=limit_arg, metavar="N|full",
+                   help=f"items per zero-shot task, seeded subset (default: {ev.limit})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from .texts import load_text
 __all__ = ["sample_windows"]
 
 
-def sample_windows(tokenizer, source: str = "wiki-train", nsamples: int = 128, seqlen: int = 512, seed: int = 0,
+def sample_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                    bos_id: int | None = None) -> torch.Tensor:
     """``(nsamples, seqlen)`` token windows at seeded random offsets of ``source``.
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import FormatConfig, StorageConfig
+from ..config import CalibConfig, FormatConfig, StorageConfig
 from ..errors import ConfigError
 from ..models.arch import arch_for, get_module, set_module
 from .fakequant import FakeQuantLinear
@@ -71,9 +71,9 @@ class DistillConfig:
     max_new_tokens: int = 256      # generated tokens per sequence
     temperature: float = 0.7       # teacher sampling temperature
     gen_batch_size: int = 8        # prompts generated together
-    calib: str = "wiki-train"      # calibration text for clip/gptq/awq init
-    nsamples: int = 128            # calibration windows for the init
-    calib_seqlen: int = 512        # tokens per calibration window
+    calib: str = CalibConfig.source             # calibration text for clip/gptq/awq init
+    nsamples: int = CalibConfig.nsamples        # calibration windows for the init
+    calib_seqlen: int = CalibConfig.seqlen      # tokens per calibration window
     seed: int = 0                  # seed of teacher sampling, calibration windows and training
     storage: str = "float16"       # storage dtype of the unquantized tensors
     resume: bool = True            # continue from OUT/trainer's newest checkpoint when there is one

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..config import EvalConfig
 from ..errors import ConfigError, DataError
 
-__all__ = ["PROTOCOL_VERSION", "PPLProtocol", "make_windows", "perplexity"]
+__all__ = ["PROTOCOL_VERSION", "PPLProtocol", "evaluate_ppl", "make_windows", "perplexity", "ppl_windows"]
 
 PROTOCOL_VERSION = 2
 
@@ -76,3 +77,34 @@ def perplexity(model, ids: torch.Tensor, progress: bool = True, desc: str = "ppl
         nll += loss.item()
         count += x.shape[1] - 1
     return math.exp(nll / count)
+
+
+def ppl_windows(tokenizer, model, protocol: PPLProtocol) -> torch.Tensor:
+    """Token windows for ``protocol`` (BOS handling from the model's architecture row)."""
+    from ..data.texts import load_text
+
+    text = load_text(protocol.corpus)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    bos = tokenizer.bos_token_id if protocol.bos else None
+    if protocol.bos and bos is None:
+        raise DataError("the protocol asks for BOS but the tokenizer has no bos_token_id")
+    return make_windows(ids, protocol.seqlen, protocol.windows, bos)
+
+
+def evaluate_ppl(model, tokenizer, corpus: str = EvalConfig.ppl[0], seqlen: int = EvalConfig.seqlen,
+                 windows: int | None = EvalConfig.windows,
+                 progress: bool = True) -> tuple[float, dict]:
+    """``(ppl, protocol)`` for ``model`` on ``corpus``; BOS per the model's architecture."""
+    from ..data.texts import JOIN_RULE
+    from ..models.arch import arch_for, check_seqlen
+
+    arch = arch_for(model)
+    proto = PPLProtocol(corpus, seqlen, windows, arch.bos_per_window)
+    check_seqlen(model, seqlen)
+    ids = ppl_windows(tokenizer, model, proto)
+    ppl = perplexity(model, ids, progress=progress, desc=f"ppl {corpus}")
+    d = proto.to_dict()
+    d.update(version=PROTOCOL_VERSION, n_windows=int(ids.shape[0]),
+             tokens_scored=int(ids.shape[0] * (ids.shape[1] - 1)), tokenizer=getattr(tokenizer, "name_or_path", None), join_rule=JOIN_RULE,
+             add_special_tokens=False, window_rule="non-overlapping, from the start of the text")
+    return ppl, d

