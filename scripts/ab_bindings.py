@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench.decode import _lowbit_model, _prompt_model
-from lowbit.bench.kernels import _median_time
+from lowbit.bench.decode import lowbit_model, prompt_model
+from lowbit.bench.kernels import median_time
 from lowbit.kernels.build import _state, kernel_module
 from lowbit.runtime import LeanDecoder
 
@@ -32,18 +32,18 @@ CALL_SHAPES = [(1, 576), (192, 576), (576, 576), (960, 576), (3072, 576), (576, 
 
 
 def _median_us(fn, n: int = 500) -> float:
-    return _median_time(fn, n, warmup=20) * 1e6
+    return median_time(fn, n, warmup=20) * 1e6
 
 
 def call_costs(direct, via_ops, rounds: int = 5) -> list[dict]:
     """Median µs per call of each arm (hot weights), arms alternating over ``rounds``."""
-    from lowbit.bench.kernels import _layer
+    from lowbit.bench.kernels import bench_layer
     from lowbit.nn.kernel_layouts import layout_for
 
     out = []
     cases = []
     for o, i in CALL_SHAPES:
-        lay = layout_for(_layer("int4-g128", o, i)[0])
+        lay = layout_for(bench_layer("int4-g128", o, i)[0])
         x = torch.randn(1, i)
         cases.append((f"gemm_int int4-g128 {o}x{i}", lambda m, lay=lay, x=x: m.gemm_int(
             x, lay.codes, lay.scale_a, lay.zero, None, lay.bits, lay.group_size, lay.in_features)))
@@ -79,9 +79,9 @@ def main() -> None:
     calls = call_costs(direct, via_ops)
     rows = []
     for name in a.models:
-        base, tok, ids = _prompt_model(name)
+        base, tok, ids = prompt_model(name)
         for cfg in a.configs:
-            model = _lowbit_model(base, cfg)
+            model = lowbit_model(base, cfg)
             dec = LeanDecoder(model, max_len=ids.shape[1] + a.new_tokens + 8)
             times: dict[str, list[float]] = {"direct": [], "torch.ops": []}
             outs = {}

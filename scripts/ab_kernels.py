@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
 
-    from lowbit.bench.kernels import _COLD_BYTES, _clone_layout, _layer, split_act
+    from lowbit.bench.kernels import COLD_BYTES, clone_layout, bench_layer, split_act
     from lowbit.kernels import load_kernels
     from lowbit.nn.kernel_layouts import layout_for
 
@@ -100,11 +100,11 @@ def main() -> None:
     for tag in args.formats:
         base_tag, act = split_act(tag)
         for out_f, in_f in SHAPES:
-            m, w = _layer(base_tag, out_f, in_f)
+            m, w = bench_layer(base_tag, out_f, in_f)
             if m is None:  # a VQ vector length that does not divide out
                 continue
             lay = layout_for(m)
-            lays = [lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))]
+            lays = [lay] + [clone_layout(lay) for _ in range(max(1, COLD_BYTES // lay.nbytes))]
             by_ns = {"lowbit": lays, "lowbit_base": [base_layout(lay_k) for lay_k in lays]}
             x = torch.randn(1, in_f)
             scale = (x.abs() @ w.abs().T).max().item()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.bench.kernels import SHAPES, _COLD_BYTES, _layer, gemv_times, measure_bandwidth, split_act
+from lowbit.bench.kernels import SHAPES, COLD_BYTES, bench_layer, gemv_times, measure_bandwidth, split_act
 
 #: (lowbit format, ggml type) pairs compared; the ggml types that exist for any width first
 PAIRS = [("int4-g128", "q4_0"), ("int4-g128@q8", None), ("int4-g32", "q4_1"), ("int2-g128", "q2_K"), ("int2-g128@q8", None),
@@ -48,7 +48,7 @@ def build_ggml_bench(llama_cpp: Path, out: Path) -> Path:
 
 def ggml_row(exe: Path, gtype: str, out_f: int, in_f: int, threads: int, repeats: int) -> dict:
     p = subprocess.run([str(exe), gtype, str(out_f), str(in_f), str(threads), str(repeats),
-                        str(_COLD_BYTES >> 20)], check=True, capture_output=True, text=True)
+                        str(COLD_BYTES >> 20)], check=True, capture_output=True, text=True)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -57,7 +57,7 @@ def lowbit_row(tag: str, out_f: int, in_f: int, repeats: int) -> dict | None:
     from lowbit.nn.kernel_layouts import layout_for
 
     base, act = split_act(tag)  # <tag>@q8: int8 inputs, as ggml's own quantized dot products
-    m, _ = _layer(base, out_f, in_f)
+    m, _ = bench_layer(base, out_f, in_f)
     if m is None:
         return None
     lay = layout_for(m)

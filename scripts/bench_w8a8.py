@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowbit.bench.kernels import _median_time
+from lowbit.bench.kernels import median_time
 from lowbit.formats import IntFormat, quantize_rtn
 from lowbit.nn.w8a8 import QuantizedActLinear, act_spec, from_quantized_weight
 
@@ -36,7 +36,7 @@ SHAPES = {
 
 
 def _median_s(fn, repeats: int) -> float:
-    return _median_time(fn, repeats, warmup=1)
+    return median_time(fn, repeats, warmup=1)
 
 
 def _act_layer(w: torch.Tensor, bits: int, x: torch.Tensor) -> QuantizedActLinear:

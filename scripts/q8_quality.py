@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from lowbit.api import PPLProtocol, evaluate_ppl, ppl_windows
-    from lowbit.bench.decode import PROMPT, _lowbit_model, _prompt_model
+    from lowbit.bench.decode import PROMPT, lowbit_model, prompt_model
     from lowbit.kernels import use_kernel_activations
     from lowbit.models.arch import arch_for
     from lowbit.runtime import LeanDecoder
@@ -62,9 +62,9 @@ def main() -> None:
 
     rows = []
     for name in args.models:
-        base, tok, ids = _prompt_model(name)
+        base, tok, ids = prompt_model(name)
         for tag in args.formats:
-            model = _lowbit_model(base, tag).eval()
+            model = lowbit_model(base, tag).eval()
             ppl, proto = evaluate_ppl(model, tok, "wiki", args.seqlen, args.windows, progress=False)
             handles = _q8_hooks(model)
             try:

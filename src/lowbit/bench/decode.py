@@ -140,7 +140,7 @@ def _checkpoint_model(path: str, name: str, head: str | None = None):
     return model.eval(), added
 
 
-def _prompt_model(name: str):
+def prompt_model(name: str):
     """``(model, tokenizer, prompt ids)``: the zoo model in eval mode and :data:`PROMPT` tokenized."""
     from ..api import load_model
 
@@ -148,7 +148,7 @@ def _prompt_model(name: str):
     return base.eval(), tok, tok(PROMPT, return_tensors="pt")["input_ids"]
 
 
-def _lowbit_model(base, tag: str):
+def lowbit_model(base, tag: str):
     from ..api import quantize
     from ..config import parse_format_tag
     from ..quantize import QuantRecipe
@@ -186,7 +186,7 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
     load0 = os.getloadavg()
     rows = []
     for name in models:
-        base, tok, ids = _prompt_model(name)
+        base, tok, ids = prompt_model(name)
         base.generation_config.eos_token_id = None
         for cfg in configs:
             tag, ref, hf, q8 = _parse_config(cfg)
@@ -201,7 +201,7 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
                 cfg = f"{cfg}+head={added}" if added else cfg
                 bpw = _bpw(model)
             else:
-                model = _lowbit_model(base, tag)
+                model = lowbit_model(base, tag)
                 bpw = _bpw(model)
             from ..kernels import use_kernel_activations
             from ..runtime import lean_supported

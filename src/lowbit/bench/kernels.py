@@ -35,10 +35,10 @@ BENCH_FORMATS = ["int4-g128", "int4-g128@q8", "int4-sym-g128", "int3-g128", "int
                  "vq-v8-k4096-r256"]
 
 GEMM_BATCHES = (16, 64, 512)
-_COLD_BYTES = 96 << 20  # > 2x a 32 MiB L3
+COLD_BYTES = 96 << 20  # > 2x a 32 MiB L3
 
 
-def _median_time(fn, repeats: int, warmup: int = 3) -> float:
+def median_time(fn, repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     ts = []
@@ -52,10 +52,10 @@ def _median_time(fn, repeats: int, warmup: int = 3) -> float:
 def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 15, copy: bool = True) -> dict:
     """Memory bandwidth in GB/s (1e9 B/s): read (``sum``) and, with ``copy``, copy (read + write), medians."""
     a = torch.ones(nbytes // 4)
-    res = {"read_gbs": nbytes / _median_time(lambda: a.sum(), repeats, 2) / 1e9, "bytes": nbytes}
+    res = {"read_gbs": nbytes / median_time(lambda: a.sum(), repeats, 2) / 1e9, "bytes": nbytes}
     if copy:
         b = torch.empty_like(a)
-        res["copy_gbs"] = 2 * nbytes / _median_time(lambda: b.copy_(a), repeats, 2) / 1e9
+        res["copy_gbs"] = 2 * nbytes / median_time(lambda: b.copy_(a), repeats, 2) / 1e9
     return res
 
 
@@ -95,7 +95,7 @@ def split_act(tag: str) -> tuple[str, str | None]:
     return base, (act or None)
 
 
-def _layer(tag: str, out_f: int, in_f: int):
+def bench_layer(tag: str, out_f: int, in_f: int):
     from ..config import parse_format_tag
     from ..formats import quantize_rtn
     from ..nn import QuantizedLinear, scalar_spec
@@ -121,7 +121,7 @@ class _Copies:
         return lay.linear(x)
 
 
-def _clone_layout(lay):
+def clone_layout(lay):
     from dataclasses import fields, replace
 
     from ..kernels import VQKernelLayout
@@ -136,9 +136,9 @@ def _clone_layout(lay):
 
 def gemv_times(lay, x1: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Median seconds of ``lay.linear(x1)``: hot (one layout) and cold (copies > 96 MiB in rotation)."""
-    t_hot = _median_time(lambda: lay.linear(x1), repeats * 4)
-    copies = _Copies([lay] + [_clone_layout(lay) for _ in range(max(1, _COLD_BYTES // lay.nbytes))])
-    return t_hot, _median_time(lambda: copies(x1), max(repeats * 4, len(copies.lays)))
+    t_hot = median_time(lambda: lay.linear(x1), repeats * 4)
+    copies = _Copies([lay] + [clone_layout(lay) for _ in range(max(1, COLD_BYTES // lay.nbytes))])
+    return t_hot, median_time(lambda: copies(x1), max(repeats * 4, len(copies.lays)))
 
 
 def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int = 30, threads: int | None = None,
@@ -163,7 +163,7 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
         # against a probe taken just before them
         read_now = measure_bandwidth(bandwidth_bytes, repeats=7, copy=False)["read_gbs"]
         for out_f, in_f in shapes:
-            m, w = _layer(base, out_f, in_f)
+            m, w = bench_layer(base, out_f, in_f)
             if m is None:
                 continue
             lay = layout_for(m)
@@ -174,7 +174,7 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
             x1 = torch.randn(1, in_f)
             with use_kernel_activations(act):
                 t_hot, t_cold = gemv_times(lay, x1, repeats)
-            t_f32 = _median_time(lambda: F.linear(x1, w), repeats * 4)
+            t_f32 = median_time(lambda: F.linear(x1, w), repeats * 4)
             row = {"format": tag, "out": out_f, "in": in_f, "bytes": lay.nbytes,
                    "gemv_hot_us": t_hot * 1e6, "gemv_cold_us": t_cold * 1e6, "fp32_gemv_us": t_f32 * 1e6,
                    "gemv_hot_gbs": lay.nbytes / t_hot / 1e9, "gemv_cold_gbs": lay.nbytes / t_cold / 1e9,
@@ -184,8 +184,8 @@ def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int 
                 xb = torch.randn(b, in_f)
                 n = max(5, repeats // (1 + b // 64))
                 with use_kernel_activations(act):
-                    t = _median_time(lambda: lay.linear(xb), n)
-                tf = _median_time(lambda: F.linear(xb, w), n)
+                    t = median_time(lambda: lay.linear(xb), n)
+                tf = median_time(lambda: F.linear(xb, w), n)
                 row["gemm"][str(b)] = {"us": t * 1e6, "gflops": 2 * b * out_f * in_f / t / 1e9,
                                        "fp32_us": tf * 1e6, "fp32_gflops": 2 * b * out_f * in_f / tf / 1e9}
             rows.append(row)
