@@ -35,9 +35,9 @@ PROTOCOL_VERSION = 2
 
 @dataclass(frozen=True)
 class PPLProtocol:
-    corpus: str = "wiki"
-    seqlen: int = 512
-    windows: int | None = 40   # None = every full window of the text
+    corpus: str = EvalConfig.ppl[0]
+    seqlen: int = EvalConfig.seqlen
+    windows: int | None = EvalConfig.windows   # None = every full window of the text
     bos: bool = False
 
     def __post_init__(self):
