@@ -66,10 +66,6 @@ class StorageConfig:
             raise ConfigError(f"storage dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
 
 
-def to_dict(cfg) -> dict:
-    return asdict(cfg)
-
-
 _TAG = re.compile(r"^(?P<fmt>[a-z]+?)(?P<bits>\d+)(?P<sym>-sym)?(?:-(?:g(?P<g>\d+)|(?P<pc>pc)))?$")
 
 
