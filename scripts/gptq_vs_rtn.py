@@ -29,7 +29,8 @@ from lowbit.data.texts import load_text
 from lowbit.eval.ppl import PROTOCOL_VERSION, make_windows
 from lowbit.formats.quantize import quantize_rtn
 from lowbit.formats.registry import make_format
-from lowbit.methods.gptq import gptq_quantize, inverse_hessian_factor
+from lowbit.methods.feedback import inverse_hessian_factor
+from lowbit.methods.gptq import gptq_quantize
 from lowbit.models.arch import arch_for, get_module
 from lowbit.utils import atomic_write_text
 

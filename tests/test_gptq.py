@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from lowbit.formats import IntFormat, quantize_rtn
-from lowbit.methods.gptq import gptq_quantize, inverse_hessian_factor
+from lowbit.methods.feedback import inverse_hessian_factor
+from lowbit.methods.gptq import gptq_quantize
 
 
 def _layer(seed=0, rows=48, cols=96):

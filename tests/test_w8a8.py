@@ -123,6 +123,7 @@ def test_smoothquant_folding_keeps_float_output(arch):
 
 
 @pytest.mark.parametrize("method,cfg", [
+    ("w8a8", {}),                                                           # data-free, dynamic activations
     ("smoothquant", {}),
     ("flattenquant", {"fq_weight_method": "rtn", "fq_search_tokens": 256}),
     ("flattenquant", {"fq_int4_budget": 1.0, "fq_search_tokens": 256}),   # every layer passes: all W4A4
@@ -142,6 +143,8 @@ def test_save_load_identical_logits(tmp_path, method, cfg):
     lowbit.save(m, tmp_path / "ck")
     m2 = lowbit.load(tmp_path / "ck")
     assert isinstance(m2.model.layers[1].mlp.down_proj, QuantizedActLinear)
+    sd, sd2 = m.state_dict(), m2.state_dict()   # every tensor back with its dtype and bits (fp16 scales stay fp16)
+    assert sd.keys() == sd2.keys() and all(sd[k].dtype == sd2[k].dtype and torch.equal(sd[k], sd2[k]) for k in sd)
     with torch.no_grad():
         assert torch.equal(m2(input_ids=ids).logits, out)
 

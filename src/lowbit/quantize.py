@@ -143,12 +143,10 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         run_layerwise(model, arch, method, fmt, mcfg, calib_ids, progress=progress, resume_dir=resume_dir,
                       device=device)
     else:
-        blocks = get_module(model, arch.blocks)
-        for i, block in enumerate(tqdm(blocks, desc=f"{recipe.method} blocks", disable=not progress)):
-            for name in arch.linears:
-                lin = get_module(block, name)
-                qw = method.quantize_linear(lin.weight, {}, fmt, mcfg)
-                set_module(block, name, to_module(lin, qw))
+        from .calib.engine import quantize_block
+
+        for block in tqdm(get_module(model, arch.blocks), desc=f"{recipe.method} blocks", disable=not progress):
+            quantize_block(block, arch, method, fmt, mcfg)
     quantize_embed_and_head(model, arch, recipe)
     finalize_storage(model, recipe.storage)
     summary = {

@@ -32,22 +32,28 @@ Flow (document of record for the order of operations):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
 from ..models.arch import ArchSpec, InputGroup, get_module, set_module
 from ..nn import to_module
+from ..nn.registry import build_module, module_entries
+from ..utils import atomic_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockData", "GroupStats", "run_layerwise", "capture_inputs", "run_block", "CalibrationError",
-           "clear_resume_dir"]
+__all__ = ["BlockData", "GroupStats", "run_layerwise", "capture_inputs", "run_block", "quantize_block",
+           "CalibrationError", "clear_resume_dir"]
 
 
 class CalibrationError(LowbitError):
@@ -67,6 +73,8 @@ class GroupStats:
     absmax: torch.Tensor | None = None    # (in,)
     n: int = 0
     inputs: list[torch.Tensor] = field(default_factory=list)  # kept only when a method asks ("inputs")
+    #: what a method's ``prepare_block`` derives per group for its ``quantize_linear``, which gets this object
+    extra: dict = field(default_factory=dict)
 
     def add(self, x: torch.Tensor, needs: frozenset) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -212,14 +220,17 @@ def collect_stats(block: nn.Module, groups: tuple[InputGroup, ...], inputs, kwar
     return stats
 
 
+def quantize_block(block: nn.Module, arch: ArchSpec, method, fmt, cfg,
+                   stats: dict[InputGroup, GroupStats] | None = None) -> None:
+    """Swap every linear of ``block`` for its quantized module; data-free methods get no ``stats`` (``{}``)."""
+    for g in arch.groups:
+        for name in g.linears:
+            lin = get_module(block, name)
+            qw = method.quantize_linear(lin.weight, {} if stats is None else stats[g], fmt, cfg)
+            set_module(block, name, to_module(lin, qw))
+
+
 def _save_resume(resume_dir: Path, i: int, block: nn.Module, next_inputs: list[torch.Tensor], fingerprint: dict) -> None:
-    import json
-
-    from safetensors.torch import save_file
-
-    from ..io.checkpoint import module_entries
-    from ..utils import atomic_dir
-
     modules = module_entries(block)  # every quantized module type, as checkpoints record them
     with atomic_dir(resume_dir / f"block{i:04d}") as tmp:
         save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp / "block.safetensors"))
@@ -232,8 +243,6 @@ def clear_resume_dir(resume_dir: Path) -> None:
 
     A file the engine did not write is left, with a warning, so a mistyped path never costs data.
     """
-    import shutil
-
     resume_dir = Path(resume_dir)
     if not resume_dir.is_dir():
         return
@@ -247,8 +256,6 @@ def clear_resume_dir(resume_dir: Path) -> None:
 
 def _load_resume(resume_dir: Path, n_blocks: int, fingerprint: dict):
     """Index of the last finished block and its saved data, or None."""
-    import json
-
     done = sorted(p for p in resume_dir.glob("block[0-9][0-9][0-9][0-9]") if (p / "block.json").is_file())
     if not done:
         return None
@@ -262,12 +269,6 @@ def _load_resume(resume_dir: Path, n_blocks: int, fingerprint: dict):
 
 
 def _restore_block(block: nn.Module, path: Path):
-    import json
-
-    from safetensors.torch import load_file
-
-    from ..io.checkpoint import build_module
-
     meta = json.loads((path / "block.json").read_text())
     for name, entry in meta["modules"].items():
         set_module(block, name, build_module(name, entry))
@@ -287,9 +288,6 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
     start = 0
     fingerprint = None
     if resume_dir is not None:
-        import hashlib
-        from dataclasses import asdict
-
         resume_dir = Path(resume_dir)
         resume_dir.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]
@@ -297,8 +295,6 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
         found = _load_resume(resume_dir, len(blocks), fingerprint)
         if found is not None:
             last, done = found
-            from safetensors.torch import load_file
-
             for p in done:
                 _restore_block(blocks[int(p.name[5:])], p)
             saved = load_file(str(done[-1] / "inputs.safetensors"))
@@ -314,11 +310,7 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
         stats = collect_stats(block, arch.groups, inputs, kwargs, needs, device, offload, float_outputs)
         if method.prepare_block is not None:
             method.prepare_block(data, arch, stats, fmt, cfg)
-        for g in arch.groups:
-            for name in g.linears:
-                lin = get_module(block, name)
-                qw = method.quantize_linear(lin.weight, stats[g], fmt, cfg)
-                set_module(block, name, to_module(lin, qw))
+        quantize_block(block, arch, method, fmt, cfg, stats)
         del stats
         if method.finish_block is not None:
             method.finish_block(data, arch, float_outputs, cfg)

@@ -143,7 +143,6 @@ def build_student(model: nn.Module, fmt_cfg: FormatConfig, init: str = "rtn", ca
     for m in student.modules():
         if isinstance(m, FakeQuantLinear):
             m.weight.requires_grad_(True)
-    student.lowbit_distill_init = init
     return student
 
 

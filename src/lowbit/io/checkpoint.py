@@ -23,9 +23,8 @@ from torch import nn
 from .._version import __version__
 from ..errors import CheckpointError
 from ..models.arch import set_module
-from ..nn import QuantizedEmbedding, QuantizedLinear
 from ..nn.codecs import get_codec
-from ..nn.w8a8 import QuantizedActLinear
+from ..nn.registry import build_module, module_entries
 from ..utils import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -34,8 +33,7 @@ FORMAT_VERSION = 1
 META_FILE = "lowbit.json"
 WEIGHTS_FILE = "model.safetensors"
 
-__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_meta", "module_entries", "build_module",
-           "check_out_path", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "is_checkpoint", "read_meta", "check_out_path", "FORMAT_VERSION"]
 
 
 def is_checkpoint(path) -> bool:
@@ -58,30 +56,6 @@ def check_out_path(path) -> Path:
         raise CheckpointError(f"cannot save a checkpoint to {path}: the folder holds other files and no {META_FILE}, "
                               f"and saving replaces the whole folder; choose a new or empty folder")
     return path
-
-
-def module_entries(model: nn.Module) -> dict:
-    """``{module name: entry}`` for every quantized module: its type, spec and what rebuilding it needs."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedLinear):
-            out[name] = {"type": "linear", "spec": m.spec, "bias": m.bias is not None}
-        elif isinstance(m, QuantizedActLinear):
-            out[name] = {"type": "act_linear", "spec": m.spec, "bias": m.bias is not None}
-        elif isinstance(m, QuantizedEmbedding):
-            out[name] = {"type": "embedding", "spec": m.spec, "padding_idx": m.padding_idx, "embed_scale": m.embed_scale}
-    return out
-
-
-def build_module(name: str, entry: dict) -> nn.Module:
-    """An empty quantized module (zero buffers) from its :func:`module_entries` entry; load the state dict next."""
-    if entry["type"] == "linear":
-        return QuantizedLinear(entry["spec"], bias=entry.get("bias", False))
-    if entry["type"] == "act_linear":
-        return QuantizedActLinear(entry["spec"], bias=entry.get("bias", False))
-    if entry["type"] == "embedding":
-        return QuantizedEmbedding(entry["spec"], entry.get("padding_idx"), entry.get("embed_scale"))
-    raise CheckpointError(f"{META_FILE}: module {name!r} has unknown type {entry['type']!r}")
 
 
 def save_checkpoint(model: nn.Module, path, tokenizer=None, extra: dict | None = None) -> Path:
@@ -174,6 +148,7 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> nn.Module:
     meta = read_meta(path)
     tensors = _read_tensors(path)
     model = _build_skeleton(path)
+    packed = set()   # every codec buffer keeps its stored dtype; other 16-bit tensors compute in float32
     for name, entry in meta["modules"].items():
         spec = entry["spec"]
         try:
@@ -189,12 +164,13 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> nn.Module:
                     f"tensor '{name}.{bname}' is {tuple(t.shape)} {t.dtype} but {META_FILE} implies {tuple(shape)} {dtype}: "
                     "the JSON does not match the tensors"
                 )
+            packed.add(f"{name}.{bname}")
         mod = build_module(name, entry)
         try:
             set_module(model, name, mod)
         except AttributeError:
             raise CheckpointError(f"{META_FILE} names module {name!r}, which the model in config.json does not have") from None
-    sd = {k: (v.float() if v.dtype in (torch.float16, torch.bfloat16) and not _is_packed(model, k) else v)
+    sd = {k: (v.float() if v.dtype in (torch.float16, torch.bfloat16) and k not in packed else v)
           for k, v in tensors.items()}
     for alias, target in meta.get("aliases", {}).items():
         if target not in sd:
@@ -211,15 +187,6 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> nn.Module:
     model.lowbit_summary = meta.get("summary", {})
     model.lowbit_n_params = meta.get("n_params")
     return model.to(device)
-
-
-def _is_packed(model: nn.Module, key: str) -> bool:
-    mod_name, _, _ = key.rpartition(".")
-    try:
-        m = model.get_submodule(mod_name)
-    except AttributeError:
-        return False
-    return isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and key.rsplit(".", 1)[1] != "bias"
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .layout import unpack_kernel_codes
 
-__all__ = ["dequant_ref", "linear_ref", "linear_q8_ref", "quantize_act_q8"]
+__all__ = ["dequant_ref", "linear_q8_ref", "quantize_act_q8"]
 
 
 def dequant_ref(lay) -> torch.Tensor:
@@ -26,11 +26,6 @@ def dequant_ref(lay) -> torch.Tensor:
     if lay.scale_b is None:
         return t * sa
     return t * torch.where(t > 0, sa, lay.scale_b.float()[:, col_group])
-
-
-def linear_ref(x: torch.Tensor, lay, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` with the reference weight."""
-    return F.linear(x, dequant_ref(lay), bias)
 
 
 def quantize_act_q8(x: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -131,18 +131,17 @@ def _fq_prepare(data, arch, stats, fmt, cfg: FlattenQuantConfig) -> None:
         st = stats[group]
         x = _search_tokens(st, cfg.fq_search_tokens)
         w = torch.cat([get_module(data.block, n).weight.detach().float().cpu() for n in group.linears])
-        # the plans ride on the group's statistics object, which every linear of the group receives
-        st.fq_plans = {b: choose_threshold(st.absmax.cpu(), x, w, b, cfg.fq_threshold_pct, cfg.fq_max_expand)
-                       for b in sorted(widths)}
-        st.fq_tokens = x
+        st.extra["plans"] = {b: choose_threshold(st.absmax.cpu(), x, w, b, cfg.fq_threshold_pct, cfg.fq_max_expand)
+                             for b in sorted(widths)}
+        st.extra["tokens"] = x
         st.inputs = []  # no longer needed: free the calibration activations
-        for b, p in st.fq_plans.items():
+        for b, p in st.extra["plans"].items():
             log.debug("block %d %s A%d: T=%.3g, %d -> %d channels", data.index, group.linears, b, p.threshold,
                       w.shape[1], p.idx.numel())
 
 
 def _build(weight: torch.Tensor, st: GroupStats, fmt, w_bits: int, a_bits: int, cfg: FlattenQuantConfig):
-    plan = st.fq_plans[a_bits]
+    plan = st.extra["plans"][a_bits]
     wf = weight.detach().float()[:, plan.idx]                                # (out, K')
     wfmt = replace(fmt, bits=w_bits)
     if cfg.fq_weight_method == "gptq" and not cfg.w_per_tensor:
@@ -177,7 +176,7 @@ def flattenquant(weight, stats, fmt, cfg: FlattenQuantConfig):
     """FlattenQuant: outlier channels flattened, per-tensor static INT8/INT4 activations, GPTQ weights."""
     if cfg.fq_int4_budget > 0:
         cand = _build(weight, stats, fmt, 4, 4, cfg).to(weight.device)
-        err = _rel_error(cand, weight, stats.fq_tokens.to(weight.device))
+        err = _rel_error(cand, weight, stats.extra["tokens"].to(weight.device))
         if err <= cfg.fq_int4_budget:
             return cand
         log.debug("W4A4 rel. error %.3g > budget %.3g: keeping W%dA%d", err, cfg.fq_int4_budget, fmt.bits, cfg.act_bits)

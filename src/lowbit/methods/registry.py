@@ -22,6 +22,7 @@ class Method:
     doc: str = ""
     #: optional block-level step before the linears are quantized (e.g. AWQ scaling):
     #: (BlockData, ArchSpec, {InputGroup: GroupStats}, fmt, cfg) -> None, modifies float weights in place
+    #: or leaves per-group results for ``quantize_linear`` in ``GroupStats.extra``
     prepare_block: Callable | None = None
     #: optional block-level step after the linears are swapped (e.g. VPTQ's layer-wise fine-tuning):
     #: (BlockData, ArchSpec, float_outputs, cfg) -> None; ``float_outputs`` (per batch, the float block's

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import ConfigError
 from ..formats.codebook import VQWeight, nearest, weighted_kmeans
-from .gptq import inverse_hessian_factor
+from .feedback import error_feedback, live_copies
 from .registry import register_method
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,7 @@ def vptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: VPTQConfig,
     ``second_order=False`` assigns every vector to its nearest centroid with
     no error feedback (plain VQ with the same codebooks), for comparison.
     """
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
+    W, H = live_copies(weight, hessian)
     out_f, in_f = W.shape
     cfg = layer_config(cfg, out_f, in_f)
     v, k, kr = cfg.vector_len, cfg.codebook_size, cfg.residual_size
@@ -175,10 +174,6 @@ def vptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: VPTQConfig,
         raise ConfigError(f"VPTQ: out_features {out_f} is not divisible by --outlier-vector-len {v0}; "
                           "use one that divides it, or --outlier-pct 0")
     dev = W.device
-
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     hdiag = torch.diag(H).clone()
 
     is_out = torch.zeros(in_f, dtype=torch.bool, device=dev)
@@ -221,41 +216,28 @@ def vptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: VPTQConfig,
     ridx = torch.zeros_like(idx) if R is not None else None
     oidx = torch.zeros(out_f // v0, in_f, dtype=torch.long, device=dev) if n_out else None
 
-    order = torch.argsort(hdiag, descending=True) if cfg.col_perm else torch.arange(in_f, device=dev)
-    W = W[:, order]
+    def quantize_column(c, w, current=None):
+        x = (w[:, 0] - bias[c]) / sdiv[c]
+        if is_out[c]:
+            a = assign(C0, c0sq, x.view(-1, v0))
+            oidx[:, c] = a
+            q = C0[a]
+        else:
+            xs = x.view(-1, v)
+            a = assign(C, csq, xs)
+            idx[:, c] = a
+            q = C[a]
+            if R is not None:
+                ar = assign(R, rsq, xs - q)
+                ridx[:, c] = ar
+                q = q + R[ar]
+        return (q.reshape(-1) * scale[c] + bias[c])[:, None]
+
     if second_order:
-        U, _ = inverse_hessian_factor(H[order][:, order], cfg.damp)
-    bs = cfg.block_size
-    for i1 in range(0, in_f, bs):
-        i2 = min(i1 + bs, in_f)
-        Err = torch.zeros(out_f, i2 - i1, device=dev)
-        for i in range(i2 - i1):
-            p = i1 + i
-            c = int(order[p])
-            w = W[:, p]
-            x = (w - bias[c]) / sdiv[c]
-            if is_out[c]:
-                xs = x.view(-1, v0)
-                a = assign(C0, c0sq, xs)
-                oidx[:, c] = a
-                q = C0[a]
-            else:
-                xs = x.view(-1, v)
-                a = assign(C, csq, xs)
-                idx[:, c] = a
-                q = C[a]
-                if R is not None:
-                    ar = assign(R, rsq, xs - q)
-                    ridx[:, c] = ar
-                    q = q + R[ar]
-            if not second_order:
-                continue
-            dq = q.reshape(-1) * scale[c] + bias[c]
-            err = ((w - dq) / U[p, p]).unsqueeze(1)
-            W[:, p + 1 : i2] -= err @ U[p : p + 1, p + 1 : i2]
-            Err[:, i : i + 1] = err
-        if second_order:
-            W[:, i2:] -= Err @ U[i1:i2, i2:]
+        error_feedback(W, H, cfg.damp, cfg.block_size, cfg.col_perm, quantize_column)
+    else:
+        for c in range(in_f):
+            quantize_column(c, W[:, c : c + 1])
 
     qw = VQWeight(out_f, in_f, C, idx[:, main_cols].contiguous())
     if R is not None:
@@ -302,7 +284,7 @@ def vptq_finetune_block(data, arch, float_outputs, cfg: VPTQConfig) -> None:
         p.requires_grad_(False)
     saved, groups = [], []
     for m in mods:
-        m.cache_weight, m._wcache = False, None
+        m.set_weight_cache(False)
         for n in _TUNED:
             if n in m.codec.buffer_shapes(m.spec):
                 t = getattr(m, n)
@@ -348,7 +330,7 @@ def vptq_finetune_block(data, arch, float_outputs, cfg: VPTQConfig) -> None:
     else:
         log.debug("block %d: fine-tuning output MSE %.4g -> %.4g", data.index, before, after)
     for m in mods:
-        m.cache_weight, m._wcache = True, None
+        m.set_weight_cache(True)
     for p in frozen:
         p.requires_grad_(True)
 

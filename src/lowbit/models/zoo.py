@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.cache import cache_dir
@@ -270,16 +270,3 @@ def check_tokenizer(tokenizer, source: str) -> None:
             "Upgrade transformers (5.23 converts it correctly) and pull again, or pass a model folder "
             "whose tokenizer.json is correct."
         )
-
-
-def zoo_info(folder: Path) -> dict[str, object] | None:
-    """The ``lowbit_zoo.json`` record of a converted folder, or None."""
-    import json
-
-    marker = Path(folder) / MARKER
-    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
-
-
-def entry_dict(entry: ZooModel) -> dict[str, object]:
-    """A JSON-ready view of a zoo entry (for the CLI and protocols)."""
-    return asdict(entry)

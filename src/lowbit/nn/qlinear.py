@@ -47,6 +47,11 @@ class _PackedWeight(nn.Module):
             setattr(self, n, t.to(getattr(self, n).device))
         self._wcache = None
 
+    def set_weight_cache(self, enabled: bool) -> None:
+        """Cache the dequantized weight or not (not while buffers are being tuned); drops what it holds."""
+        self.cache_weight = enabled
+        self._wcache = None
+
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 ``(out, in)`` weight this layer computes with."""
         w = self._wcache

@@ -142,12 +142,6 @@ class QuantizedActLinear(nn.Module):
             m.bias.data.copy_(bias.detach().float())
         return m
 
-    def attach_bias(self, bias: torch.Tensor | None) -> QuantizedActLinear:
-        """Give this module the float bias of the linear it replaces (used by the quantize entry point)."""
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        return self
-
     # ------------------------------------------------------------ views
 
     def packed_buffers(self) -> dict[str, torch.Tensor]:
