@@ -6,7 +6,7 @@ import torch
 
 import lowbit
 from lowbit.config import FormatConfig
-from lowbit.formats.clip import apply_clip, asym_clip_search
+from lowbit.formats.clip import apply_clip, clip_search
 from lowbit.distill.fakequant import FakeQuantLinear
 from lowbit.distill.losses import cakld, distill_loss, teacher_confidence
 from lowbit.distill.teacher import TeacherDataConfig, generate_teacher_data, read_teacher_data
@@ -72,7 +72,7 @@ def test_clip_search_beats_no_clip_and_method_runs():
     w = torch.randn(16, 64)
     w[0, 3] = 8.0  # an outlier worth clipping
     x = torch.randn(256, 64)
-    lo, hi = asym_clip_search(w, x, fmt, n_grid=8)
+    lo, hi = clip_search(w, x, fmt, n_grid=8)
     wc = apply_clip(w, lo, hi, 32)
     err = lambda v: ((x @ (quantize_rtn(v, fmt).dequantize() - w).T) ** 2).mean().item()
     assert err(wc) < err(w)

@@ -98,6 +98,11 @@ class GroupStats:
             self.inputs.append(x.to("cpu"))
         self.n = tot
 
+    def token_sample(self, n: int) -> torch.Tensor:
+        """At most ``n`` recorded input tokens ``(<= n, in)``, strided evenly (every window seen, no seed to carry)."""
+        x = torch.cat(self.inputs, 0)
+        return x[:: max(1, x.shape[0] // max(1, n))][:n]
+
 
 @dataclass
 class BlockData:

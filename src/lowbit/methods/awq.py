@@ -21,13 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..formats import group_layout, quantize_rtn
+from ..calib.fold import can_fold, fold_scale
+from ..formats import quantize_rtn
+from ..formats.clip import apply_clip, clip_search
 from ..models.arch import ArchSpec, InputGroup, get_module
 from .registry import register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AWQConfig", "awq_scale_search", "awq_clip_search"]
+__all__ = ["AWQConfig", "awq_scale_search"]
 
 
 @dataclass(frozen=True)
@@ -39,21 +41,17 @@ class AWQConfig:
     clip_grid: int = 20          # shrink ratios tried, from 1.0 down to 0.5
 
 
-def _qdq(w: torch.Tensor, fmt) -> torch.Tensor:
-    return quantize_rtn(w, fmt).dequantize()
+def _inspect_fn(block: nn.Module, arch: ArchSpec, group: InputGroup, kwargs: dict, window: int, batch: int):
+    """The module whose output AWQ watches for ``group`` (``group.feeds``), as a function of ``(tokens, in)`` inputs.
 
-
-def _inspect_fn(block: nn.Module, group: InputGroup, kwargs: dict, window: int, batch: int):
-    """The module whose output AWQ watches for ``group``, as a function of ``(tokens, in)`` inputs.
-
-    Attention for q/k/v (run per batch of whole windows, with the block's
-    mask and position arguments), the MLP for gate/up, else the linear itself.
+    Attention runs per batch of whole windows, with the block's mask and
+    position arguments; any other module (the MLP, a lone linear) on the
+    tokens directly.
     """
     from ..calib.engine import batch_kwargs
 
-    names = group.linears
-    if any(n.endswith("q_proj") for n in names):
-        attn = get_module(block, names[0].rsplit(".", 1)[0])
+    if group.feeds == arch.attention:
+        attn = get_module(block, group.feeds)
         kw = {k: v for k, v in kwargs.items() if k != "use_cache"}
 
         def f(x):
@@ -67,39 +65,7 @@ def _inspect_fn(block: nn.Module, group: InputGroup, kwargs: dict, window: int, 
             return torch.cat(outs)
 
         return f
-    if len(names) > 1:  # gate/up feed the MLP
-        return get_module(block, names[0].rsplit(".", 1)[0])
-    return get_module(block, names[0])
-
-
-def _fold(block: nn.Module, arch: ArchSpec, group: InputGroup, s: torch.Tensor) -> bool:
-    """Divide the producer of ``group``'s input by ``s``; False when nothing can absorb it."""
-    if group.prev is None:
-        return False
-    prev = get_module(block, group.prev)
-    if group.prev_kind == "norm":
-        w = prev.weight.data
-        prev.weight.data = ((w.float() + arch.norm_offset) / s - arch.norm_offset).to(w.dtype)
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-        return True
-    if group.prev_kind == "linear":
-        if prev.weight.shape[0] != s.numel():  # e.g. v_proj -> o_proj under grouped-query attention
-            return False
-        prev.weight.data = (prev.weight.data.float() / s[:, None]).to(prev.weight.dtype)
-        if prev.bias is not None:
-            prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-        return True
-    return False
-
-
-def _can_fold(block, group: InputGroup) -> bool:
-    if group.prev is None:
-        return False
-    if group.prev_kind == "linear":
-        prev = get_module(block, group.prev)
-        return prev.weight.shape[0] == get_module(block, group.linears[0]).weight.shape[1]
-    return True
+    return get_module(block, group.feeds or group.linears[0])
 
 
 @torch.no_grad()
@@ -115,7 +81,7 @@ def awq_scale_search(linears: list[nn.Linear], x: torch.Tensor, absmean: torch.T
             s = absmean.pow(a).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             for lin, w in zip(linears, org):
-                lin.weight.data = _qdq(w * s, fmt) / s
+                lin.weight.data = quantize_rtn(w * s, fmt).dequantize() / s
             loss = (inspect(x) - ref).float().pow(2).mean().item()
             if k == 0:
                 base = loss
@@ -127,63 +93,34 @@ def awq_scale_search(linears: list[nn.Linear], x: torch.Tensor, absmean: torch.T
     return best_s, best, base
 
 
-@torch.no_grad()
-def awq_clip_search(w: torch.Tensor, x: torch.Tensor, fmt, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
-    """Per (row, group) clip value for ``w`` minimising the group's output error on tokens ``x``.
-
-    Returns ``w`` clamped to ``[-m, m]`` per group (the reference clips symmetrically around 0).
-    """
-    rows, cols = w.shape
-    lay = group_layout(cols, fmt.group_size)
-    wg = lay.to_groups(w)                                      # (rows, G, gs)
-    mask = lay.mask(w.device).to(w.dtype)                      # (G, gs)
-    xg = lay.to_groups(x) * mask                               # (T, G, gs), padding zeroed
-    amax = wg.abs().amax(-1, keepdim=True)                     # (rows, G, 1)
-    best_err = torch.full((rows, lay.n_groups, 1), float("inf"), device=w.device)
-    best_m = amax.clone()
-    for i in range(n_grid):
-        m = amax * (1 - max_shrink * i / n_grid)
-        wc = torch.maximum(torch.minimum(wg, m), -m)
-        q = lay.to_groups(_qdq(lay.from_groups(wc), fmt))
-        d = (q - wg) * mask                                     # (rows, G, gs)
-        err = torch.einsum("tgk,rgk->trg", xg, d).pow(2).mean(0).unsqueeze(-1)  # (rows, G, 1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_m = torch.where(better, m, best_m)
-    return lay.from_groups(torch.maximum(torch.minimum(wg, best_m), -best_m))
-
-
 def awq_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: AWQConfig) -> None:
     """Scale search + folding for every input group, then the clipping search, on float weights."""
     block = data.block
     n_win = max(1, cfg.search_windows)
     for group in arch.groups:
         st = stats[group]
-        if not _can_fold(block, group):
+        if not can_fold(block, group):
             continue
         linears = [get_module(block, n) for n in group.linears]
         x = torch.cat(st.inputs, 0)                              # (N*T, in) fp32, on CPU
         window = data.inputs[0].shape[1]
         x = x[: n_win * window].to(data.device)                  # the first windows, whole
-        inspect = _inspect_fn(block, group, data.kwargs, window, data.inputs[0].shape[0])
+        inspect = _inspect_fn(block, arch, group, data.kwargs, window, data.inputs[0].shape[0])
         s, best, base = awq_scale_search(linears, x, st.absmean.to(data.device), inspect, fmt, cfg.n_grid)
         log.debug("block %d %s: awq loss %.3g (base %.3g)", data.index, group.linears, best, base)
-        if _fold(block, arch, group, s):
-            for lin in linears:
-                lin.weight.data = lin.weight.data * s
+        fold_scale(block, arch, group, s)
         # the group's recorded inputs are in the old scale: divide for the clipping search
         st.inputs = [t / s.to(t.device) for t in st.inputs]
     if cfg.awq_clip:
         for group in arch.groups:
-            st = stats[group]
-            x = torch.cat(st.inputs, 0)
-            step = max(1, x.shape[0] // cfg.clip_tokens)
-            x = x[::step][: cfg.clip_tokens].to(data.device)
+            x = stats[group].token_sample(cfg.clip_tokens).to(data.device)
             for name in group.linears:
-                if name.endswith(("q_proj", "k_proj")):  # the reference skips q/k: their error is hard to see on outputs
+                if name in arch.qk:  # the reference skips q/k: their error is hard to see on outputs
                     continue
                 lin = get_module(block, name)
-                lin.weight.data = awq_clip_search(lin.weight.data.float(), x, fmt, cfg.clip_grid).to(lin.weight.dtype)
+                w = lin.weight.data.float()
+                lo, hi = clip_search(w, x, fmt, cfg.clip_grid, sym=True)
+                lin.weight.data = apply_clip(w, lo, hi, fmt.group_size).to(lin.weight.dtype)
 
 
 @register_method("awq", config=AWQConfig, needs={"act_absmean", "inputs"}, prepare_block=awq_prepare_block)

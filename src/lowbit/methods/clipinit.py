@@ -3,7 +3,7 @@
 
 ``clip``: for every linear except q/k (their error is hard to see on the
 outputs, as in the reference), the float weight is clamped per group to the
-bounds found by :func:`lowbit.distill.clip.asym_clip_search` on the group's
+bounds found by :func:`lowbit.formats.clip.clip_search` on the group's
 calibration inputs, then rounded to nearest with the format. Used alone it is
 a PTQ method ("RTN+clip"); ``lowbit distill --init clip`` starts training
 from the clamped weights.
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import ConfigError
 from ..formats import quantize_rtn
+from ..formats.clip import apply_clip, clip_search
 from ..models.arch import ArchSpec, get_module
 from .registry import register_method
 
@@ -30,18 +29,14 @@ class ClipConfig:
 
 def clip_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: ClipConfig) -> None:
     """Clamp each linear's float weight to its searched per-group bounds, in place."""
-    from ..formats.clip import apply_clip, asym_clip_search
-
     for group in arch.groups:
-        x = torch.cat(stats[group].inputs, 0)                  # (N*T, in)
-        step = max(1, x.shape[0] // cfg.clip_tokens)
-        x = x[::step][: cfg.clip_tokens].to(data.device)
+        x = stats[group].token_sample(cfg.clip_tokens).to(data.device)   # (<= clip_tokens, in)
         for name in group.linears:
-            if not cfg.clip_qk and name.endswith(("q_proj", "k_proj")):
+            if not cfg.clip_qk and name in arch.qk:
                 continue
             lin = get_module(data.block, name)
             w = lin.weight.data.float()
-            lo, hi = asym_clip_search(w, x, fmt, cfg.clip_grid, cfg.clip_max_shrink)
+            lo, hi = clip_search(w, x, fmt, cfg.clip_grid, cfg.clip_max_shrink)
             lin.weight.data = apply_clip(w, lo, hi, fmt.group_size).to(lin.weight.dtype)
 
 

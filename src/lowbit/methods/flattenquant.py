@@ -115,12 +115,6 @@ def choose_threshold(absmax: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bit
     return best
 
 
-def _search_tokens(st: GroupStats, n: int) -> torch.Tensor:
-    x = torch.cat(st.inputs, 0)
-    step = max(1, x.shape[0] // max(1, n))
-    return x[::step][:n].float()
-
-
 def _fq_prepare(data, arch, stats, fmt, cfg: FlattenQuantConfig) -> None:
     """Per input group: flattening plans (per activation width), search tokens, flattened Hessians."""
     check_act_format(fmt, "flattenquant")
@@ -129,7 +123,7 @@ def _fq_prepare(data, arch, stats, fmt, cfg: FlattenQuantConfig) -> None:
     widths = {cfg.act_bits} | ({4} if cfg.fq_int4_budget > 0 else set())
     for group in arch.groups:
         st = stats[group]
-        x = _search_tokens(st, cfg.fq_search_tokens)
+        x = st.token_sample(cfg.fq_search_tokens)                 # fp32, as recorded
         w = torch.cat([get_module(data.block, n).weight.detach().float().cpu() for n in group.linears])
         st.extra["plans"] = {b: choose_threshold(st.absmax.cpu(), x, w, b, cfg.fq_threshold_pct, cfg.fq_max_expand)
                              for b in sorted(widths)}

@@ -25,13 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.arch import ArchSpec, InputGroup, get_module
+from ..calib.fold import can_fold, fold_scale
+from ..models.arch import ArchSpec, get_module
 from ..nn.w8a8 import act_spec, check_act_format, from_quantized_weight, quantize_weight_pc
 from .registry import register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SmoothQuantConfig", "W8A8Config", "fold_scale", "smooth_block", "smooth_scales"]
+__all__ = ["SmoothQuantConfig", "W8A8Config", "smooth_block", "smooth_scales"]
 
 
 @dataclass(frozen=True)
@@ -55,37 +56,15 @@ def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: 
     return s.clamp_min(1e-5)
 
 
-def _foldable(block: nn.Module, group: InputGroup) -> bool:
-    if group.prev is None:
-        return False
-    if group.prev_kind == "linear":  # e.g. v_proj -> o_proj only without grouped-query attention
-        return get_module(block, group.prev).weight.shape[0] == get_module(block, group.linears[0]).weight.shape[1]
-    return group.prev_kind == "norm"
-
-
-def fold_scale(block: nn.Module, arch: ArchSpec, group: InputGroup, s: torch.Tensor) -> None:
-    """Divide the output of ``group.prev`` by ``s`` (norm ``x * (offset + w)`` or linear rows)."""
-    prev = get_module(block, group.prev)
-    if group.prev_kind == "norm":
-        w = prev.weight.data
-        prev.weight.data = ((w.float() + arch.norm_offset) / s - arch.norm_offset).to(w.dtype)
-    else:
-        prev.weight.data = (prev.weight.data.float() / s[:, None]).to(prev.weight.dtype)
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-
-
 def smooth_block(block: nn.Module, arch: ArchSpec, stats: dict, alpha: float) -> None:
     """Smooth every foldable group of ``block`` in place; the groups' ``absmax`` is rescaled to match."""
     for group in arch.groups:
-        if not _foldable(block, group):
+        if not can_fold(block, group):
             continue
         st = stats[group]
         linears = [get_module(block, n) for n in group.linears]
         s = smooth_scales(st.absmax, [lin.weight for lin in linears], alpha).to(linears[0].weight.device)
         fold_scale(block, arch, group, s)
-        for lin in linears:
-            lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
         st.absmax = st.absmax / s.to(st.absmax.device)
 
 

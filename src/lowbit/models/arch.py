@@ -2,9 +2,10 @@
 
 Each row says where the decoder blocks, embedding, final norm and head
 live, which linears a block has in execution order, which of them share an
-input (they share one Hessian / one activation statistic), and which norm
-feeds each shared input (for AWQ / SmoothQuant scale folding). A new
-architecture is a new row, not new code.
+input (they share one Hessian / one activation statistic), which norm
+feeds each shared input (for AWQ / SmoothQuant scale folding) and the
+other module names the lean decoder reads. A new architecture is a new
+row, not new code.
 """
 from __future__ import annotations
 
@@ -24,12 +25,17 @@ class InputGroup:
     ``prev``: the module whose output is that input and into which a
     per-input-channel scale can be folded: a norm (``prev_kind="norm"``),
     a linear (``"linear"``, e.g. v_proj before o_proj when head shapes
-    allow), or None when nothing can absorb it.
+    allow), or None when nothing can absorb it. ``feeds``: the block
+    module the linears belong to, whose output AWQ's scale search compares
+    (attention for q/k/v, the MLP for gate/up); None for a group of one
+    linear, which is compared itself. The group feeding attention lists
+    q, k, v first, in that order.
     """
 
     linears: tuple[str, ...]
     prev: str | None = None
     prev_kind: str = "norm"
+    feeds: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,39 +51,54 @@ class ArchSpec:
     norm_offset: float = 0.0
     #: perplexity windows start with BOS (Gemma was trained that way)
     bos_per_window: bool = False
-    #: blocks are pre-norm RMSNorm + rotary attention (q/k/v/o_proj) + gated MLP (gate/up/down_proj),
-    #: which lowbit.runtime.LeanDecoder runs
+    #: blocks are pre-norm RMSNorm + rotary attention + gated MLP, which lowbit.runtime.LeanDecoder runs;
+    #: ``groups`` are then q/k/v, o, gate/up, down, in that order
     lean_decode: bool = False
+    #: a block's attention module (AWQ calls it with the block's mask and position arguments)
+    attention: str = "self_attn"
+    #: norms of the attention and MLP outputs before each residual add (Gemma-2/3), None without
+    post_norms: tuple[str, str] | None = None
+    #: per-head RMSNorms of q and k inside attention, where a block has them (Qwen3, Gemma-3)
+    qk_norms: tuple[str, str] = ("self_attn.q_norm", "self_attn.k_norm")
+    #: the rotary-embedding module all blocks share (lean decode rows), None without
+    rotary: str | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
         """Block linears in execution order."""
         return tuple(name for g in self.groups for name in g.linears)
 
+    @property
+    def qk(self) -> tuple[str, ...]:
+        """The query and key projections (AWQ and the clip search skip them: their error hides in softmax)."""
+        return next((g.linears[:2] for g in self.groups if g.feeds == self.attention), ())
 
-_LLAMA_GROUPS = (
-    InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-    InputGroup(("self_attn.o_proj",), "self_attn.v_proj", "linear"),
-    InputGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-    InputGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
-)
+
+def _gated_groups(pre_mlp_norm: str) -> tuple[InputGroup, ...]:
+    """Input groups of a pre-norm attention + gated-MLP block; ``pre_mlp_norm`` is the norm before the MLP."""
+    return (
+        InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", feeds="self_attn"),
+        InputGroup(("self_attn.o_proj",), "self_attn.v_proj", "linear"),
+        InputGroup(("mlp.gate_proj", "mlp.up_proj"), pre_mlp_norm, feeds="mlp"),
+        InputGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
+    )
+
+
+_PATHS = ("model.layers", "model.embed_tokens", "model.norm", "lm_head")   # blocks, embedding, final norm, head
 
 ARCHS: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", "model.embed_tokens", "model.norm",
-             "lm_head", _LLAMA_GROUPS, lean_decode=True),
-    ArchSpec("gemma3", ("gemma3_text", "gemma3", "gemma2", "gemma"), "model.layers", "model.embed_tokens",
-             "model.norm", "lm_head",
-             (
-                 InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-                 InputGroup(("self_attn.o_proj",), "self_attn.v_proj", "linear"),
-                 InputGroup(("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm"),
-                 InputGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
-             ),
-             norm_offset=1.0, bos_per_window=True, lean_decode=True),
+    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), *_PATHS, _gated_groups("post_attention_layernorm"),
+             lean_decode=True, rotary="model.rotary_emb"),
+    ArchSpec("gemma", ("gemma",), *_PATHS, _gated_groups("post_attention_layernorm"), norm_offset=1.0,
+             bos_per_window=True, lean_decode=True, rotary="model.rotary_emb"),
+    ArchSpec("gemma3", ("gemma3_text", "gemma3", "gemma2"), *_PATHS, _gated_groups("pre_feedforward_layernorm"),
+             norm_offset=1.0, bos_per_window=True, lean_decode=True, rotary="model.rotary_emb",
+             post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     ArchSpec("opt", ("opt",), "model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm",
              "lm_head",
              (
-                 InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm"),
+                 InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm",
+                            feeds="self_attn"),
                  InputGroup(("self_attn.out_proj",), "self_attn.v_proj", "linear"),
                  InputGroup(("fc1",), "final_layer_norm"),
                  InputGroup(("fc2",), None),

@@ -52,7 +52,7 @@ def lean_supported(model) -> str | None:
         return str(e)
     if not spec.lean_decode:
         return (f"the {spec.name!r} architecture row is not marked lean_decode (the lean decoder runs "
-                "RMSNorm + rotary attention + gated-MLP blocks: the llama and gemma3 rows)")
+                "RMSNorm + rotary attention + gated-MLP blocks: the llama, gemma and gemma3 rows)")
     cfg = _text_config(model)
     if getattr(cfg, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not implemented in the lean decoder"
@@ -152,6 +152,14 @@ def _rope_cache_torch(qkv, cos, ssin, kc, vc, pos: int, nq: int, nk: int, qk_w, 
     return qk[:, :nq]
 
 
+def _find(root: nn.Module, path: str | None) -> nn.Module | None:
+    """The submodule of ``root`` at ``path``, None where there is none."""
+    try:
+        return None if path is None else root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _norm_weight(norm: nn.Module, offset: float) -> tuple[torch.Tensor, float]:
     eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None)
     if eps is None:
@@ -206,25 +214,21 @@ class LeanDecoder:
         dev = next(model.parameters()).device
         self.device = dev
         self.layers: list[_Layer] = []
+        attn_in, _, mlp_in, _ = spec.groups  # a lean_decode row lists q/k/v, o, gate/up, down
+        norm_names = {"input": attn_in.prev, "pre_ff": mlp_in.prev,
+                      **dict(zip(("post_attn", "post_ff"), spec.post_norms or ()))}
         for i, blk in enumerate(get_module(model, spec.blocks)):
-            at, mlp = blk.self_attn, blk.mlp
-            norms = {"input": _norm_weight(blk.input_layernorm, spec.norm_offset)}
-            for key, name in (("post_attn", "post_attention_layernorm"), ("pre_ff", "pre_feedforward_layernorm"),
-                              ("post_ff", "post_feedforward_layernorm")):
-                if getattr(blk, name, None) is not None:
-                    norms[key] = _norm_weight(getattr(blk, name), spec.norm_offset)
-            if "pre_ff" not in norms:  # Llama: post_attention_layernorm is the norm before the MLP
-                norms["pre_ff"] = norms.pop("post_attn")
-            for key in ("q", "k"):
-                n = getattr(at, f"{key}_norm", None)
-                if n is not None:
-                    norms[key] = _norm_weight(n, spec.norm_offset)
+            qkv, o, gate_up, down = ([get_module(blk, n) for n in g.linears] for g in spec.groups)
+            norms = {key: _norm_weight(get_module(blk, n), spec.norm_offset) for key, n in norm_names.items()}
+            for key, name in zip(("q", "k"), spec.qk_norms):
+                m = _find(blk, name)  # Qwen3 and Gemma-3 have q/k norms, Llama does not
+                if m is not None:
+                    norms[key] = _norm_weight(m, spec.norm_offset)
             lt = layer_types[i] if layer_types else "full_attention"
             self.layers.append(_Layer(
-                qkv=_Fused([at.q_proj, at.k_proj, at.v_proj]), o=_direct(at.o_proj),
-                gate_up=_Fused([mlp.gate_proj, mlp.up_proj]), down=_direct(mlp.down_proj), act=act, norms=norms,
+                qkv=_Fused(qkv), o=_direct(*o), gate_up=_Fused(gate_up), down=_direct(*down), act=act, norms=norms,
                 rope=lt, window=window if (lt == "sliding_attention" and window) else None))
-        self._rope = self._rope_tables(model, sorted({lay.rope for lay in self.layers}), dev)
+        self._rope = self._rope_tables(model, spec.rotary, sorted({lay.rope for lay in self.layers}), dev)
         shape = (self.n_kv, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=dev) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, device=dev) for _ in self.layers]
@@ -238,14 +242,15 @@ class LeanDecoder:
                       if self._qk_norm else None for lay in self.layers]
 
     # -- setup -------------------------------------------------------------------------------------
-    def _rope_tables(self, model, layer_types: list[str], dev) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{layer_type: (cos, signed_sin)}``, each ``(max_len, head_dim)``, from the model's rotary module.
+    def _rope_tables(self, model, path: str | None, layer_types: list[str],
+                     dev) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer_type: (cos, signed_sin)}``, each ``(max_len, head_dim)``, from the rotary module at ``path``.
 
         ``signed_sin`` carries rotate_half's sign: ``rope(x) = x*cos + roll(x, d/2)*signed_sin``.
         """
-        rot = getattr(model.model, "rotary_emb", None)
+        rot = _find(model, path)
         if rot is None:
-            raise UnsupportedModelError("the model has no rotary embedding module (model.model.rotary_emb)")
+            raise UnsupportedModelError(f"the model has no rotary embedding module ({path})")
         pos = torch.arange(self.max_len, device=dev).unsqueeze(0)
         x = torch.zeros(1, device=dev)
         takes_type = "layer_type" in inspect.signature(rot.forward).parameters

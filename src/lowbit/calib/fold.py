@@ -1,0 +1,42 @@
+"""Folding a per-input-channel scale ``s`` into a block (AWQ, SmoothQuant): the producer of an input group's
+input (as the architecture row names it) is divided by ``s``, the group's input columns multiplied by it.
+
+``(x / s) (W s)^T = x W^T`` in real arithmetic: the float block computes the same function.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.arch import ArchSpec, InputGroup, get_module
+
+__all__ = ["can_fold", "fold_scale"]
+
+
+def can_fold(block: nn.Module, group: InputGroup) -> bool:
+    """Whether ``group.prev`` can absorb a scale: a norm, or a linear with one output row per input channel
+    (v_proj -> o_proj has fewer under grouped-query attention)."""
+    if group.prev is None:
+        return False
+    if group.prev_kind == "linear":
+        return get_module(block, group.prev).weight.shape[0] == get_module(block, group.linears[0]).weight.shape[1]
+    return group.prev_kind == "norm"
+
+
+def fold_scale(block: nn.Module, arch: ArchSpec, group: InputGroup, s: torch.Tensor) -> None:
+    """Divide the output of ``group.prev`` by ``s`` ``(in,)`` and multiply ``group.linears``' input columns by it.
+
+    The group must pass :func:`can_fold`. Weights are rescaled in fp32 and stored in their dtype (a norm
+    computes ``x * (offset + w)``: ``offset + w`` is divided).
+    """
+    prev = get_module(block, group.prev)
+    if group.prev_kind == "norm":
+        w = prev.weight.data
+        prev.weight.data = ((w.float() + arch.norm_offset) / s - arch.norm_offset).to(w.dtype)
+    else:
+        prev.weight.data = (prev.weight.data.float() / s[:, None]).to(prev.weight.dtype)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
+    for name in group.linears:
+        lin = get_module(block, name)
+        lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
