@@ -1,5 +1,6 @@
 """bench-decode's llama.cpp rows: EOS masked through llama-cpp-python's LogitsProcessorList, rows named by
 where they were timed (llama-cpp-python or llama-bench)."""
+import os
 import sys
 import types
 
@@ -151,6 +152,16 @@ def test_llama_cpp_rows_with_llama_cpp_python(monkeypatch, tmp_path):
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python (pip install lowbit[bench]) is not installed; the fake-Llama "
                             "tests above cover the row path without it")
+    if not os.environ.get("LOWBIT_LLAMA_CHILD"):
+        # llama.cpp runs native code that can crash the interpreter: run this test in a child process, so a
+        # crash fails this test (with its output) instead of ending the whole session
+        import subprocess
+
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"{__file__}::test_llama_cpp_rows_with_llama_cpp_python"],
+                           env={**os.environ, "LOWBIT_LLAMA_CHILD": "1"}, capture_output=True, text=True)
+        assert r.returncode == 0, f"exit {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}"
+        return
     import lowbit.bench.decode as decode
 
     f32 = _tiny_gguf(tmp_path / "tiny-F32.gguf")

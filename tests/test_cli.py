@@ -128,6 +128,7 @@ def test_bad_out_or_text_fails_before_loading_and_keeps_files(tiny_dir, text_fil
     (["eval", "M", "--windows", "al"], "argument --windows: expected an integer, got 'al'"),
     (["run", "M", "--method", "gptq", "--nsamples", "0"], "argument --nsamples: must be at least 1"),
     (["generate", "M", "hi", "--max-new-tokens", "-3"], "argument --max-new-tokens: must be at least 1, got -3"),
+    (["generate", "M", "hi", "--temperature", "-1"], "argument --temperature: must be at least 0.0, got -1"),
     (["bench", "r.yaml", "--jobs", "0"], "argument --jobs: must be at least 1, got 0"),
 ])
 def test_counts_are_checked_when_parsed(capsys, argv, words):

@@ -9,7 +9,7 @@ import typing
 from dataclasses import MISSING, fields
 
 
-__all__ = ["add_dataclass_args", "dataclass_from_args", "int_at_least", "parse_shape", "windows_arg"]
+__all__ = ["add_dataclass_args", "at_least", "dataclass_from_args", "int_at_least", "parse_shape", "windows_arg"]
 
 
 def _flag(prefix: str, name: str) -> str:
@@ -88,19 +88,25 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(mt[1]), int(mt[2])
 
 
-def int_at_least(lo: int):
-    """An argparse ``type=`` for integers ``>= lo``, so ``--seqlen 0`` is refused at parse time."""
-    def parse(text: str) -> int:
+def at_least(lo, kind=int):
+    """An argparse ``type=`` for numbers of ``kind`` ``>= lo``, so ``--seqlen 0`` is refused at parse time."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
         try:
-            v = int(text)
+            v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if v < lo:
-            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {text}")
         return v
 
-    parse.__name__ = f"integer >= {lo}"
+    parse.__name__ = f"{kind.__name__} >= {lo}"
     return parse
+
+
+def int_at_least(lo: int):
+    return at_least(lo, int)
 
 
 def windows_arg(text: str) -> int | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..config import CalibConfig, EvalConfig, FormatConfig, StorageConfig
-from .args import add_dataclass_args, dataclass_from_args, int_at_least, parse_shape, windows_arg
+from .args import add_dataclass_args, at_least, dataclass_from_args, int_at_least, parse_shape, windows_arg
 from ..errors import ConfigError, LowbitError
 
 log = logging.getLogger("lowbit")
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("prompt")
     s.add_argument("--max-new-tokens", type=int_at_least(1), default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-k", type=int_at_least(1), default=None, help="sample from the k most likely tokens (with --temperature)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--loop", choices=["lean", "hf"], default="lean",
