@@ -25,10 +25,13 @@ def tiny_config(arch: str, vocab: int = 320):
     if arch == "gemma3":
         return Gemma3TextConfig(**common, head_dim=16, sliding_window=32, bos_token_id=1, eos_token_id=2,
                                 pad_token_id=0)
-    if arch == "opt":
+    if arch in ("opt", "opt-postnorm"):
+        # opt-postnorm has opt-350m's shape: LayerNorms after the residual adds, no final norm, and
+        # embeddings narrower than the blocks (project_in / project_out)
+        post = arch == "opt-postnorm"
         return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=256, word_embed_proj_dim=64, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
+                         max_position_embeddings=256, word_embed_proj_dim=32 if post else 64,
+                         do_layer_norm_before=not post, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     raise ValueError(arch)
 
 
@@ -37,11 +40,15 @@ def tiny_model(arch: str = "llama", seed: int = 0):
 
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
-    # random init with std 0.02 makes every layer near-identity; widen weights so quantization error shows
+    # random init with std 0.02 makes every layer near-identity; widen weights so quantization error shows.
+    # Biases (Qwen2's q/k/v, OPT's linears and LayerNorms) start at zero: make them non-zero, so a checkpoint
+    # or a folding step that drops or mis-scales one changes the logits
     with torch.no_grad():
-        for p in m.parameters():
+        for name, p in m.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.05)
     return m.eval()
 
 
@@ -65,7 +72,11 @@ def tiny_tokenizer():
     return _TOKENIZER
 
 
-@pytest.fixture(params=["llama", "gemma3"])
+#: every architecture tiny_config builds; tests taking the ``arch`` fixture run on each
+ARCHS = ("llama", "gemma3", "opt", "opt-postnorm", "qwen2")
+
+
+@pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
 

@@ -1,7 +1,7 @@
 """The layer-wise engine, GPTQ and AWQ on tiny random models."""
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import ARCHS, tiny_model
 
 import lowbit
 from lowbit.calib import CalibrationError
@@ -28,7 +28,9 @@ def _logit_err(m, ref):
     return ((out - ref) ** 2).mean().item()
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+# AWQ, the slowest case, skips qwen2: it is the llama row's AWQ path unchanged (q/k/v biases come after the
+# input-side scale and the v_proj -> o_proj fold is off under grouped-query attention in both)
+@pytest.mark.parametrize("arch, method", [(a, m) for m in ("gptq", "awq") for a in ARCHS if (a, m) != ("qwen2", "awq")])
 def test_engine_runs_and_logits_stay_close(arch, method):
     m = tiny_model(arch)
     with torch.no_grad():
@@ -36,8 +38,9 @@ def test_engine_runs_and_logits_stay_close(arch, method):
     fmt = FormatConfig(bits=4, group_size=32)
     # 2048 calibration tokens: enough for a stable 64x64 Hessian
     lowbit.quantize(m, QuantRecipe(method=method, fmt=fmt), calib_ids=_calib(32, 64), progress=False)
-    for block in m.model.layers:
-        assert all(isinstance(block.get_submodule(n), QuantizedLinear) for n in arch_for(m).linears)
+    spec = arch_for(m)
+    for block in m.get_submodule(spec.blocks):
+        assert all(isinstance(block.get_submodule(n), QuantizedLinear) for n in spec.linears)
     # logits stay close: SQNR above 10 dB at 4 bits, and no worse than 1.5x RTN's error.
     # (Beating RTN is tested where it is guaranteed: per layer for GPTQ, per block for AWQ;
     # on a 2-layer random model with 2k calibration tokens the model-level ordering is noise.)

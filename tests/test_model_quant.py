@@ -29,7 +29,7 @@ def test_rtn_swaps_every_block_linear(arch, bits):
     ref = _logits(m, _ids())
     lowbit.quantize(m, QuantRecipe(fmt=FormatConfig(bits=bits, group_size=32)), progress=False)
     a = arch_for(m)
-    for block in m.model.layers:
+    for block in m.get_submodule(a.blocks):
         for name in a.linears:
             assert isinstance(block.get_submodule(name), QuantizedLinear)
     out = _logits(m, _ids())

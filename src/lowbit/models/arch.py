@@ -9,7 +9,7 @@ row, not new code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -44,9 +44,12 @@ class ArchSpec:
     model_types: tuple[str, ...]
     blocks: str
     embed: str
-    final_norm: str
+    final_norm: str | None
     head: str
     groups: tuple[InputGroup, ...]
+    #: ``(attribute, value)`` pairs the model's config must have for this row: tells apart variants of one
+    #: model_type whose blocks are wired differently (OPT's pre-norm and post-norm blocks)
+    config: tuple[tuple[str, object], ...] = ()
     #: norms compute ``x * (offset + w)``: Gemma stores ``w`` with offset 1
     norm_offset: float = 0.0
     #: perplexity windows start with BOS (Gemma was trained that way)
@@ -86,6 +89,17 @@ def _gated_groups(pre_mlp_norm: str) -> tuple[InputGroup, ...]:
 
 _PATHS = ("model.layers", "model.embed_tokens", "model.norm", "lm_head")   # blocks, embedding, final norm, head
 
+_OPT = ArchSpec("opt", ("opt",), "model.decoder.layers", "model.decoder.embed_tokens",
+                "model.decoder.final_layer_norm", "lm_head",
+                (
+                    InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm",
+                               feeds="self_attn"),
+                    InputGroup(("self_attn.out_proj",), "self_attn.v_proj", "linear"),
+                    InputGroup(("fc1",), "final_layer_norm"),
+                    InputGroup(("fc2",), None),
+                ),
+                bos_per_window=True, config=(("do_layer_norm_before", True),))
+
 ARCHS: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), *_PATHS, _gated_groups("post_attention_layernorm"),
              lean_decode=True, rotary="model.rotary_emb"),
@@ -94,26 +108,23 @@ ARCHS: tuple[ArchSpec, ...] = (
     ArchSpec("gemma3", ("gemma3_text", "gemma3", "gemma2"), *_PATHS, _gated_groups("pre_feedforward_layernorm"),
              norm_offset=1.0, bos_per_window=True, lean_decode=True, rotary="model.rotary_emb",
              post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
-    ArchSpec("opt", ("opt",), "model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm",
-             "lm_head",
-             (
-                 InputGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn_layer_norm",
-                            feeds="self_attn"),
-                 InputGroup(("self_attn.out_proj",), "self_attn.v_proj", "linear"),
-                 InputGroup(("fc1",), "final_layer_norm"),
-                 InputGroup(("fc2",), None),
-             ),
-             bos_per_window=True),
+    _OPT,
+    # post-norm OPT (opt-350m): each LayerNorm follows a residual add, so the q/k/v and fc1 inputs are the
+    # residual stream too and no norm can absorb a scale; the decoder has no final norm
+    replace(_OPT, name="opt-postnorm", final_norm=None, config=(("do_layer_norm_before", False),),
+            groups=(InputGroup(_OPT.groups[0].linears, feeds="self_attn"), _OPT.groups[1], InputGroup(("fc1",)),
+                    _OPT.groups[3])),
 )
 
 
 def arch_for(model: nn.Module) -> ArchSpec:
-    """The adapter row for ``model`` (by ``config.model_type``)."""
-    mt = getattr(getattr(model, "config", None), "model_type", None)
+    """The adapter row for ``model``: by ``config.model_type``, then by the config attributes a row names."""
+    config = getattr(model, "config", None)
+    mt = getattr(config, "model_type", None)
     for a in ARCHS:
-        if mt in a.model_types:
+        if mt in a.model_types and all(getattr(config, k, None) == v for k, v in a.config):
             return a
-    known = sorted(t for a in ARCHS for t in a.model_types)
+    known = sorted({t for a in ARCHS for t in a.model_types})
     raise UnsupportedModelError(
         f"lowbit has no adapter for model_type {mt!r}. Supported: {', '.join(known)}. "
         "Adding one is a new row in lowbit/models/arch.py."
