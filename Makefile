@@ -13,7 +13,7 @@ $(VPY):
 # torch first, pinned to the CPU build on this machine's disk, so pip never pulls a CUDA build
 setup: $(VPY)
 	@$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(VPY) -m pip install -q -e ".[test,plot,lmeval]"
+	$(VPY) -m pip install -q -e ".[test,plot,lmeval,export]"
 
 demo: setup
 	$(VPY) -m lowbit pull $(MODEL) wiki

@@ -30,6 +30,7 @@ LAYERS = (
     "methods",                                # one file per method, a registry
     "quantize",                               # QuantRecipe and the whole-model pipeline
     "eval",                                   # perplexity, zero-shot, lm-eval bridge, results records
+    "export",                                 # checkpoints in serving engines' formats (api.export calls it)
     "api",                                    # the public functions
     "distill",                                # BitDistiller (uses the API to initialise and save)
     "report",                                 # tables and plots from results files

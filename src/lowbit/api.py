@@ -15,8 +15,8 @@ from .quantize import QuantRecipe, quantize_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_model", "load", "save", "quantize", "evaluate_ppl", "ppl_windows", "calibration_windows", "check_inputs",
-           "quantize_named", "evaluate", "run"]
+__all__ = ["load_model", "load", "save", "quantize", "evaluate_ppl", "ppl_windows", "calibration_windows",
+           "check_inputs", "quantize_named", "evaluate", "run", "export"]
 
 
 def load_model(name_or_path: str, device: str | torch.device = "cpu"):
@@ -151,3 +151,11 @@ def run(name: str, recipe: QuantRecipe | None, ev: EvalConfig, *, model_name: st
     return evaluate_record(model, tok, ev, model_name=model_name or Path(str(name)).name, method=recipe.method,
                            tag=recipe.tag(), config=recipe.to_dict(), summary=summary, device=device,
                            progress=progress)
+
+
+def export(ckpt_path, to: str, out, **options) -> Path:
+    """Write the checkpoint at ``ckpt_path`` in a serving engine's format: ``to`` is ``compressed-tensors``,
+    ``gptq``, ``gguf`` or ``f16`` (a plain float16 folder). Exact or refused; see docs/export.md."""
+    from .export import export as export_checkpoint
+
+    return export_checkpoint(ckpt_path, to, out, **options)

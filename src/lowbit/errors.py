@@ -23,3 +23,7 @@ class PullError(LowbitError):
 
 class UnsupportedModelError(LowbitError):
     """A model architecture lowbit has no adapter for."""
+
+
+class ExportError(LowbitError, ValueError):
+    """A checkpoint that a target format cannot hold exactly, or an export setting that does not apply."""

@@ -232,6 +232,13 @@ def cmd_distill(args):
     log.info("saved %s (final loss %.4f, %.0fs)", args.out, summary["distill"]["final_loss"], summary["quant_time_s"])
 
 
+def cmd_export(args):
+    from ..api import export
+
+    options = {k: v for k, v in (("regroup", args.regroup), ("checkpoint_format", args.checkpoint_format)) if v}
+    print(export(args.ckpt, args.to or args.dequantize, args.out, **options))
+
+
 def cmd_bench_kernels(args):
     from ..bench.kernels import BENCH_FORMATS, GEMM_BATCHES, SHAPES, bench_kernels, write_kernels_report
 
@@ -364,6 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "of 32, faster for INT2-4 and FP4; docs/kernels.md); default: $LOWBIT_KERNEL_ACT or fp32")
     _add_device_arg(s)
     s.set_defaults(fn=cmd_generate)
+
+    from ..export import target_names
+
+    s = sub.add_parser("export", help="write a checkpoint for a serving engine (compressed-tensors, gptq, gguf) "
+                                      "or as a plain float16 folder; exact or refused (docs/export.md)")
+    s.add_argument("ckpt", help="lowbit checkpoint folder")
+    to = s.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", metavar="TARGET", help=f"one of: {', '.join(t for t in target_names() if t != 'f16')}")
+    to.add_argument("--dequantize", choices=["f16"], help="a plain transformers folder of float16 weights, from any "
+                                                           "checkpoint")
+    s.add_argument("--out", required=True, help="folder to write, new or empty (a file for gguf)")
+    s.add_argument("--regroup", action="store_true",
+                   help="compressed-tensors, gptq: when the group size does not divide a width (576 at g128), store "
+                        "every layer with groups of the largest size dividing all of them, scales repeated (exact)")
+    s.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None,
+                   help="gptq: zero points as v1 (z - 1, what every reader takes; the default) or v2 (z)")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("bench-kernels", help="benchmark the CPU kernels (GEMV bandwidth, GEMM throughput)")
     s.add_argument("--formats", nargs="+", default=None, metavar="TAG", help="format tags; <tag>@q8 runs the layer with int8 activations (default: a fixed set)")
