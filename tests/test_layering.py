@@ -32,6 +32,7 @@ LAYERS = (
     "eval",                                   # perplexity, zero-shot, lm-eval bridge, results records
     "api",                                    # the public functions
     "distill",                                # BitDistiller (uses the API to initialise and save)
+    "export",                                 # one module per serving engine's file format
     "report",                                 # tables and plots from results files
     "bench",                                  # grids, decode and kernel benchmarks
     "cli",                                    # parse, call the library, print
