@@ -1,0 +1,155 @@
+"""Does llama.cpp run lowbit's GGUF export as lowbit runs the checkpoint? Perplexity on the same token windows.
+
+For each model and config, a checkpoint is made with ``lowbit quantize`` (RTN, groups of 32; reused when it
+exists), scored by lowbit (``lowbit.api.evaluate_ppl``: the protocol ``lowbit eval`` uses, wiki, 40 windows
+of 512 tokens, BOS per the architecture), exported with ``lowbit.export.gguf.export`` and scored by llama.cpp
+through llama-cpp-python on exactly the token windows lowbit scored (``lowbit.api.ppl_windows``), every
+position's logits (``logits_all=True``), one window per fresh context. The table also says whether
+llama.cpp's own tokenizer, read from the GGUF, splits the text into the same ids as the checkpoint's.
+
+llama.cpp quantizes the activations to 8 bits for its Q4/Q5/Q8 dot products and sums in another order, so the
+two perplexities differ slightly even though the weights are bit-identical (symmetric types) or within half an
+fp16 ulp of the block offset (Q4_1/Q5_1).
+
+    pip install llama-cpp-python gguf
+    python scripts/gguf_ppl_check.py --models smollm2-135m --configs q4_0 q4_1 q8_0 --work /tmp/gguf-work
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+#: config -> (lowbit quantize flags, the GGUF block type it maps to)
+CONFIGS = {
+    "q4_0": (["--bits", "4", "--group-size", "32", "--sym"], "Q4_0"),
+    "q4_1": (["--bits", "4", "--group-size", "32", "--no-sym"], "Q4_1"),
+    "q5_0": (["--bits", "5", "--group-size", "32", "--sym"], "Q5_0"),
+    "q8_0": (["--bits", "8", "--group-size", "32", "--sym"], "Q8_0"),
+}
+
+
+def plain_blocks() -> None:
+    """Have llama.cpp compute on the blocks the file holds, without extra buffer types (AMX or repacked copies of
+    the weights): the check reads what the export wrote, and AMX tiles fault on hosts whose kernel does not enable
+    them (a VM's, for one)."""
+    import llama_cpp.llama_cpp as C
+
+    default = C.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    C.llama_model_default_params = params
+
+
+def llama_cpp_ppl(gguf_path: Path, windows, threads: int) -> float:
+    """Mean next-token NLL over every position of every window (lowbit's rule), exponentiated."""
+    from llama_cpp import Llama
+
+    n = windows.shape[1]
+    llm = Llama(str(gguf_path), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, verbose=False, n_threads=threads)
+    nll, count = 0.0, 0
+    for row in windows.tolist():
+        llm.reset()
+        llm.eval(row)
+        logits = np.asarray(llm.scores[:n], dtype=np.float64)[:-1]             # (n-1, vocab)
+        mx = logits.max(-1, keepdims=True)
+        logp = logits - mx - np.log(np.exp(logits - mx).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(n - 1), row[1:]].sum())
+        count += n - 1
+    return math.exp(nll / count)
+
+
+def same_tokens(gguf_path: Path, tokenizer, text: str) -> bool:
+    """llama.cpp's tokenizer (from the GGUF) gives the checkpoint tokenizer's ids on ``text``."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ours
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    ap.add_argument("--configs", nargs="+", default=["q4_0", "q4_1", "q8_0"], choices=sorted(CONFIGS))
+    ap.add_argument("--work", type=Path, default=Path("out/gguf-check"), help="checkpoints and GGUF files")
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--token-chars", type=int, default=20000, help="characters of the text the tokenizers compare on")
+    ap.add_argument("--json", type=Path, default=Path("docs/results/export/gguf_ppl.json"))
+    ap.add_argument("--md", type=Path, default=Path("docs/results/export/gguf_ppl.md"))
+    a = ap.parse_args()
+
+    import llama_cpp
+    import lowbit
+    from lowbit.api import evaluate_ppl, ppl_windows
+    from lowbit.eval.ppl import PPLProtocol
+    from lowbit.data.texts import load_text
+    from lowbit.export.gguf import export
+    from lowbit.io.checkpoint import read_meta
+    from lowbit.models.arch import arch_for
+    from lowbit.utils import atomic_write_text
+
+    plain_blocks()
+    rows = json.loads(a.json.read_text()).get("rows", []) if a.json.is_file() else []
+    for model_name in a.models:
+        for cfg in a.configs:
+            flags, qtype = CONFIGS[cfg]
+            ckpt = a.work / f"{model_name}-rtn-{cfg}"
+            if not (ckpt / "lowbit.json").is_file():
+                subprocess.run([sys.executable, "-m", "lowbit", "quantize", model_name, "--method", "rtn", *flags,
+                                "--out", str(ckpt)], check=True)
+            model, tok = lowbit.load_model(str(ckpt))
+            t0 = time.perf_counter()
+            ppl_lowbit, proto = evaluate_ppl(model, tok, "wiki", seqlen=a.seqlen, windows=a.windows)
+            t_lowbit = time.perf_counter() - t0
+            out = export(model, read_meta(ckpt), a.work / f"{model_name}-rtn-{cfg}.gguf", tokenizer=ckpt)
+            windows = ppl_windows(tok, model, PPLProtocol("wiki", a.seqlen, a.windows, arch_for(model).bos_per_window))
+            t0 = time.perf_counter()
+            ppl_cpp = llama_cpp_ppl(out, windows, a.threads)
+            t_cpp = time.perf_counter() - t0
+            row = {
+                "model": model_name, "config": cfg, "recipe": " ".join(["rtn", *flags]), "ggml_type": qtype,
+                "ppl_lowbit": round(ppl_lowbit, 4), "ppl_llama_cpp": round(ppl_cpp, 4),
+                "rel_diff_pct": round(100 * (ppl_cpp - ppl_lowbit) / ppl_lowbit, 3),
+                "gguf_mb": round(out.stat().st_size / 1e6, 1),
+                "same_tokenization": same_tokens(out, tok, load_text("wiki")[: a.token_chars]),
+                "seconds_lowbit": round(t_lowbit, 1), "seconds_llama_cpp": round(t_cpp, 1),
+                "protocol": proto, "llama_cpp_python": llama_cpp.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+            }
+            print(json.dumps({k: v for k, v in row.items() if k != "protocol"}))
+            rows = [r for r in rows if (r["model"], r["config"]) != (model_name, cfg)] + [row]
+
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.json, json.dumps({"rows": rows}, indent=1) + "\n")
+    lines = [
+        "# GGUF export: llama.cpp against lowbit, same checkpoint, same token windows",
+        "",
+        "`scripts/gguf_ppl_check.py`: wiki perplexity, 40 windows of 512 tokens (lowbit's protocol), scored by lowbit "
+        "and by llama.cpp (llama-cpp-python) on the same ids; the weights in the GGUF are lowbit's codes and scales "
+        "on llama.cpp's block grid, not re-quantized. `same tokens`: llama.cpp's tokenizer, built from the GGUF, "
+        "splits the first 20,000 characters of the text into the checkpoint tokenizer's ids.",
+        "",
+        "| model | recipe | GGUF type | lowbit ppl | llama.cpp ppl | diff | GGUF MB | same tokens |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['ggml_type']} | {r['ppl_lowbit']:.3f} | "
+                     f"{r['ppl_llama_cpp']:.3f} | {r['rel_diff_pct']:+.2f}% | {r['gguf_mb']} | "
+                     f"{'yes' if r['same_tokenization'] else 'no'} |")
+    atomic_write_text(a.md, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
