@@ -252,3 +252,21 @@ def test_llama_cpp_runs_the_export(tmp_path, monkeypatch):
         want = model(torch.tensor([ids])).logits[0].float()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+
+
+def test_cli_export_to_gguf(tiny_dir, tmp_path, capsys):
+    """`lowbit export --to gguf` goes through the dispatcher: one atomic file, named after the source model."""
+    from lowbit.cli import main
+
+    ckpt, out = tmp_path / "ck", tmp_path / "tiny.gguf"
+    assert main(["-q", "quantize", str(tiny_dir), "--method", "rtn", "--bits", "4", "--group-size", "32", "--sym",
+                 "--out", str(ckpt)]) == 0
+    assert main(["-q", "export", str(ckpt), "--to", "gguf", "--out", str(out)]) == 0
+    r = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.0.ffn_down.weight"] == "Q4_0"
+    name = r.get_field("general.name")
+    assert bytes(name.parts[name.data[0]]).decode() == tiny_dir.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ck", "tiny.gguf", tiny_dir.name])  # no temp left
+    assert main(["-q", "export", str(ckpt), "--to", "gguf", "--out", str(tmp_path / "x.gguf"), "--regroup"]) == 2
+    assert "takes no" in capsys.readouterr().err

@@ -33,7 +33,6 @@ LAYERS = (
     "export",                                 # checkpoints in serving engines' formats (api.export calls it)
     "api",                                    # the public functions
     "distill",                                # BitDistiller (uses the API to initialise and save)
-    "export",                                 # one module per serving engine's file format
     "report",                                 # tables and plots from results files
     "bench",                                  # grids, decode and kernel benchmarks
     "cli",                                    # parse, call the library, print

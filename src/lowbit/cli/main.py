@@ -235,7 +235,8 @@ def cmd_distill(args):
 def cmd_export(args):
     from ..api import export
 
-    options = {k: v for k, v in (("regroup", args.regroup), ("checkpoint_format", args.checkpoint_format)) if v}
+    options = {k: v for k, v in (("regroup", args.regroup), ("checkpoint_format", args.checkpoint_format),
+                                 ("allow_f16", args.allow_f16)) if v}
     print(export(args.ckpt, args.to or args.dequantize, args.out, **options))
 
 
@@ -385,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--regroup", action="store_true",
                    help="compressed-tensors, gptq: when the group size does not divide a width (576 at g128), store "
                         "every layer with groups of the largest size dividing all of them, scales repeated (exact)")
+    s.add_argument("--allow-f16", action="store_true",
+                   help="gguf: store a quantized tensor with no exact block type as F16 instead of refusing it")
     s.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None,
                    help="gptq: zero points as v1 (z - 1, what every reader takes; the default) or v2 (z)")
     s.set_defaults(fn=cmd_export)

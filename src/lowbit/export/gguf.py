@@ -545,6 +545,9 @@ def _write_metadata(w, model, meta: dict, arch: GGUFArch, plan: list[PlannedTens
 # ------------------------------------------------------------------------------------------------ export
 
 
+OUTPUT = "file"   # one .gguf file (lowbit.export writes it atomically)
+
+
 def export(model, meta: dict, out, *, tokenizer=None, allow_f16: bool = False, name: str | None = None,
            tokenizer_pre: str | None = None) -> Path:
     """Write ``model`` (a loaded lowbit checkpoint) as a llama.cpp GGUF file at ``out``; returns ``out``.
@@ -562,11 +565,13 @@ def export(model, meta: dict, out, *, tokenizer=None, allow_f16: bool = False, n
         raise ConfigError(f"{out} is a folder; the GGUF export writes one file: pass a path like {out}/model.gguf")
     arch = gguf_arch(model)
     plan = tensor_plan(model, meta, allow_f16=allow_f16)
+    tokenizer = tokenizer if tokenizer is not None else meta.get("checkpoint")
     tok = tokenizer_metadata(read_tokenizer(tokenizer), model.config, model.config.vocab_size, pre=tokenizer_pre)
+    name = name or (Path(str(meta["source_model"])).name if meta.get("source_model") else out.stem)
 
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch.name)
-        _write_metadata(w, model, meta, arch, plan, tok, name or out.stem)
+        _write_metadata(w, model, meta, arch, plan, tok, name)
         for p in plan:
             w.add_tensor(p.name, p.data, raw_dtype=gguf.GGMLQuantizationType[p.qtype])
         w.write_header_to_file()
