@@ -7,12 +7,14 @@ through llama-cpp-python on exactly the token windows lowbit scored (``lowbit.ap
 position's logits (``logits_all=True``), one window per fresh context. The table also says whether
 llama.cpp's own tokenizer, read from the GGUF, splits the text into the same ids as the checkpoint's.
 
-llama.cpp quantizes the activations to 8 bits for its Q4/Q5/Q8 dot products and sums in another order, so the
-two perplexities differ slightly even though the weights are bit-identical (symmetric types) or within half an
-fp16 ulp of the block offset (Q4_1/Q5_1).
+llama.cpp quantizes the activations to 8 bits for its Q4/Q5/Q8 dot products (to fp16 for F16 weights), keeps
+its KV cache in fp16 and sums in another order, so the two perplexities differ slightly even though the weights
+are bit-identical (symmetric types) or within half an fp16 ulp of the block offset (Q4_1/Q5_1). The ``f16``
+config, the float model exported as F16, measures that difference with no quantized weight in the file.
 
     pip install llama-cpp-python gguf
-    python scripts/gguf_ppl_check.py --models smollm2-135m --configs q4_0 q4_1 q8_0 --work /tmp/gguf-work
+    python scripts/gguf_ppl_check.py --models smollm2-135m --configs f16 q4_0 q4_1 q8_0 --work /tmp/gguf-work
+    python scripts/gguf_ppl_check.py --models gemma3-270m --configs q4_0 --work /tmp/gguf-work
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-#: config -> (lowbit quantize flags, the GGUF block type it maps to)
+#: config -> (lowbit quantize flags, the GGUF type it maps to); "f16" is the control: the float model with every
+#: weight rounded to fp16, so the difference is llama.cpp's own arithmetic with no quantized weight in the file
 CONFIGS = {
+    "f16": (None, "F16"),
     "q4_0": (["--bits", "4", "--group-size", "32", "--sym"], "Q4_0"),
     "q4_1": (["--bits", "4", "--group-size", "32", "--no-sym"], "Q4_1"),
     "q5_0": (["--bits", "5", "--group-size", "32", "--sym"], "Q5_0"),
@@ -69,6 +74,16 @@ def llama_cpp_ppl(gguf_path: Path, windows, threads: int) -> float:
     return math.exp(nll / count)
 
 
+def act8_hooks(model) -> list:
+    """lowbit with llama.cpp's activation rounding: the input of every quantized linear cut into blocks of 32, each
+    rounded to int8 with ``d = max|x| / 127`` (what ggml does to the activations before a Q4/Q5/Q8 dot product)."""
+    from lowbit.kernels.reference import quantize_act_q8
+    from lowbit.nn import QuantizedLinear
+
+    return [m.register_forward_pre_hook(lambda _m, args: (quantize_act_q8(args[0], 32),))
+            for m in model.modules() if isinstance(m, QuantizedLinear)]
+
+
 def same_tokens(gguf_path: Path, tokenizer, text: str) -> bool:
     """llama.cpp's tokenizer (from the GGUF) gives the checkpoint tokenizer's ids on ``text``."""
     from llama_cpp import Llama
@@ -80,7 +95,7 @@ def same_tokens(gguf_path: Path, tokenizer, text: str) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    ap.add_argument("--models", nargs="*", default=["smollm2-135m"], help="none: only rewrite the report")
     ap.add_argument("--configs", nargs="+", default=["q4_0", "q4_1", "q8_0"], choices=sorted(CONFIGS))
     ap.add_argument("--work", type=Path, default=Path("out/gguf-check"), help="checkpoints and GGUF files")
     ap.add_argument("--windows", type=int, default=40)
@@ -99,30 +114,45 @@ def main() -> None:
     from lowbit.export.gguf import export
     from lowbit.io.checkpoint import read_meta
     from lowbit.models.arch import arch_for
-    from lowbit.utils import atomic_write_text
 
     plain_blocks()
     rows = json.loads(a.json.read_text()).get("rows", []) if a.json.is_file() else []
     for model_name in a.models:
         for cfg in a.configs:
             flags, qtype = CONFIGS[cfg]
-            ckpt = a.work / f"{model_name}-rtn-{cfg}"
-            if not (ckpt / "lowbit.json").is_file():
-                subprocess.run([sys.executable, "-m", "lowbit", "quantize", model_name, "--method", "rtn", *flags,
-                                "--out", str(ckpt)], check=True)
-            model, tok = lowbit.load_model(str(ckpt))
+            if flags is None:
+                model, tok = lowbit.load_model(model_name)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.data = p.data.half().float()
+                meta, tok_source, recipe = {"storage_dtype": "float16"}, tok, "float, weights rounded to fp16"
+            else:
+                ckpt = a.work / f"{model_name}-rtn-{cfg}"
+                if not (ckpt / "lowbit.json").is_file():
+                    subprocess.run([sys.executable, "-m", "lowbit", "quantize", model_name, "--method", "rtn", *flags,
+                                    "--out", str(ckpt)], check=True)
+                model, tok = lowbit.load_model(str(ckpt))
+                meta, tok_source, recipe = read_meta(ckpt), ckpt, " ".join(["rtn", *flags])
             t0 = time.perf_counter()
             ppl_lowbit, proto = evaluate_ppl(model, tok, "wiki", seqlen=a.seqlen, windows=a.windows)
             t_lowbit = time.perf_counter() - t0
-            out = export(model, read_meta(ckpt), a.work / f"{model_name}-rtn-{cfg}.gguf", tokenizer=ckpt)
+            ppl_act8 = None
+            if flags is not None:
+                hooks = act8_hooks(model)
+                ppl_act8, _ = evaluate_ppl(model, tok, "wiki", seqlen=a.seqlen, windows=a.windows)
+                for h in hooks:
+                    h.remove()
+            out = export(model, meta, a.work / f"{model_name}-{cfg}.gguf", tokenizer=tok_source)
             windows = ppl_windows(tok, model, PPLProtocol("wiki", a.seqlen, a.windows, arch_for(model).bos_per_window))
             t0 = time.perf_counter()
             ppl_cpp = llama_cpp_ppl(out, windows, a.threads)
             t_cpp = time.perf_counter() - t0
             row = {
-                "model": model_name, "config": cfg, "recipe": " ".join(["rtn", *flags]), "ggml_type": qtype,
+                "model": model_name, "config": cfg, "recipe": recipe, "ggml_type": qtype,
                 "ppl_lowbit": round(ppl_lowbit, 4), "ppl_llama_cpp": round(ppl_cpp, 4),
                 "rel_diff_pct": round(100 * (ppl_cpp - ppl_lowbit) / ppl_lowbit, 3),
+                "ppl_lowbit_act8": None if ppl_act8 is None else round(ppl_act8, 4),
+                "rel_diff_act8_pct": None if ppl_act8 is None else round(100 * (ppl_cpp - ppl_act8) / ppl_act8, 3),
                 "gguf_mb": round(out.stat().st_size / 1e6, 1),
                 "same_tokenization": same_tokens(out, tok, load_text("wiki")[: a.token_chars]),
                 "seconds_lowbit": round(t_lowbit, 1), "seconds_llama_cpp": round(t_cpp, 1),
@@ -131,8 +161,16 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "protocol"}))
             rows = [r for r in rows if (r["model"], r["config"]) != (model_name, cfg)] + [row]
 
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(a.json, json.dumps({"rows": rows}, indent=1) + "\n")
+    write_report(rows, a.json, a.md)
+
+
+def write_report(rows: list[dict], json_path: Path, md_path: Path) -> None:
+    from lowbit.utils import atomic_write_text
+
+    order = list(CONFIGS)
+    rows = sorted(rows, key=lambda r: (r["model"], order.index(r["config"])))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps({"rows": rows}, indent=1) + "\n")
     lines = [
         "# GGUF export: llama.cpp against lowbit, same checkpoint, same token windows",
         "",
@@ -141,14 +179,22 @@ def main() -> None:
         "on llama.cpp's block grid, not re-quantized. `same tokens`: llama.cpp's tokenizer, built from the GGUF, "
         "splits the first 20,000 characters of the text into the checkpoint tokenizer's ids.",
         "",
-        "| model | recipe | GGUF type | lowbit ppl | llama.cpp ppl | diff | GGUF MB | same tokens |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "Where the two differ: llama.cpp rounds the activations to int8 blocks of 32 before each Q4/Q5/Q8 dot "
+        "product. `lowbit, act8` is lowbit with that rounding put in front of every quantized linear; the `F16` row "
+        "is the control, the float model with its weights rounded to fp16 for both and exported as F16 (no block "
+        "type, so no activation rounding).",
+        "",
+        "| model | recipe | GGUF type | lowbit ppl | llama.cpp ppl | diff | lowbit, act8 | diff to act8 | GGUF MB "
+        "| same tokens |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
+        act8 = r.get("ppl_lowbit_act8")
         lines.append(f"| {r['model']} | {r['recipe']} | {r['ggml_type']} | {r['ppl_lowbit']:.3f} | "
-                     f"{r['ppl_llama_cpp']:.3f} | {r['rel_diff_pct']:+.2f}% | {r['gguf_mb']} | "
-                     f"{'yes' if r['same_tokenization'] else 'no'} |")
-    atomic_write_text(a.md, "\n".join(lines) + "\n")
+                     f"{r['ppl_llama_cpp']:.3f} | {r['rel_diff_pct']:+.2f}% | "
+                     + (f"{act8:.3f} | {r['rel_diff_act8_pct']:+.2f}% | " if act8 is not None else "- | - | ")
+                     + f"{r['gguf_mb']} | {'yes' if r['same_tokenization'] else 'no'} |")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
