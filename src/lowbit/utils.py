@@ -178,7 +178,8 @@ def stale_leftovers(target: Path) -> list[tuple[str, Path]]:
     """``[(kind, folder)]``: what :func:`atomic_dir` writes of ``target`` left next to it by processes that
     no longer run, ``kind`` ``"tmp"`` (an unfinished write) or ``"old"`` (the folder a replacing write moved
     aside). Only lowbit's own names count (``.NAME.tmp-PID-X.tmp``, ``.NAME.old-PID[-X]``); a pid that runs (or
-    that another user's process holds) keeps its folders."""
+    that another user's process holds) keeps its folders. Pids are this machine's: two machines saving to one
+    network folder at the same time could take each other's temp folders for stale."""
     target = Path(target)
     tag = f".{target.name}."
     try:
