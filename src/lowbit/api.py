@@ -19,12 +19,14 @@ __all__ = ["load_model", "load", "save", "quantize", "evaluate_ppl", "ppl_window
            "check_inputs", "quantize_named", "evaluate", "run", "export"]
 
 
-def load_model(name_or_path: str, device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` from a lowbit checkpoint, a zoo name, an HF folder, a GGUF file or a hub id."""
+def load_model(name_or_path: str, device: str | torch.device = "cpu", verify: bool = True):
+    """``(model, tokenizer)`` from a lowbit checkpoint, a zoo name, an HF folder, a GGUF file or a hub id.
+
+    ``verify=False`` skips a checkpoint's sha256 check against its manifest (:func:`lowbit.io.load_checkpoint`)."""
     from transformers import AutoTokenizer
 
     if is_checkpoint(name_or_path):
-        model = load_checkpoint(name_or_path, device)
+        model = load_checkpoint(name_or_path, device, verify=verify)
         tok = AutoTokenizer.from_pretrained(name_or_path)
         return model, tok
     from .models.loading import load_model as load_float
@@ -34,13 +36,14 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu"):
     return model.to(device), tok
 
 
-def load(path, device: str | torch.device = "cpu"):
-    """Rebuild a saved lowbit checkpoint as a transformers model (``generate`` works)."""
-    return load_checkpoint(path, device)
+def load(path, device: str | torch.device = "cpu", verify: bool = True):
+    """Rebuild a saved lowbit checkpoint as a transformers model (``generate`` works); ``verify``: check its
+    files' sha256 against the manifest first."""
+    return load_checkpoint(path, device, verify=verify)
 
 
 def save(model, path, tokenizer=None, **extra) -> Path:
-    """Save atomically as safetensors + ``lowbit.json``."""
+    """Save atomically as safetensors + ``lowbit.json`` + a manifest of every file's sha256."""
     return save_checkpoint(model, path, tokenizer, extra)
 
 
@@ -117,14 +120,14 @@ def quantize_named(name: str, recipe: QuantRecipe, *, device="auto", out=None, r
 
 
 def evaluate(name: str, ev: EvalConfig, *, model_name: str | None = None, device="auto",
-             progress: bool = True) -> dict:
+             progress: bool = True, verify: bool = True) -> dict:
     """The results record of ``name`` (a lowbit checkpoint, or a float model: method ``fp32``) evaluated as
     ``ev`` asks; nothing is written (:func:`lowbit.eval.record.write_result`)."""
     from .io import read_meta
     from .models.arch import check_seqlen
 
     check_inputs(ev)
-    model, tok = load_model(name)
+    model, tok = load_model(name, verify=verify)
     if ev.ppl:
         check_seqlen(model, ev.seqlen, "--seqlen")
     if is_checkpoint(name):
@@ -141,11 +144,12 @@ def evaluate(name: str, ev: EvalConfig, *, model_name: str | None = None, device
 
 
 def run(name: str, recipe: QuantRecipe | None, ev: EvalConfig, *, model_name: str | None = None,
-        device="auto", out=None, resume: bool = False, progress: bool = True) -> dict:
+        device="auto", out=None, resume: bool = False, progress: bool = True, verify: bool = True) -> dict:
     """Quantize ``name`` with ``recipe`` in memory (None: the float reference, method ``fp32``), evaluate it as
     ``ev`` asks and return the results record (``lowbit run``; nothing is written but ``out``'s checkpoint)."""
     if recipe is None:
-        return evaluate(name, ev, model_name=model_name or Path(str(name)).name, device=device, progress=progress)
+        return evaluate(name, ev, model_name=model_name or Path(str(name)).name, device=device, progress=progress,
+                        verify=verify)
     model, tok, summary = quantize_named(name, recipe, device=device, out=out, resume=resume, ev=ev,
                                          progress=progress)
     return evaluate_record(model, tok, ev, model_name=model_name or Path(str(name)).name, method=recipe.method,
@@ -153,9 +157,9 @@ def run(name: str, recipe: QuantRecipe | None, ev: EvalConfig, *, model_name: st
                            progress=progress)
 
 
-def export(ckpt_path, to: str, out, **options) -> Path:
+def export(ckpt_path, to: str, out, verify: bool = True, **options) -> Path:
     """Write the checkpoint at ``ckpt_path`` in a serving engine's format: ``to`` is ``compressed-tensors``,
     ``gptq``, ``gguf`` or ``f16`` (a plain float16 folder). Exact or refused; see docs/export.md."""
     from .export import export as export_checkpoint
 
-    return export_checkpoint(ckpt_path, to, out, **options)
+    return export_checkpoint(ckpt_path, to, out, verify=verify, **options)

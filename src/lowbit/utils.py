@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import resource
+import secrets
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def peak_memory_gb(device: torch.device | str | None = None) -> float:
@@ -84,33 +89,146 @@ def device_name(dev: torch.device) -> str:
     return dev.type
 
 
+#: the temp and replaced folders :func:`atomic_dir` is working with in this process right now; a leftover named
+#: with this process's own pid is stale unless listed here (in a container, a new run often gets the pid of an old one)
+_IN_FLIGHT: set[Path] = set()
+
+
 @contextlib.contextmanager
-def atomic_dir(target: Path, replace: bool = True):
+def atomic_dir(target: Path, replace: bool = True, durable: bool = False):
     """Yield an empty temp folder next to ``target``; on success it becomes ``target``.
 
     ``replace=True``: an existing ``target`` is replaced (checkpoints).
     ``replace=False``: if another process created ``target`` first, its copy
     wins and ours is discarded (shared caches).
+    ``durable=True``: every file is flushed to disk before the renames, so a power cut cannot leave the new
+    folder with empty files after the old one is gone.
+
+    The temp folder is ``.NAME.tmp-PID-XXXXXXXX.tmp``; replacing renames ``target`` to ``.NAME.old-PID-XXXXXXXX``,
+    renames the temp folder into place, then deletes the old one. A process killed on the way leaves those
+    folders behind; :func:`recover_dir` finds them by name and pid and restores or removes them.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tag = f".{target.name}."
+    tmp = Path(tempfile.mkdtemp(prefix=f"{tag}tmp-{os.getpid()}-", suffix=".tmp", dir=target.parent))
+    _IN_FLIGHT.add(tmp.resolve())
     tmp.chmod(0o755)  # mkdtemp makes 0700
     try:
         yield tmp
+        if durable:
+            fsync_tree(tmp)
         if target.exists() and replace:
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f"{tag}old-{os.getpid()}-{secrets.token_hex(4)}")
+            _IN_FLIGHT.add(old.resolve())
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)  # put the old folder back before reporting the failure
+                raise
+            if durable:
+                fsync_tree(target.parent, recurse=False)
             shutil.rmtree(old, ignore_errors=True)
+            _IN_FLIGHT.discard(old.resolve())
         else:
             try:
                 os.rename(tmp, target)
             except OSError:
                 if not target.is_dir():
                     raise
+            if durable:
+                fsync_tree(target.parent, recurse=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        _IN_FLIGHT.discard(tmp.resolve())
+
+
+def fsync_tree(path: Path, recurse: bool = True) -> None:
+    """Flush ``path`` (a folder) to disk: its files and subfolders first (``recurse``), then its own entries."""
+    path = Path(path)
+    if recurse:
+        for p in path.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the files themselves are on disk
+        pass
+    finally:
+        os.close(fd)
+
+
+_LEFTOVER = re.compile(r"(?P<kind>tmp)-(?P<pid>[0-9]+)-[a-z0-9_]+\.tmp|(?P<old>old)-(?P<old_pid>[0-9]+)(?:-[0-9a-f]+)?")
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs under another user
+        return True
+    return True
+
+
+def stale_leftovers(target: Path) -> list[tuple[str, Path]]:
+    """``[(kind, folder)]``: what :func:`atomic_dir` writes of ``target`` left next to it by processes that
+    no longer run, ``kind`` ``"tmp"`` (an unfinished write) or ``"old"`` (the folder a replacing write moved
+    aside). Only lowbit's own names count (``.NAME.tmp-PID-X.tmp``, ``.NAME.old-PID[-X]``); a pid that runs (or
+    that another user's process holds) keeps its folders. Pids are this machine's: two machines saving to one
+    network folder at the same time could take each other's temp folders for stale."""
+    target = Path(target)
+    tag = f".{target.name}."
+    try:
+        entries = [p for p in target.parent.iterdir() if p.name.startswith(tag)]
+    except OSError:
+        return []
+    found = []
+    for p in entries:
+        m = _LEFTOVER.fullmatch(p.name[len(tag):])
+        if m is None or p.is_symlink() or not p.is_dir() or p.resolve() in _IN_FLIGHT:
+            continue
+        kind, pid = m["kind"] or m["old"], int(m["pid"] or m["old_pid"])
+        if pid == os.getpid() or not _pid_running(pid):
+            found.append((kind, p))
+    return sorted(found, key=lambda kp: (kp[0], kp[1].name))
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def recover_dir(target: Path) -> bool:
+    """Clean up after :func:`atomic_dir` writes of ``target`` that were killed (:func:`stale_leftovers`).
+
+    A write killed between its two renames leaves no ``target`` and the previous folder as ``.NAME.old-*``:
+    that folder is renamed back to ``target``. Every other leftover (temp folders, old folders whose
+    replacement is in place) is deleted. Each step is logged. Returns whether ``target`` was restored.
+    """
+    target = Path(target)
+    restored = False
+    left = stale_leftovers(target)
+    olds = sorted((p for kind, p in left if kind == "old"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if olds and not target.exists():
+        try:
+            os.replace(olds[0], target)
+            restored = True
+            log.warning("restored %s from %s, which a save killed between its two renames left behind",
+                        target, olds[0].name)
+        except OSError as e:
+            log.warning("could not restore %s from %s: %s", target, olds[0], e)
+        olds = olds[1:]
+    for p in [*olds, *(p for kind, p in left if kind == "tmp")]:
+        try:
+            size = _tree_size(p)
+            shutil.rmtree(p)
+            log.info("removed %s (%.1f MB), left by an interrupted save of %s", p, size / 1e6, target.name)
+        except OSError as e:
+            log.warning("could not remove %s, left by an interrupted save: %s", p, e)
+    return restored
 
 
 @contextlib.contextmanager

@@ -40,6 +40,13 @@ def _add_device_arg(p) -> None:
                    help="compute device: auto (a GPU when there is one), cpu, cuda, cuda:N (default: auto)")
 
 
+def _add_verify_arg(p) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="load a lowbit checkpoint without comparing its files with the sizes and sha256 in its "
+                        "lowbit.manifest.json (also loads one saved without a manifest); the checks of every layer's "
+                        "spec against its tensors and of finite scales still run")
+
+
 def _device(args):
     from ..utils import resolve_device
 
@@ -124,7 +131,7 @@ def cmd_eval(args):
     from ..api import evaluate
 
     return _show_and_record(args, evaluate(args.model, eval_from_args(args), model_name=args.model_name,
-                                           device=args.device, progress=not args.quiet))
+                                           device=args.device, progress=not args.quiet, verify=args.verify))
 
 
 def cmd_run(args):
@@ -141,7 +148,7 @@ def cmd_run(args):
     recipe = None if args.method == "fp32" else recipe_from_args(args)
     return _show_and_record(args, run(args.model, recipe, eval_from_args(args), model_name=args.model_name,
                                       device=args.device, out=args.out, resume=getattr(args, "resume", False),
-                                      progress=not args.quiet))
+                                      progress=not args.quiet, verify=args.verify))
 
 
 def _print_bpw(model, storage: str, brief: bool = False):
@@ -167,7 +174,7 @@ def cmd_info(args):
     from ..io import read_meta
 
     meta = read_meta(args.dir)
-    model = load(args.dir)
+    model = load(args.dir, verify=args.verify)
     recipe = meta.get("summary", {}).get("recipe", {})
     print(f"lowbit checkpoint {args.dir}: format_version {meta['format_version']}, source {meta.get('source_model')}, "
           f"method {recipe.get('method')}, format {recipe.get('fmt')}")
@@ -179,7 +186,7 @@ def cmd_generate(args):
 
     from ..api import load_model
 
-    model, tok = load_model(args.model, _device(args))
+    model, tok = load_model(args.model, _device(args), verify=args.verify)
     prompt = args.prompt
     if args.chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -237,7 +244,7 @@ def cmd_export(args):
 
     options = {k: v for k, v in (("regroup", args.regroup), ("checkpoint_format", args.checkpoint_format),
                                  ("allow_f16", args.allow_f16)) if v}
-    print(export(args.ckpt, args.to or args.dequantize, args.out, **options))
+    print(export(args.ckpt, args.to or args.dequantize, args.out, verify=args.verify, **options))
 
 
 def cmd_bench_kernels(args):
@@ -304,6 +311,7 @@ def _add_eval_args(p):
     from ..eval.zeroshot import limit_arg, tasks_arg
 
     _add_device_arg(p)
+    _add_verify_arg(p)
     p.add_argument("--tasks", default=None, type=tasks_arg, metavar="T1,T2|all", help="zero-shot tasks, comma-separated, or 'all' (default: none)")
     p.add_argument("--limit", default=str(ev.limit), type=limit_arg, metavar="N|full",
                    help=f"items per zero-shot task, seeded subset (default: {ev.limit})")
@@ -354,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="itemised bits-per-weight of a checkpoint")
     s.add_argument("dir")
+    _add_verify_arg(s)
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("generate", help="generate text with a model or checkpoint")
@@ -371,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input precision of the CPU GEMV kernels: fp32 (exact, the default) or q8 (int8 per block "
                         "of 32, faster for INT2-4 and FP4; docs/kernels.md); default: $LOWBIT_KERNEL_ACT or fp32")
     _add_device_arg(s)
+    _add_verify_arg(s)
     s.set_defaults(fn=cmd_generate)
 
     from ..export import target_names
@@ -390,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: store a quantized tensor with no exact block type as F16 instead of refusing it")
     s.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"], default=None,
                    help="gptq: zero points as v1 (z - 1, what every reader takes; the default) or v2 (z)")
+    _add_verify_arg(s)
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("bench-kernels", help="benchmark the CPU kernels (GEMV bandwidth, GEMM throughput)")

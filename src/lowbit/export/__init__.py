@@ -85,11 +85,11 @@ def check_export_out(out, output: str) -> Path:
     return out
 
 
-def export(ckpt_path, to: str, out, **options) -> Path:
+def export(ckpt_path, to: str, out, verify: bool = True, **options) -> Path:
     """Write the lowbit checkpoint at ``ckpt_path`` as target ``to`` (see :data:`TARGETS`) to ``out``.
 
     ``options`` go to the target (``regroup`` for compressed-tensors, ``checkpoint_format`` for gptq).
-    Returns ``out``. Nothing is written when the target refuses a layer.
+    ``verify``: check the checkpoint's files against its manifest (:func:`lowbit.io.load_checkpoint`). Returns ``out``. Nothing is written when the target refuses a layer.
     """
     from ..io import load_checkpoint, read_meta
     from ..utils import atomic_dir, atomic_file
@@ -99,7 +99,7 @@ def export(ckpt_path, to: str, out, **options) -> Path:
     output = getattr(target, "OUTPUT", "folder")
     out = check_export_out(out, output)
     meta = {**read_meta(ckpt_path), "checkpoint": str(ckpt_path)}
-    model = load_checkpoint(ckpt_path)
+    model = load_checkpoint(ckpt_path, verify=verify)
     with (atomic_dir(out) if output == "folder" else atomic_file(out)) as tmp:
         target.export(model, meta, tmp, **options)
     log.info("exported %s to %s (%s)", ckpt_path, out, to)

@@ -35,6 +35,15 @@ def get_codec(name: str) -> Codec:
     return _CODECS[name]
 
 
+def check_dims(spec: dict, *keys: str) -> tuple[int, ...]:
+    """``spec[key]`` for each key, each a positive integer, else ValueError (a spec read from a file)."""
+    vals = tuple(spec[k] for k in keys)
+    for k, v in zip(keys, vals):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"{k} must be a positive integer, got {v!r}")
+    return vals
+
+
 class ScalarCodec:
     """Group-wise scalar formats.
 
@@ -45,7 +54,9 @@ class ScalarCodec:
 
     def buffer_shapes(self, spec):
         fmt = make_format(spec["format"])
-        out_f, in_f = spec["out_features"], spec["in_features"]
+        out_f, in_f = check_dims(spec, "out_features", "in_features")
+        if not isinstance(fmt.group_size, int) or isinstance(fmt.group_size, bool):
+            raise ValueError(f"group_size must be an integer, got {fmt.group_size!r}")
         n_groups = group_layout(in_f, fmt.group_size).n_groups
         shapes = {"codes": ((packed_nbytes(out_f * in_f, fmt.bits),), torch.uint8)}
         for name, ps in fmt.param_specs().items():
@@ -80,4 +91,4 @@ class ScalarCodec:
 
 register_codec("scalar", ScalarCodec())
 
-__all__ = ["Codec", "register_codec", "get_codec", "ScalarCodec"]
+__all__ = ["Codec", "register_codec", "get_codec", "ScalarCodec", "check_dims"]

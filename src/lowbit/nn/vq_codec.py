@@ -31,7 +31,7 @@ import torch
 
 from ..formats.codebook import VQWeight, code_bits
 from ..packing import pack, packed_nbytes, unpack
-from .codecs import register_codec
+from .codecs import check_dims, register_codec
 
 __all__ = ["VQCodec"]
 
@@ -40,8 +40,11 @@ _FP16 = torch.float16
 
 class VQCodec:
     def buffer_shapes(self, spec):
-        out_f, in_f, v, k = spec["out_features"], spec["in_features"], spec["v"], spec["k"]
+        out_f, in_f, v, k = check_dims(spec, "out_features", "in_features", "v", "k")
         n_out = spec.get("n_outlier", 0)
+        if out_f % v or not 0 <= n_out <= in_f or (n_out and out_f % check_dims(spec, "v0")[0]):
+            raise ValueError(f"vector length v={v} (v0 for outliers) must divide out_features={out_f} and "
+                             f"n_outlier={n_out} lie within in_features={in_f}")
         n_main = in_f - n_out
         shapes = {
             "idx": ((packed_nbytes((out_f // v) * n_main, code_bits(k)),), torch.uint8),
