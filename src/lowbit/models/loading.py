@@ -9,6 +9,7 @@ import torch
 from lowbit.cache import cache_dir
 from lowbit.data.fetch import sha256_file
 from lowbit.errors import CheckpointError, UnsupportedModelError
+from lowbit.models.weights import from_pretrained_strict, refuse_pickle_only
 from lowbit.models.zoo import ZOO, convert_gguf, pull_model
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def resolve_model(name_or_path: str) -> str | Path:
     """Map a model reference to something ``from_pretrained`` can load.
 
     - a zoo name (``smollm2-135m``) -> the converted folder, pulled if needed;
-    - a folder with ``config.json`` -> that folder;
+    - a folder with ``config.json`` and safetensors weights -> that folder (pickled weights are refused);
     - a ``*.gguf`` file -> converted once into the cache (keyed by its sha256);
     - anything else shaped like a hub id (``org/name``) -> returned unchanged.
 
@@ -43,6 +44,7 @@ def resolve_model(name_or_path: str) -> str | Path:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is a folder without config.json; expected a "
                                   f"Hugging Face model folder")
+        refuse_pickle_only(path)
         return path
     if path.is_file():
         if path.suffix != ".gguf":
@@ -63,9 +65,11 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
 
     The model is in eval mode on ``device`` with parameters in ``dtype``.
     Raises UnsupportedModelError when transformers does not know the
-    architecture, CheckpointError when the reference cannot be loaded.
+    architecture, CheckpointError when the reference cannot be loaded or its
+    weights do not cover the model exactly (:mod:`lowbit.models.weights`).
+    Only safetensors weights are read, never pickles.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     source = resolve_model(str(name_or_path))
     try:
@@ -77,7 +81,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
                               f"local folder or .gguf file, and the hub copy is unavailable "
                               f"({exc})") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+        model = from_pretrained_strict(source, config=config, dtype=dtype, use_safetensors=True)
     except ValueError as exc:  # config class has no causal-LM head
         raise UnsupportedModelError(f"{source} ({config.model_type}) is not a causal LM "
                                     f"transformers can load: {exc}") from exc

@@ -1,0 +1,106 @@
+"""Bad inputs fail early and by name: incomplete or damaged weights, pickles, non-finite weights and results,
+unwritable outputs, resume folders of another run. Tiny models only."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit import api
+from lowbit.config import EvalConfig
+from lowbit.errors import CheckpointError
+from lowbit.quantize import QuantRecipe
+
+from conftest import tiny_model, tiny_tokenizer
+
+
+def _rewrite_weights(folder: Path, keep) -> list[str]:
+    """Rewrite ``folder/model.safetensors`` with only the tensors ``keep(name)`` accepts; returns the dropped names."""
+    f = folder / "model.safetensors"
+    tensors = load_file(str(f))
+    dropped = sorted(k for k in tensors if not keep(k))
+    save_file({k: v for k, v in tensors.items() if keep(k)}, str(f), metadata={"format": "pt"})
+    return dropped
+
+
+def _ev(text_file) -> EvalConfig:
+    return EvalConfig(ppl=(str(text_file),), seqlen=32, windows=2)
+
+
+# ------------------------------------------------------------------ strict loading
+
+def test_every_tiny_architecture_loads_complete(arch, tmp_path):
+    """Tied heads (Llama, Gemma-3) and untied ones load without a missing or unexpected key."""
+    d = tmp_path / arch
+    tiny_model(arch).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    model, _ = api.load_model(str(d))
+    assert model.config.num_hidden_layers == 2
+
+
+def test_folder_missing_a_layer_is_refused_everywhere(tiny_dir, text_file, tmp_path):
+    dropped = _rewrite_weights(tiny_dir, lambda k: ".layers.1." not in k)
+    assert dropped
+    with pytest.raises(CheckpointError, match=r"9 weight\(s\) missing") as e:
+        api.load_model(str(tiny_dir))
+    assert dropped[0] in str(e.value) and "random" in str(e.value)
+    with pytest.raises(CheckpointError, match=dropped[0]):
+        api.quantize_named(str(tiny_dir), QuantRecipe(), out=tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(CheckpointError, match=dropped[0]):
+        api.evaluate(str(tiny_dir), _ev(text_file), progress=False)
+
+
+def test_wrong_shape_and_extra_tensor_are_refused(tiny_dir):
+    f = tiny_dir / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(5, 5)
+    tensors["model.extra.weight"] = torch.zeros(3)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        api.load_model(str(tiny_dir))
+    msg = str(e.value)
+    assert "model.layers.0.mlp.up_proj.weight: (5, 5) in the files, (96, 64) in the model" in msg
+    assert "model.extra.weight" in msg
+
+
+def test_checkpoint_without_lowbit_json_is_refused(tiny_dir, text_file, tmp_path):
+    model, tok = api.load_model(str(tiny_dir))
+    api.quantize(model, QuantRecipe(), progress=False)
+    ckpt = api.save(model, tmp_path / "ckpt", tok)
+    (ckpt / "lowbit.json").unlink()
+    with pytest.raises(CheckpointError, match="lowbit.json was deleted") as e:
+        api.load_model(str(ckpt))
+    assert "model.layers.0.mlp.down_proj.weight" in str(e.value) and "down_proj.codes" in str(e.value)
+    with pytest.raises(CheckpointError, match="missing"):
+        api.evaluate(str(ckpt), _ev(text_file), progress=False)
+
+
+def test_truncated_shard_is_refused(tmp_path):
+    d = tmp_path / "sharded"
+    tiny_model("llama").save_pretrained(d, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(d)
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        api.load_model(str(d))
+
+
+def test_pickle_only_folder_is_refused_without_unpickling(tiny_dir, monkeypatch):
+    tensors = load_file(str(tiny_dir / "model.safetensors"))
+    (tiny_dir / "model.safetensors").unlink()
+    torch.save(tensors, tiny_dir / "pytorch_model.bin")
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError, match="never unpickles") as e:
+        api.load_model(str(tiny_dir))
+    assert "pytorch_model.bin" in str(e.value) and "save_pretrained" in str(e.value)
