@@ -104,3 +104,32 @@ def test_pickle_only_folder_is_refused_without_unpickling(tiny_dir, monkeypatch)
     with pytest.raises(CheckpointError, match="never unpickles") as e:
         api.load_model(str(tiny_dir))
     assert "pytorch_model.bin" in str(e.value) and "save_pretrained" in str(e.value)
+
+
+# ------------------------------------------------------------------ non-finite weights and results
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_is_refused_by_name(bad):
+    model = tiny_model("llama")
+    w = model.model.layers[1].mlp.up_proj.weight
+    with torch.no_grad():
+        w[3, :2] = bad
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight \(96, 64\)") as e:
+        api.quantize(model, QuantRecipe(), progress=False)
+    counts = "2 NaN and 0 Inf" if bad != bad else "0 NaN and 2 Inf"
+    assert f"holds {counts} value(s) of 6144" in str(e.value)
+    after = model.state_dict()   # refused before any layer was touched
+    assert all(torch.equal(before[k], after[k]) for k in before if torch.isfinite(before[k]).all())
+
+
+def test_distill_refuses_non_finite_teacher_before_any_work(tmp_path):
+    from lowbit.config import FormatConfig
+    from lowbit.distill.train import DistillConfig, distill, work_dir
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight \(320, 64\) holds 1 NaN"):
+        distill(model, tiny_tokenizer(), FormatConfig(), DistillConfig(), tmp_path / "d", progress=False)
+    assert not work_dir(tmp_path / "d").exists()

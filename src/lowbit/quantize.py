@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .config import CalibConfig, FormatConfig, StorageConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .methods import get_method
 from .models.arch import ArchSpec, arch_for, get_module, set_module
 from .nn import QuantizedEmbedding, scalar_spec, to_module
@@ -19,7 +19,7 @@ from .utils import peak_memory_gb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantRecipe", "finalize_storage", "quantize_embed_and_head", "quantize_model", "recipe_from_options",
+__all__ = ["QuantRecipe", "check_finite_weights", "finalize_storage", "quantize_embed_and_head", "quantize_model", "recipe_from_options",
            "recipe_option_names", "recipe_option_types"]
 
 
@@ -118,6 +118,20 @@ def _check_float_blocks(model: nn.Module, arch: ArchSpec) -> None:
                                   "instead (`lowbit info CKPT` names it).")
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """CheckpointError naming the first parameter that holds NaN or Inf, with its counts.
+
+    A non-finite weight makes every scale of its group non-finite and the quantized model silently useless;
+    such a model is damaged at its source, so there is no flag to go on. One ``isfinite`` pass per tensor.
+    """
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            nan, inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+            raise CheckpointError(f"cannot quantize: weight {name} {tuple(p.shape)} holds {nan} NaN and {inf} Inf "
+                                  f"value(s) of {p.numel()}; the model's weights are damaged at their source "
+                                  f"(re-download or re-convert the model)")
+
+
 def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tensor | None = None,
                    progress: bool = True, resume_dir=None, device=None) -> dict:
     """Quantize ``model``'s decoder-block linears (and optionally embedding/head) in place.
@@ -126,9 +140,11 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     ``resume_dir``: checkpoint finished blocks there and continue from them (calibrated methods).
     ``device``: compute device for calibration (default: the model's).
     Returns a summary: quantization time, peak memory, recipe.
+    A model with a NaN or Inf weight is refused (:func:`check_finite_weights`).
     """
     arch = arch_for(model)
     _check_float_blocks(model, arch)
+    check_finite_weights(model)
     method = get_method(recipe.method)
     from .config import from_dict
 
