@@ -133,3 +133,46 @@ def test_distill_refuses_non_finite_teacher_before_any_work(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight \(320, 64\) holds 1 NaN"):
         distill(model, tiny_tokenizer(), FormatConfig(), DistillConfig(), tmp_path / "d", progress=False)
     assert not work_dir(tmp_path / "d").exists()
+
+
+def _strict_json(path: Path) -> dict:
+    def refuse(name):
+        raise AssertionError(f"{path} holds {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_infinite_perplexity_is_recorded_as_null_with_a_reason(tmp_path, text_file, capsys):
+    from lowbit.cli import main
+    from lowbit.report.pages import write_report
+
+    d = tmp_path / "diverged"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))   # every logit NaN: the loss is not finite
+    model.save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    res_dir = tmp_path / "results"
+    assert main(["-q", "eval", str(d), "--ppl", str(text_file), "--seqlen", "32", "--windows", "2",
+                 "--results-dir", str(res_dir), "--model-name", "tiny"]) == 0
+    assert f"ppl {text_file} n/a" in capsys.readouterr().out.replace("\n", "")
+    (f,) = res_dir.glob("*.json")
+    rec = _strict_json(f)
+    assert rec["ppl"] == {str(text_file): None}
+    assert rec["nonfinite"][str(text_file)].startswith("perplexity is inf")
+    write_report(res_dir)   # every page builds; the tables say n/a
+    assert "| n/a |" in (tmp_path / "results.md").read_text()
+    assert "| n/a |" in (tmp_path / "leaderboard.md").read_text()
+
+
+def test_write_result_refuses_any_other_non_finite_number(tmp_path):
+    from lowbit.eval.record import write_result
+
+    res = {"model": "m", "method": "rtn", "tag": "", "config": {}, "bpw": {"blocks": 4.0, "all_in": float("nan")},
+           "ppl": {"wiki": float("inf")}, "protocol": {}, "quant_time_s": 0.0, "peak_mem_gb": 0.1,
+           "lowbit_version": "0"}
+    with pytest.raises(ValueError, match=r"bpw\.all_in = nan"):
+        write_result(res, tmp_path)
+    res["bpw"]["all_in"] = 4.5
+    rec = _strict_json(write_result(res, tmp_path))
+    assert rec["ppl"] == {"wiki": None} and "inf" in rec["nonfinite"]["wiki"]

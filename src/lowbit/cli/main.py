@@ -109,7 +109,9 @@ def _show_and_record(args, res: dict) -> dict:
 
     Console().print(f"[bold]{res['model']}[/] {res['method']} {res['tag']}: bpw blocks {res['bpw']['blocks']:.3f} "
                     f"all-in {res['bpw']['all_in']:.3f}; "
-                    + ", ".join(f"ppl {k} {v:.3f}" for k, v in res["ppl"].items()))
+                    + ", ".join(f"ppl {k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in res["ppl"].items()))
+    for corpus, why in res.get("nonfinite", {}).items():
+        log.warning("ppl %s: %s", corpus, why)
     if args.record:
         from ..eval.record import write_result
         from ..report.tables import write_table
