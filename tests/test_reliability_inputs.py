@@ -176,3 +176,87 @@ def test_write_result_refuses_any_other_non_finite_number(tmp_path):
     res["bpw"]["all_in"] = 4.5
     rec = _strict_json(write_result(res, tmp_path))
     assert rec["ppl"] == {"wiki": None} and "inf" in rec["nonfinite"]["wiki"]
+
+
+# ------------------------------------------------------------------ outputs checked before the model loads
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any model or checkpoint load fails the test: the checks must come first."""
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded before the output check")
+
+    monkeypatch.setattr(api, "load_model", fail)
+    monkeypatch.setattr("lowbit.io.load_checkpoint", fail)
+
+
+def _refuse_writes(monkeypatch):
+    """Creating a file anywhere fails from now on, as in a read-only folder (root ignores chmod, so simulated)."""
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_fails_before_loading(tiny_dir, tmp_path, no_loading):
+    from lowbit.errors import OutputError
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match=f"cannot write in {ro}"):
+            api.quantize_named(str(tiny_dir), QuantRecipe(), out=ro / "sub" / "q", progress=False)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_unwritable_outputs_fail_before_loading(tiny_dir, text_file, tmp_path, no_loading, monkeypatch, capsys):
+    from lowbit.cli import main
+    from lowbit.errors import OutputError
+
+    model = tiny_model("llama")
+    api.quantize(model, QuantRecipe(), progress=False)
+    ckpt = api.save(model, tmp_path / "ckpt")
+    _refuse_writes(monkeypatch)
+    with pytest.raises(OutputError, match=r"--out .*q: cannot write in .*\(Permission denied\)"):
+        api.quantize_named(str(tiny_dir), QuantRecipe(), out=tmp_path / "new" / "q", progress=False)
+    common = ["--ppl", str(text_file), "--seqlen", "32", "--windows", "2"]
+    for argv in (["run", str(tiny_dir), *common, "--results-dir", str(tmp_path / "res")],
+                 ["eval", str(tiny_dir), *common, "--results-dir", str(tmp_path / "res")],
+                 ["distill", str(tiny_dir), "--teacher-source", str(text_file), "--out", str(tmp_path / "d")],
+                 ["export", str(ckpt), "--to", "gptq", "--out", str(tmp_path / "e")]):
+        capsys.readouterr()
+        assert main(["-q", *argv]) == 2, argv
+        assert "cannot write in" in capsys.readouterr().err, argv
+
+
+def test_too_little_disk_space_fails_before_loading(tiny_dir, tmp_path, no_loading, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lowbit.errors import OutputError
+    from lowbit.quantize import recipe_from_options
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(OutputError, match=r"has 0.0 MiB free, and the output needs about .*MiB \(0.1M parameters "
+                                          r"at int4-g128, embedding and head at float16, with the resume folder\)"):
+        api.quantize_named(str(tiny_dir), recipe_from_options("gptq", {"nsamples": 4, "calib": "wiki"}),
+                           out=tmp_path / "q", progress=False)
+
+
+def test_checkpoint_size_estimate_is_close(tiny_dir, tmp_path):
+    from lowbit.models.loading import local_weights_summary
+    from lowbit.quantize import estimate_output_bytes
+
+    n, config = local_weights_summary(str(tiny_dir))
+    assert n == sum(p.numel() for p in tiny_model("llama").parameters())
+    recipe = QuantRecipe()
+    need, _ = estimate_output_bytes(recipe, n, config)
+    out = api.quantize_named(str(tiny_dir), recipe, out=tmp_path / "q", progress=False)[0]
+    size = (tmp_path / "q" / "model.safetensors").stat().st_size
+    assert size < need < 1.5 * size

@@ -122,9 +122,17 @@ def _show_and_record(args, res: dict) -> dict:
     return res
 
 
+def _check_results_dir(args) -> None:
+    if args.record:
+        from ..eval.record import check_results_dir
+
+        check_results_dir(args.results_dir)
+
+
 def cmd_eval(args):
     from ..api import evaluate
 
+    _check_results_dir(args)
     return _show_and_record(args, evaluate(args.model, eval_from_args(args), model_name=args.model_name,
                                            device=args.device, progress=not args.quiet))
 
@@ -141,6 +149,7 @@ def cmd_run(args):
             raise ConfigError(f"--method fp32 is the float reference and takes no quantization settings; drop "
                               f"{', '.join('--' + k.replace('_', '-') for k in given)}")
     recipe = None if args.method == "fp32" else recipe_from_args(args)
+    _check_results_dir(args)
     return _show_and_record(args, run(args.model, recipe, eval_from_args(args), model_name=args.model_name,
                                       device=args.device, out=args.out, resume=getattr(args, "resume", False),
                                       progress=not args.quiet))
@@ -224,11 +233,13 @@ def cmd_generate(args):
 def cmd_distill(args):
     from ..api import check_inputs, load_model
     from ..distill.train import DistillConfig, distill
+    from ..quantize import QuantRecipe
 
     fmt = dataclass_from_args(FormatConfig, args)
     fmt.make()  # validate before loading a model
     cfg = dataclass_from_args(DistillConfig, args)
-    check_inputs(texts=(cfg.teacher_source,), out=args.out)
+    # the student is saved like an RTN checkpoint of its format: that is the size to find room for
+    check_inputs(texts=(cfg.teacher_source,), out=args.out, model=args.model, recipe=QuantRecipe(fmt=fmt))
     model, tok = load_model(args.model, _device(args))
     _, summary = distill(model, tok, fmt, cfg, args.out, source_model=args.model, progress=not args.quiet)
     log.info("saved %s (final loss %.4f, %.0fs)", args.out, summary["distill"]["final_loss"], summary["quant_time_s"])

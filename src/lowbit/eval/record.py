@@ -11,7 +11,7 @@ from ..errors import DataError
 from ..utils import atomic_write_text
 from .ppl import PROTOCOL_VERSION
 
-__all__ = ["DEFAULT_DIR", "env_record", "evaluate_record", "finite_ppl", "load_results", "result_name", "write_result"]
+__all__ = ["DEFAULT_DIR", "check_results_dir", "env_record", "evaluate_record", "finite_ppl", "load_results", "result_name", "write_result"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,15 @@ def write_result(res: dict, results_dir: Path | str = DEFAULT_DIR) -> Path:
     path = Path(results_dir) / result_name(res)
     atomic_write_text(path, json.dumps(res, indent=1, sort_keys=True, allow_nan=False) + "\n")
     return path
+
+
+def check_results_dir(results_dir: Path | str = DEFAULT_DIR) -> None:
+    """OutputError now, before any model loads, when results cannot be written to ``results_dir`` or the index
+    beside it (``results.md`` goes to its parent)."""
+    from ..utils import check_writable
+
+    for folder in (Path(results_dir), Path(results_dir).parent):
+        check_writable(folder, f"--results-dir {results_dir}")
 
 
 def load_results(results_dir: Path | str = DEFAULT_DIR, any_version: bool = False) -> list[dict]:

@@ -1,7 +1,9 @@
 """Turn a model reference (zoo name, folder, .gguf file, hub id) into a loaded model."""
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -10,7 +12,7 @@ from lowbit.cache import cache_dir
 from lowbit.data.fetch import sha256_file
 from lowbit.errors import CheckpointError, UnsupportedModelError
 from lowbit.models.weights import from_pretrained_strict, refuse_pickle_only
-from lowbit.models.zoo import ZOO, convert_gguf, pull_model
+from lowbit.models.zoo import ZOO, convert_gguf, model_dir, pull_model
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,29 @@ def resolve_model(name_or_path: str) -> str | Path:
         raise CheckpointError(f"model path {path} does not exist; pass a model folder, a "
                               f".gguf file, a hub id or a zoo name ({', '.join(ZOO)})")
     return ref
+
+
+def local_weights_summary(name_or_path) -> tuple[int, dict] | None:
+    """``(parameter count, config.json as a dict)`` of a model whose files are already here (an HF folder with
+    safetensors weights, a zoo model already pulled), read from the safetensors headers without loading a
+    weight; None for anything else (a GGUF file, a hub id, a zoo model not pulled yet, an unreadable file).
+    Tied weights are stored once, so they count once."""
+    from safetensors import SafetensorError, safe_open
+
+    ref = str(name_or_path)
+    folder = model_dir(ref) if ref in ZOO else Path(ref).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if (folder / "config.json").is_file() else []
+    if not files:
+        return None
+    try:
+        n = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, SafetensorError, ValueError):
+        return None   # a damaged file is refused, by name, when the model loads
+    return n, config
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
