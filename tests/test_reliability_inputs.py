@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit import api
-from lowbit.config import EvalConfig
+from lowbit.config import EvalConfig, FormatConfig
 from lowbit.errors import CheckpointError
 from lowbit.quantize import QuantRecipe
 
@@ -124,7 +124,6 @@ def test_non_finite_weight_is_refused_by_name(bad):
 
 
 def test_distill_refuses_non_finite_teacher_before_any_work(tmp_path):
-    from lowbit.config import FormatConfig
     from lowbit.distill.train import DistillConfig, distill, work_dir
 
     model = tiny_model("llama")
@@ -260,3 +259,77 @@ def test_checkpoint_size_estimate_is_close(tiny_dir, tmp_path):
     out = api.quantize_named(str(tiny_dir), recipe, out=tmp_path / "q", progress=False)[0]
     size = (tmp_path / "q" / "model.safetensors").stat().st_size
     assert size < need < 1.5 * size
+
+
+# ------------------------------------------------------------------ resume
+
+def _calib_ids(n=8, seqlen=32):
+    return torch.randint(3, 320, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+GPTQ = QuantRecipe(method="gptq", fmt=FormatConfig(bits=3, group_size=32))
+
+
+def test_resume_folder_of_another_model_is_refused(tmp_path, text_file, caplog):
+    from lowbit.errors import ConfigError
+    from lowbit.quantize import recipe_from_options
+
+    recipe = recipe_from_options("gptq", {"calib": str(text_file), "nsamples": 4, "calib_seqlen": 32})
+    dirs = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        dirs[name] = tmp_path / name
+        tiny_model("llama", seed=seed).save_pretrained(dirs[name])
+        tiny_tokenizer().save_pretrained(dirs[name])
+    out = tmp_path / "q"
+    model, tok = api.load_model(str(dirs["a"]))   # an interrupted run of model a leaves finished blocks
+    api.quantize(model, recipe, api.calibration_windows(recipe, tok, model), progress=False,
+                 resume_dir=tmp_path / "q.resume")
+    with pytest.raises(ConfigError, match=r"holds blocks of another run \(different model\).*run without --resume"):
+        api.quantize_named(str(dirs["b"]), recipe, out=out, resume=True, progress=False)
+    assert (tmp_path / "q.resume" / "block0001").is_dir()   # nothing deleted
+    with caplog.at_level("INFO", logger="lowbit.calib.engine"):
+        api.quantize_named(str(dirs["a"]), recipe, out=out, resume=True, progress=False)
+    assert "resuming after block 1" in caplog.text
+    assert (out / "lowbit.json").is_file() and not (tmp_path / "q.resume").exists()
+
+
+@pytest.mark.parametrize("damage, redo_from", [
+    ("delete block0001", 1),                 # a gap: block 0 kept no inputs, they are recomputed
+    ("delete block0003", 3),                 # the newest block: block 2's outputs are recomputed
+    ("truncate block0002/block.safetensors", 2),
+    ("garble block0000/block.json", 0),
+])
+def test_missing_or_damaged_block_is_redone_bit_exact(tmp_path, monkeypatch, caplog, damage, redo_from):
+    import shutil
+
+    import lowbit.methods.gptq as g
+
+    ref = tiny_model("llama", layers=4)
+    api.quantize(ref, GPTQ, _calib_ids(), progress=False, resume_dir=tmp_path / "r")   # uninterrupted
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [f"block000{i}" for i in range(4)]
+    what, rel = damage.split()
+    path = tmp_path / "r" / rel
+    if what == "delete":
+        shutil.rmtree(path)
+    elif what == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.write_text("{not json")
+    real, calls = g.gptq_quantize, {"n": 0}
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(g, "gptq_quantize", counting)
+    model = tiny_model("llama", layers=4)
+    with caplog.at_level("INFO", logger="lowbit.calib.engine"):
+        api.quantize(model, GPTQ, _calib_ids(), progress=False, resume_dir=tmp_path / "r")
+    assert calls["n"] == 7 * (4 - redo_from)    # 7 linears per block, only the blocks from the gap on
+    if redo_from < 3:
+        assert f"block {redo_from} is " in caplog.text and f"redoing blocks {redo_from} to 3" in caplog.text
+    if redo_from > 0:   # only the newest block keeps its outputs, and it is gone or after the gap
+        assert f"recomputing the inputs of block {redo_from}" in caplog.text
+    want, got = ref.state_dict(), model.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
