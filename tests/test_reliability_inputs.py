@@ -333,3 +333,21 @@ def test_missing_or_damaged_block_is_redone_bit_exact(tmp_path, monkeypatch, cap
     want, got = ref.state_dict(), model.state_dict()
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+# ------------------------------------------------------------------ lowbit info
+
+def test_info_describes_the_stored_modules_not_the_recipe(tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.config import parse_format_tag
+
+    model = tiny_model("llama")
+    recipe = QuantRecipe(method="vptq", fmt=FormatConfig(bits=4, group_size=32), head=parse_format_tag("int8"),
+                         method_config={"vector_len": 4, "codebook_size": 16, "kmeans_iters": 2})
+    api.quantize(model, recipe, _calib_ids(4), progress=False)
+    ckpt = api.save(model, tmp_path / "vq", tiny_tokenizer())
+    capsys.readouterr()
+    assert main(["info", str(ckpt)]) == 0
+    head = capsys.readouterr().out.split("┏")[0]
+    assert "int4-g32" not in head   # the recipe's scalar format, which VPTQ does not use
+    assert "14 linear vq v4 k16" in head and "1 linear int8-pc: lm_head" in head

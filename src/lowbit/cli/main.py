@@ -173,6 +173,20 @@ def _print_bpw(model, storage: str, brief: bool = False):
               f"all-in: [bold]{rep['all_in']:.4f}[/] ({rep['total_bits']:,} bits / {rep['n_params']:,} params)")
 
 
+def _describe_spec(spec: dict) -> str:
+    """A quantized module's storage in words, from its ``lowbit.json`` spec."""
+    codec = spec.get("codec")
+    if "format" in spec:
+        return FormatConfig(**spec["format"]).tag()
+    if codec == "vq":
+        return (f"vq v{spec['v']} k{spec['k']}" + (f" + residual k{spec['k_res']}" if spec.get("k_res") else "")
+                + (" + outliers" if spec.get("n_outlier") else ""))
+    if codec == "act_linear":
+        return (f"w{spec['w_bits']}a{spec['a_bits']} {'dynamic' if spec.get('dynamic') else 'static'}"
+                + (" flattened" if spec.get("flatten") else ""))
+    return str(codec)
+
+
 def cmd_info(args):
     from ..api import load
     from ..io import read_meta
@@ -181,7 +195,13 @@ def cmd_info(args):
     model = load(args.dir)
     recipe = meta.get("summary", {}).get("recipe", {})
     print(f"lowbit checkpoint {args.dir}: format_version {meta['format_version']}, source {meta.get('source_model')}, "
-          f"method {recipe.get('method')}, format {recipe.get('fmt')}")
+          f"method {recipe.get('method')}")
+    groups: dict[tuple[str, str], list[str]] = {}   # what is stored is what the module specs say, not the recipe
+    for name, entry in meta["modules"].items():
+        groups.setdefault((entry.get("type", "?"), _describe_spec(entry.get("spec", {}))), []).append(name)
+    for (kind, desc), names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        where = names[0] if len(names) == 1 else f"{names[0]} ... {names[-1]}"
+        print(f"  {len(names):4d} {kind} {desc}: {where}")
     _print_bpw(model, meta.get("storage_dtype", "float16"))
 
 
