@@ -42,7 +42,7 @@ def test_every_tiny_architecture_loads_complete(arch, tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
-def test_folder_missing_a_layer_is_refused_everywhere(tiny_dir, text_file, tmp_path):
+def test_folder_missing_a_layer_is_refused_everywhere(tiny_dir, text_file, tmp_path, capsys):
     dropped = _rewrite_weights(tiny_dir, lambda k: ".layers.1." not in k)
     assert dropped
     with pytest.raises(CheckpointError, match=r"9 weight\(s\) missing") as e:
@@ -53,6 +53,12 @@ def test_folder_missing_a_layer_is_refused_everywhere(tiny_dir, text_file, tmp_p
     assert not (tmp_path / "q").exists()
     with pytest.raises(CheckpointError, match=dropped[0]):
         api.evaluate(str(tiny_dir), _ev(text_file), progress=False)
+    with pytest.raises(CheckpointError, match=dropped[0]):
+        api.run(str(tiny_dir), QuantRecipe(), _ev(text_file), progress=False)
+    from lowbit.cli import main
+
+    assert main(["-q", "distill", str(tiny_dir), "--teacher-source", str(text_file), "--out", str(tmp_path / "d")]) == 2
+    assert dropped[0] in capsys.readouterr().err
 
 
 def test_wrong_shape_and_extra_tensor_are_refused(tiny_dir):
@@ -351,3 +357,21 @@ def test_info_describes_the_stored_modules_not_the_recipe(tmp_path, capsys):
     head = capsys.readouterr().out.split("┏")[0]
     assert "int4-g32" not in head   # the recipe's scalar format, which VPTQ does not use
     assert "14 linear vq v4 k16" in head and "1 linear int8-pc: lm_head" in head
+
+
+def test_gguf_missing_a_layer_is_refused(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    api.quantize(model, QuantRecipe(fmt=FormatConfig(bits=4, group_size=32, sym=True)), progress=False)
+    ckpt = api.save(model, tmp_path / "ckpt", tiny_tokenizer())
+    real = gguf.GGUFWriter.add_tensor
+
+    def skip_layer_1(self, name, *a, **k):
+        return None if name.startswith("blk.1.") else real(self, name, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", skip_layer_1)
+    path = api.export(ckpt, "gguf", tmp_path / "t.gguf")
+    with pytest.raises(CheckpointError, match=r"t\.gguf do not match.*model\.layers\.1\.input_layernorm\.weight"):
+        api.load_model(str(path))
+    assert not list((tmp_path / "cache").glob("models/*"))   # nothing converted into the cache

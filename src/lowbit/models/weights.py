@@ -67,10 +67,11 @@ def check_loading_info(info: dict, source) -> None:
     )
 
 
-def from_pretrained_strict(source, **kwargs):
+def from_pretrained_strict(source, label=None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained(source, **kwargs)`` that fails on anything but a complete load:
     CheckpointError for a truncated or corrupt safetensors file and for every problem
-    :func:`check_loading_info` finds. Other errors (unknown architectures, unreadable paths) pass through."""
+    :func:`check_loading_info` finds, naming ``label`` (default: ``source``). Other errors (unknown
+    architectures, unreadable paths) pass through."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -78,7 +79,7 @@ def from_pretrained_strict(source, **kwargs):
         model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **kwargs)
     except SafetensorError as exc:
-        raise CheckpointError(f"a weight file of {source} is corrupt or truncated ({exc}); copy or download "
-                              f"it again") from None
-    check_loading_info(info, source)
+        raise CheckpointError(f"a weight file of {label or source} is corrupt or truncated ({exc}); copy or "
+                              f"download it again") from None
+    check_loading_info(info, label or source)
     return model

@@ -224,7 +224,7 @@ def convert_gguf(gguf: Path, out: Path, source: dict[str, object], sha256: str |
     digest = sha256 or sha256_file(gguf, progress=True)
     log.info("converting %s to an fp32 Hugging Face folder (once)", gguf.name)
     try:
-        model = from_pretrained_strict(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = from_pretrained_strict(gguf.parent, label=gguf, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise PullError(f"transformers could not convert {gguf}: {exc}") from exc
