@@ -13,10 +13,10 @@ TINY_TEXT = (
 ) * 20
 
 
-def tiny_config(arch: str, vocab: int = 320):
+def tiny_config(arch: str, vocab: int = 320, layers: int = 2):
     from transformers import Gemma3TextConfig, LlamaConfig, OPTConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
@@ -29,17 +29,17 @@ def tiny_config(arch: str, vocab: int = 320):
         # opt-postnorm has opt-350m's shape: LayerNorms after the residual adds, no final norm, and
         # embeddings narrower than the blocks (project_in / project_out)
         post = arch == "opt-postnorm"
-        return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+        return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=96, num_hidden_layers=layers, num_attention_heads=4,
                          max_position_embeddings=256, word_embed_proj_dim=32 if post else 64,
                          do_layer_norm_before=not post, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     raise ValueError(arch)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0):
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    m = AutoModelForCausalLM.from_config(tiny_config(arch, layers=layers), dtype=torch.float32)
     # random init with std 0.02 makes every layer near-identity; widen weights so quantization error shows.
     # Biases (Qwen2's q/k/v, OPT's linears and LayerNorms) start at zero: make them non-zero, so a checkpoint
     # or a folding step that drops or mis-scales one changes the logits

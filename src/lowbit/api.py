@@ -74,10 +74,17 @@ def calibration_windows(recipe: QuantRecipe, tokenizer, model) -> torch.Tensor |
 
 
 def check_inputs(ev: EvalConfig | None = None, recipe: QuantRecipe | None = None, out=None,
-                 texts: tuple[str, ...] = ()) -> None:
-    """Fail on a bad text source or output path now, not after minutes of loading and quantizing."""
+                 texts: tuple[str, ...] = (), model=None) -> None:
+    """Fail on a bad text source or output path now, not after minutes of loading and quantizing.
+
+    ``out`` must be a place a checkpoint may go, writable, with free space for the checkpoint ``recipe`` makes of
+    ``model`` when its files are here to count (:func:`lowbit.quantize.estimate_output_bytes`).
+    """
     from .data.texts import check_text_source
     from .io import check_out_path
+    from .models.loading import local_weights_summary
+    from .quantize import estimate_output_bytes
+    from .utils import check_writable
 
     refs = [*(ev.ppl if ev else ()), *(texts or ())]
     if recipe is not None and recipe.calib:
@@ -86,6 +93,9 @@ def check_inputs(ev: EvalConfig | None = None, recipe: QuantRecipe | None = None
         check_text_source(ref)
     if out:
         check_out_path(out)
+        known = local_weights_summary(model) if model is not None and recipe is not None else None
+        need, how = estimate_output_bytes(recipe, *known) if known else (0, "")
+        check_writable(Path(out).parent, f"--out {out}", need, how)
 
 
 def quantize_named(name: str, recipe: QuantRecipe, *, device="auto", out=None, resume: bool = False,
@@ -101,7 +111,7 @@ def quantize_named(name: str, recipe: QuantRecipe, *, device="auto", out=None, r
     from .models.arch import check_seqlen
     from .utils import resolve_device
 
-    check_inputs(ev, recipe, out)
+    check_inputs(ev, recipe, out, model=name)
     device = resolve_device(device)
     model, tok = load_model(name)  # stays on the CPU: the engine moves one block at a time to `device`
     if ev is not None and ev.ppl:

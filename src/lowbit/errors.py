@@ -13,6 +13,10 @@ class CheckpointError(LowbitError):
     """A checkpoint that is missing, corrupt or inconsistent."""
 
 
+class OutputError(LowbitError):
+    """An output place that cannot be written: no permission, a read-only disk, too little free space."""
+
+
 class DataError(LowbitError):
     """A text source that is missing or unusable."""
 

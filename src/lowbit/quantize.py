@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .config import CalibConfig, FormatConfig, StorageConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .methods import get_method
 from .models.arch import ArchSpec, arch_for, get_module, set_module
 from .nn import QuantizedEmbedding, scalar_spec, to_module
@@ -19,7 +19,7 @@ from .utils import peak_memory_gb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantRecipe", "finalize_storage", "quantize_embed_and_head", "quantize_model", "recipe_from_options",
+__all__ = ["QuantRecipe", "check_finite_weights", "estimate_output_bytes", "finalize_storage", "quantize_embed_and_head", "quantize_model", "recipe_from_options",
            "recipe_option_names", "recipe_option_types"]
 
 
@@ -118,6 +118,20 @@ def _check_float_blocks(model: nn.Module, arch: ArchSpec) -> None:
                                   "instead (`lowbit info CKPT` names it).")
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """CheckpointError naming the first parameter that holds NaN or Inf, with its counts.
+
+    A non-finite weight makes every scale of its group non-finite and the quantized model silently useless;
+    such a model is damaged at its source, so there is no flag to go on. One ``isfinite`` pass per tensor.
+    """
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            nan, inf = int(torch.isnan(p).sum()), int(torch.isinf(p).sum())
+            raise CheckpointError(f"cannot quantize: weight {name} {tuple(p.shape)} holds {nan} NaN and {inf} Inf "
+                                  f"value(s) of {p.numel()}; the model's weights are damaged at their source "
+                                  f"(re-download or re-convert the model)")
+
+
 def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tensor | None = None,
                    progress: bool = True, resume_dir=None, device=None) -> dict:
     """Quantize ``model``'s decoder-block linears (and optionally embedding/head) in place.
@@ -126,9 +140,11 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     ``resume_dir``: checkpoint finished blocks there and continue from them (calibrated methods).
     ``device``: compute device for calibration (default: the model's).
     Returns a summary: quantization time, peak memory, recipe.
+    A model with a NaN or Inf weight is refused (:func:`check_finite_weights`).
     """
     arch = arch_for(model)
     _check_float_blocks(model, arch)
+    check_finite_weights(model)
     method = get_method(recipe.method)
     from .config import from_dict
 
@@ -157,6 +173,35 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     }
     model.lowbit_summary = summary
     return summary
+
+
+def estimate_output_bytes(recipe: QuantRecipe, n_params: int, config: dict) -> tuple[int, str]:
+    """``(bytes, how)``: about how much disk a ``quantize --out`` of a model with ``n_params`` parameters and this
+    ``config`` (its config.json) takes under ``recipe``, for a free-space check before the model loads.
+
+    The embedding (and an untied head) count at the storage width, or at their format when quantized; every
+    other parameter at the format's bits plus one fp16 scale and zero per group (methods with their own
+    storage, VPTQ or W8A8, count at the format's bits too: this is an estimate, not a bound). Calibrated methods
+    add ``OUT.resume/``, which exists until the checkpoint is saved: the quantized blocks again and two copies
+    of one block's fp32 inputs (nsamples x seqlen x hidden). Plus 10%.
+    """
+    text = config.get("text_config") or config
+    vocab, hidden = text.get("vocab_size") or 0, text.get("hidden_size") or 0
+    emb = vocab * (text.get("word_embed_proj_dim") or hidden)
+    head = 0 if text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)) else vocab * hidden
+    blocks = max(n_params - emb - head, 0)
+    storage = torch.finfo(getattr(torch, recipe.storage.dtype)).bits
+
+    def bits(fmt: FormatConfig | None, default: float) -> float:
+        return default if fmt is None else fmt.bits + (32 / fmt.group_size if fmt.group_size > 0 else 0)
+
+    block_bytes = blocks * bits(recipe.fmt, storage) / 8
+    total = block_bytes + emb * bits(recipe.embed, storage) / 8 + head * bits(recipe.head, storage) / 8
+    how = f"{n_params / 1e6:.1f}M parameters at {recipe.fmt.tag()}, embedding and head at {recipe.storage.dtype}"
+    if recipe.calib is not None:
+        total += block_bytes + 2 * recipe.calib["nsamples"] * recipe.calib["seqlen"] * hidden * 4
+        how += ", with the resume folder"
+    return int(total * 1.1), how
 
 
 def _options_of(cls) -> dict[str, tuple[str, object]]:

@@ -269,3 +269,36 @@ def write_between_markers(md_path: Path, body: str, tag: str, append: bool = Tru
     atomic_write_text(md_path, new)
     return True
 
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_writable(folder, what: str, need_bytes: int = 0, need_note: str = "") -> Path:
+    """Check, in seconds, that files can be created in ``folder`` (which may not exist yet) and that its disk has
+    ``need_bytes`` free; returns the nearest existing folder at or above ``folder``, where the test ran.
+
+    A temp file is created and deleted there, so permissions, read-only disks and full disks all show. OutputError
+    names ``what`` (``--out DIR``) and, when space is short, the estimate (``need_note`` says how it was made).
+    """
+    from .errors import OutputError
+
+    base = Path(folder).expanduser().absolute()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise OutputError(f"{what}: {base} is a file, so no folder can be made below it; choose another path")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lowbit-write-test-", dir=base)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write in {base} ({e.strerror or e}); choose a writable place or fix "
+                          f"its permissions") from None
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        note = f" ({need_note})" if need_note else ""
+        raise OutputError(f"{what}: the disk of {base} has {_size(free)} free, and the output needs about "
+                          f"{_size(need_bytes)}{note}; free some space or write elsewhere")
+    return base

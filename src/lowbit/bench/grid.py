@@ -331,6 +331,10 @@ def run_bench(recipe: BenchRecipe, force: bool = False, dry_run: bool = False, q
                      "result": expected_result(run, rr, recipe.results_dir)[0],
                      "status": "cached" if cached else ("planned" if dry_run else "todo")})
     todo = [p for p in plan if p["status"] == "todo"]
+    if todo:
+        from ..eval.record import check_results_dir
+
+        check_results_dir(recipe.results_dir)   # before the first point runs, not after its evaluation
     estimate_times(plan, recipe.results_dir)
     if todo and not quiet:
         log.info("%s", plan_summary(plan, jobs))

@@ -27,11 +27,18 @@ Flow (document of record for the order of operations):
    d. the quantized block re-runs on the calibration inputs, and its
       outputs become the next block's inputs.
 3. **Resume.** With ``resume_dir``, each finished block's state and the next
-   block's inputs are saved atomically; a rerun continues from there and
-   gives the same result as an uninterrupted run.
+   block's inputs are saved atomically (only the newest block keeps its
+   inputs); a rerun continues from there and gives the same result as an
+   uninterrupted run. The folder is tied to one run: method, format, settings,
+   calibration windows and the model itself (:func:`model_fingerprint`, a hash
+   of its config and weights); another run's folder is refused. Only the longest
+   run of valid blocks 0..k-1 is restored: a missing or damaged block is redone
+   with every block after it, and when block k-1 no longer has its outputs the
+   restored blocks run again to recompute them.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -40,11 +47,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import LowbitError
+from ..errors import ConfigError, LowbitError
 from ..models.arch import ArchSpec, InputGroup, get_module, set_module
 from ..nn import to_module
 from ..nn.registry import build_module, module_entries
@@ -53,7 +61,7 @@ from ..utils import atomic_dir
 log = logging.getLogger(__name__)
 
 __all__ = ["BlockData", "GroupStats", "run_layerwise", "capture_inputs", "run_block", "quantize_block",
-           "CalibrationError", "clear_resume_dir"]
+           "CalibrationError", "clear_resume_dir", "model_fingerprint"]
 
 
 class CalibrationError(LowbitError):
@@ -259,25 +267,97 @@ def clear_resume_dir(resume_dir: Path) -> None:
         log.warning("left %s: it holds files that are not finished blocks", resume_dir)
 
 
-def _load_resume(resume_dir: Path, n_blocks: int, fingerprint: dict):
-    """Index of the last finished block and its saved data, or None."""
-    done = sorted(p for p in resume_dir.glob("block[0-9][0-9][0-9][0-9]") if (p / "block.json").is_file())
-    if not done:
-        return None
-    last = done[-1]
-    meta = json.loads((last / "block.json").read_text())
-    if meta.get("fingerprint") != fingerprint:
-        raise LowbitError(
-            f"{resume_dir} holds a run with different settings; use another --resume-dir or delete it to start over"
-        )
-    return int(last.name[5:]), done
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex digits) of ``model``'s config and every tensor of its state dict (names, dtypes, shapes and
+    bytes), taken before anything is quantized: a resume folder belongs to exactly these weights.
+
+    Hashing the weights in memory, rather than the files they came from, covers every source alike (zoo, HF
+    folder, GGUF, a model built in Python) and any change made after loading; it costs one pass over the weights
+    (a few seconds per GB), small beside calibrating them. The config leaves out where the model was loaded from.
+    """
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:16]
 
 
-def _restore_block(block: nn.Module, path: Path):
+def _block_dir(resume_dir: Path, i: int) -> Path:
+    return resume_dir / f"block{i:04d}"
+
+
+def _check_fingerprints(resume_dir: Path, fingerprint: dict) -> list[int]:
+    """Indices of the finished-block folders in ``resume_dir``; ConfigError when a readable one is of another run."""
+    found = sorted(int(p.name[5:]) for p in resume_dir.glob("block[0-9][0-9][0-9][0-9]"))
+    for i in found:
+        try:
+            old = json.loads((_block_dir(resume_dir, i) / "block.json").read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue   # damaged: redone, see _restore_prefix
+        if old != fingerprint:
+            differ = [k for k in fingerprint if not isinstance(old, dict) or old.get(k) != fingerprint[k]]
+            raise ConfigError(
+                f"{resume_dir} holds blocks of another run (different {', '.join(differ)}), so --resume cannot "
+                f"continue it; run without --resume to start over (that deletes {resume_dir}), or choose another --out"
+            )
+    return found
+
+
+def _restore_block(block: nn.Module, path: Path) -> nn.Module:
+    """A copy of float ``block`` with the quantized modules and state saved in ``path``; ``block`` is untouched.
+    Raises on a missing or damaged file (the caller redoes the block)."""
     meta = json.loads((path / "block.json").read_text())
+    tensors = load_file(str(path / "block.safetensors"))
+    restored = copy.deepcopy(block)
     for name, entry in meta["modules"].items():
-        set_module(block, name, build_module(name, entry))
-    block.load_state_dict(load_file(str(path / "block.safetensors")), strict=True)
+        set_module(restored, name, build_module(name, entry))
+    restored.load_state_dict(tensors, strict=True)
+    return restored
+
+
+def _restore_prefix(resume_dir: Path, blocks, fingerprint: dict) -> int:
+    """Restore the longest run of finished blocks 0..k-1 from ``resume_dir`` into ``blocks``; returns k.
+
+    Every block is checked (block.json and block.safetensors readable and matching the block). The first
+    missing or damaged one ends the run: it and every later block are redone, and the later folders are deleted
+    (they were made from the block that is gone). A folder of another run is a ConfigError.
+    """
+    found = _check_fingerprints(resume_dir, fingerprint)
+    k, why = 0, None
+    while k < len(blocks) and why is None:
+        path = _block_dir(resume_dir, k)
+        try:
+            blocks[k] = _restore_block(blocks[k], path)
+            k += 1
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, LowbitError) as e:
+            why = "missing" if not path.exists() else f"damaged ({type(e).__name__}: {str(e)[:200]})"
+    later = [i for i in found if i >= k]
+    if later:
+        log.warning("%s: block %d is %s; redoing blocks %d to %d", resume_dir, k, why, k, len(blocks) - 1)
+        for i in later:
+            shutil.rmtree(_block_dir(resume_dir, i), ignore_errors=True)
+    return k
+
+
+def _resume_inputs(resume_dir: Path, k: int, inputs: list[torch.Tensor], blocks, block_kwargs, device,
+                   offload) -> list[torch.Tensor]:
+    """The inputs of block ``k`` once blocks 0..k-1 are restored: those saved with block k-1 when it was the newest
+    (only the newest block keeps them), else recomputed by running the restored blocks on ``inputs`` (block 0's,
+    as captured); either way the tensors an uninterrupted run passes on."""
+    try:
+        saved = load_file(str(_block_dir(resume_dir, k - 1) / "inputs.safetensors"))
+        if len(saved) == len(inputs) and all(saved[f"x{j}"].shape == x.shape for j, x in enumerate(inputs)):
+            return [saved[f"x{j}"].to(offload) for j in range(len(inputs))]
+    except (OSError, KeyError, SafetensorError):
+        pass
+    log.info("recomputing the inputs of block %d by running the restored blocks 0 to %d", k, k - 1)
+    for j in range(k):
+        block = blocks[j].to(device)
+        inputs = run_block(block, inputs, _to(block_kwargs[j], device), device, offload)
+        blocks[j] = block.to(offload) if device != offload else block
+    return inputs
 
 
 def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids: torch.Tensor, *,
@@ -296,16 +376,12 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
         resume_dir = Path(resume_dir)
         resume_dir.mkdir(parents=True, exist_ok=True)
         h = hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]
-        fingerprint = {"method": method.name, "fmt": fmt.spec(), "cfg": asdict(cfg), "calib": h, "n_blocks": len(blocks)}
-        found = _load_resume(resume_dir, len(blocks), fingerprint)
-        if found is not None:
-            last, done = found
-            for p in done:
-                _restore_block(blocks[int(p.name[5:])], p)
-            saved = load_file(str(done[-1] / "inputs.safetensors"))
-            inputs = [saved[f"x{j}"].to(offload) for j in range(len(saved))]
-            start = last + 1
-            log.info("resuming after block %d from %s", last, resume_dir)
+        fingerprint = {"method": method.name, "fmt": fmt.spec(), "cfg": asdict(cfg), "calib": h,
+                       "n_blocks": len(blocks), "model": model_fingerprint(model)}
+        start = _restore_prefix(resume_dir, blocks, fingerprint)
+        if start:
+            inputs = _resume_inputs(resume_dir, start, inputs, blocks, block_kwargs, device, offload)
+            log.info("resuming after block %d from %s", start - 1, resume_dir)
     for i in tqdm(range(start, len(blocks)), desc=f"{method.name} blocks", disable=not progress,
                   initial=start, total=len(blocks)):
         block = blocks[i].to(device)

@@ -116,7 +116,9 @@ def _show_and_record(args, res: dict) -> dict:
 
     Console().print(f"[bold]{res['model']}[/] {res['method']} {res['tag']}: bpw blocks {res['bpw']['blocks']:.3f} "
                     f"all-in {res['bpw']['all_in']:.3f}; "
-                    + ", ".join(f"ppl {k} {v:.3f}" for k, v in res["ppl"].items()))
+                    + ", ".join(f"ppl {k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in res["ppl"].items()))
+    for corpus, why in res.get("nonfinite", {}).items():
+        log.warning("ppl %s: %s", corpus, why)
     if args.record:
         from ..eval.record import write_result
         from ..report.tables import write_table
@@ -127,9 +129,17 @@ def _show_and_record(args, res: dict) -> dict:
     return res
 
 
+def _check_results_dir(args) -> None:
+    if args.record:
+        from ..eval.record import check_results_dir
+
+        check_results_dir(args.results_dir)
+
+
 def cmd_eval(args):
     from ..api import evaluate
 
+    _check_results_dir(args)
     return _show_and_record(args, evaluate(args.model, eval_from_args(args), model_name=args.model_name,
                                            device=args.device, progress=not args.quiet, verify=args.verify))
 
@@ -146,6 +156,7 @@ def cmd_run(args):
             raise ConfigError(f"--method fp32 is the float reference and takes no quantization settings; drop "
                               f"{', '.join('--' + k.replace('_', '-') for k in given)}")
     recipe = None if args.method == "fp32" else recipe_from_args(args)
+    _check_results_dir(args)
     return _show_and_record(args, run(args.model, recipe, eval_from_args(args), model_name=args.model_name,
                                       device=args.device, out=args.out, resume=getattr(args, "resume", False),
                                       progress=not args.quiet, verify=args.verify))
@@ -169,6 +180,20 @@ def _print_bpw(model, storage: str, brief: bool = False):
               f"all-in: [bold]{rep['all_in']:.4f}[/] ({rep['total_bits']:,} bits / {rep['n_params']:,} params)")
 
 
+def _describe_spec(spec: dict) -> str:
+    """A quantized module's storage in words, from its ``lowbit.json`` spec."""
+    codec = spec.get("codec")
+    if "format" in spec:
+        return FormatConfig(**spec["format"]).tag()
+    if codec == "vq":
+        return (f"vq v{spec['v']} k{spec['k']}" + (f" + residual k{spec['k_res']}" if spec.get("k_res") else "")
+                + (" + outliers" if spec.get("n_outlier") else ""))
+    if codec == "act_linear":
+        return (f"w{spec['w_bits']}a{spec['a_bits']} {'dynamic' if spec.get('dynamic') else 'static'}"
+                + (" flattened" if spec.get("flatten") else ""))
+    return str(codec)
+
+
 def cmd_info(args):
     from ..api import load
     from ..io import read_meta
@@ -177,7 +202,13 @@ def cmd_info(args):
     model = load(args.dir, verify=args.verify)
     recipe = meta.get("summary", {}).get("recipe", {})
     print(f"lowbit checkpoint {args.dir}: format_version {meta['format_version']}, source {meta.get('source_model')}, "
-          f"method {recipe.get('method')}, format {recipe.get('fmt')}")
+          f"method {recipe.get('method')}")
+    groups: dict[tuple[str, str], list[str]] = {}   # what is stored is what the module specs say, not the recipe
+    for name, entry in meta["modules"].items():
+        groups.setdefault((entry.get("type", "?"), _describe_spec(entry.get("spec", {}))), []).append(name)
+    for (kind, desc), names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        where = names[0] if len(names) == 1 else f"{names[0]} ... {names[-1]}"
+        print(f"  {len(names):4d} {kind} {desc}: {where}")
     _print_bpw(model, meta.get("storage_dtype", "float16"))
 
 
@@ -229,11 +260,13 @@ def cmd_generate(args):
 def cmd_distill(args):
     from ..api import check_inputs, load_model
     from ..distill.train import DistillConfig, distill
+    from ..quantize import QuantRecipe
 
     fmt = dataclass_from_args(FormatConfig, args)
     fmt.make()  # validate before loading a model
     cfg = dataclass_from_args(DistillConfig, args)
-    check_inputs(texts=(cfg.teacher_source,), out=args.out)
+    # the student is saved like an RTN checkpoint of its format: that is the size to find room for
+    check_inputs(texts=(cfg.teacher_source,), out=args.out, model=args.model, recipe=QuantRecipe(fmt=fmt))
     model, tok = load_model(args.model, _device(args))
     _, summary = distill(model, tok, fmt, cfg, args.out, source_model=args.model, progress=not args.quiet)
     log.info("saved %s (final loss %.4f, %.0fs)", args.out, summary["distill"]["final_loss"], summary["quant_time_s"])

@@ -293,8 +293,10 @@ def distill(model, tokenizer, fmt_cfg: FormatConfig, cfg: DistillConfig, out, so
     import time
 
     from .._version import __version__
+    from ..quantize import check_finite_weights
     from ..utils import peak_memory_gb
 
+    check_finite_weights(model)  # before minutes of teacher generation, not at the student's init
     t0 = time.perf_counter()
     out = Path(out)
     work = work_dir(out)

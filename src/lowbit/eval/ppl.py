@@ -18,7 +18,9 @@ compare results of the current version. v1 read its texts and tasks from the
 """
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,6 +29,8 @@ from tqdm.auto import tqdm
 
 from ..config import EvalConfig
 from ..errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PROTOCOL_VERSION", "PPLProtocol", "evaluate_ppl", "make_windows", "perplexity", "ppl_windows"]
 
@@ -65,18 +69,21 @@ def make_windows(ids: torch.Tensor, seqlen: int, windows: int | None, bos_id: in
 
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, progress: bool = True, desc: str = "ppl") -> float:
-    """Perplexity of ``model`` over token windows ``ids`` ``(n, seqlen)``, one window per forward."""
+    """Perplexity of ``model`` over token windows ``ids`` ``(n, seqlen)``, one window per forward; ``inf`` when a
+    window's loss is not finite or the mean loss is too large to exponentiate (results record it as null)."""
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for row in tqdm(ids, desc=desc, disable=not progress):
+    for i, row in enumerate(tqdm(ids, desc=desc, disable=not progress)):
         x = row.unsqueeze(0).to(device)
         logits = model(input_ids=x, use_cache=False).logits.float()
         loss = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
         if not torch.isfinite(loss):
+            log.warning("%s: the loss of window %d is %s (non-finite logits); perplexity is inf", desc, i, loss.item())
             return float("inf")
         nll += loss.item()
         count += x.shape[1] - 1
-    return math.exp(nll / count)
+    mean = nll / count
+    return math.exp(mean) if mean < math.log(sys.float_info.max) else float("inf")   # exp overflows past ~709
 
 
 def ppl_windows(tokenizer, model, protocol: PPLProtocol) -> torch.Tensor:

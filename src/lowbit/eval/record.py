@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from ..errors import DataError
 from ..utils import atomic_write_text
 from .ppl import PROTOCOL_VERSION
 
-__all__ = ["DEFAULT_DIR", "env_record", "evaluate_record", "load_results", "result_name", "write_result"]
+__all__ = ["DEFAULT_DIR", "check_results_dir", "env_record", "evaluate_record", "finite_ppl", "load_results", "result_name", "write_result"]
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +25,57 @@ def result_name(res: dict) -> str:
     return "__".join(p.replace("/", "_") for p in parts) + ".json"
 
 
+def finite_ppl(ppl: dict) -> tuple[dict, dict]:
+    """``(values, reasons)``: perplexities rounded to 4 decimals, a non-finite one as None with its reason in
+    ``reasons`` (``{corpus: "perplexity is inf (...)"}``). JSON has no Infinity or NaN; a record keeps its
+    ``ppl`` numbers or nulls and says why under ``nonfinite``."""
+    values, reasons = {}, {}
+    for corpus, v in ppl.items():
+        if v is not None and math.isfinite(v):
+            values[corpus] = round(v, 4)
+        else:
+            values[corpus] = None
+            if v is not None:
+                reasons[corpus] = (f"perplexity is {v} (a window's loss was not finite, or the mean loss too large "
+                                   f"to exponentiate): the model diverged")
+    return values, reasons
+
+
+def _nonfinite_fields(obj, path: str = "") -> list[str]:
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [f"{path} = {obj}"]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [f for k, v in items for f in _nonfinite_fields(v, f"{path}.{k}" if path else str(k))]
+
+
 def write_result(res: dict, results_dir: Path | str = DEFAULT_DIR) -> Path:
-    """Write (or replace) one run's JSON; returns its path."""
+    """Write (or replace) one run's JSON; returns its path.
+
+    Non-finite perplexities are written as null with a reason (:func:`finite_ppl`); any other non-finite number
+    is a ValueError naming its field, since strict JSON has no Infinity or NaN.
+    """
     for k in ("model", "method", "config", "bpw", "ppl", "protocol", "quant_time_s", "peak_mem_gb", "lowbit_version"):
         if k not in res:
             raise ValueError(f"result is missing field {k!r}")
+    ppl, reasons = finite_ppl(res["ppl"])
+    res = {**res, "ppl": ppl}
+    if reasons:
+        res["nonfinite"] = {**res.get("nonfinite", {}), **reasons}
+    bad = _nonfinite_fields(res)
+    if bad:
+        raise ValueError(f"result field(s) {', '.join(bad)} not finite; a results file holds only finite numbers")
     path = Path(results_dir) / result_name(res)
-    atomic_write_text(path, json.dumps(res, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(res, indent=1, sort_keys=True, allow_nan=False) + "\n")
     return path
+
+
+def check_results_dir(results_dir: Path | str = DEFAULT_DIR) -> None:
+    """OutputError now, before any model loads, when results cannot be written to ``results_dir`` or the index
+    beside it (``results.md`` goes to its parent)."""
+    from ..utils import check_writable
+
+    for folder in (Path(results_dir), Path(results_dir).parent):
+        check_writable(folder, f"--results-dir {results_dir}")
 
 
 def load_results(results_dir: Path | str = DEFAULT_DIR, any_version: bool = False) -> list[dict]:
@@ -85,8 +129,8 @@ def env_record(device=None) -> dict:
 def evaluate_record(model, tokenizer, ev, *, model_name: str, method: str, tag: str, config: dict,
                     summary: dict, device=None, progress: bool = True) -> dict:
     """Evaluate ``model`` as ``ev`` (an :class:`lowbit.config.EvalConfig`) asks and return its results record:
-    bpw (blocks and all-in, itemised), perplexity with its protocol, zero-shot fields, times, memory and
-    environment. ``method``/``tag``/``config`` name the recipe (``fp32`` for the float reference);
+    bpw (blocks and all-in, itemised), perplexity with its protocol (null where not finite, the reason under
+    ``nonfinite``), zero-shot fields, times, memory and environment. ``method``/``tag``/``config`` name the recipe (``fp32`` for the float reference);
     ``summary`` is what quantization returned. Nothing is written (:func:`write_result`)."""
     import time
 
@@ -106,6 +150,7 @@ def evaluate_record(model, tokenizer, ev, *, model_name: str, method: str, tag: 
     for corpus in ev.ppl:
         ppl[corpus], protos[corpus] = evaluate_ppl(model, tokenizer, corpus, ev.seqlen, ev.windows, progress=progress)
     zeroshot = result_fields(model, tokenizer, list(ev.tasks), ev.limit, progress=progress)
+    ppl_values, nonfinite = finite_ppl(ppl)
     res = {
         "model": model_name,
         "method": method,
@@ -115,7 +160,7 @@ def evaluate_record(model, tokenizer, ev, *, model_name: str, method: str, tag: 
         "bpw_detail": {"blocks_bits": rep["blocks_bits"], "blocks_weights": rep["blocks_weights"],
                        "total_bits": rep["total_bits"], "n_params": rep["n_params"], "storage_dtype": storage,
                        "blocks_items": rep["blocks_items"]},
-        "ppl": {k: round(v, 4) for k, v in ppl.items()},
+        "ppl": ppl_values,
         "protocol": protos,
         "protocol_version": PROTOCOL_VERSION,
         "quant_time_s": summary.get("quant_time_s", 0.0),
@@ -125,6 +170,8 @@ def evaluate_record(model, tokenizer, ev, *, model_name: str, method: str, tag: 
         "env": env_record(device),
         **zeroshot,
     }
+    if nonfinite:
+        res["nonfinite"] = nonfinite
     if summary.get("distill"):  # distilled checkpoints: the training run that produced them
         res["distill"] = {k: summary["distill"][k] for k in DISTILL_RESULT_FIELDS if k in summary["distill"]}
     act = act_linear_summary(model)

@@ -85,20 +85,35 @@ def check_export_out(out, output: str) -> Path:
     return out
 
 
+def _export_size(ckpt_path, to: str, meta: dict) -> tuple[int, str]:
+    """``(bytes, how)``: about what an export writes, for a free-space check before the checkpoint loads: every
+    parameter at 16 bits for ``f16``, else the checkpoint's weights plus 25% (regrouped scales, F16 fallbacks)."""
+    from ..io.checkpoint import WEIGHTS_FILE
+
+    if to == "f16":
+        n = meta.get("n_params") or 0
+        return 2 * n, f"{n / 1e6:.1f}M parameters at float16"
+    f = Path(ckpt_path) / WEIGHTS_FILE
+    return (int(f.stat().st_size * 1.25), "the checkpoint's weights plus 25%") if f.is_file() else (0, "")
+
+
 def export(ckpt_path, to: str, out, verify: bool = True, **options) -> Path:
     """Write the lowbit checkpoint at ``ckpt_path`` as target ``to`` (see :data:`TARGETS`) to ``out``.
 
     ``options`` go to the target (``regroup`` for compressed-tensors, ``checkpoint_format`` for gptq).
-    ``verify``: check the checkpoint's files against its manifest (:func:`lowbit.io.load_checkpoint`). Returns ``out``. Nothing is written when the target refuses a layer.
+    ``verify``: check the checkpoint's files against its manifest (:func:`lowbit.io.load_checkpoint`).
+    Returns ``out``. Nothing is written when the target refuses a layer. An ``out`` that cannot be written, or
+    whose disk lacks the space, fails before the checkpoint loads.
     """
     from ..io import load_checkpoint, read_meta
-    from ..utils import atomic_dir, atomic_file
+    from ..utils import atomic_dir, atomic_file, check_writable
 
     target = get_target(to)
     check_options(to, target, options)
     output = getattr(target, "OUTPUT", "folder")
     out = check_export_out(out, output)
     meta = {**read_meta(ckpt_path), "checkpoint": str(ckpt_path)}
+    check_writable(out.parent, f"--out {out}", *_export_size(ckpt_path, to, meta))
     model = load_checkpoint(ckpt_path, verify=verify)
     with (atomic_dir(out) if output == "folder" else atomic_file(out)) as tmp:
         target.export(model, meta, tmp, **options)

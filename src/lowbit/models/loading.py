@@ -1,7 +1,9 @@
 """Turn a model reference (zoo name, folder, .gguf file, hub id) into a loaded model."""
 from __future__ import annotations
 
+import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -9,7 +11,8 @@ import torch
 from lowbit.cache import cache_dir
 from lowbit.data.fetch import sha256_file
 from lowbit.errors import CheckpointError, UnsupportedModelError
-from lowbit.models.zoo import ZOO, convert_gguf, pull_model
+from lowbit.models.weights import from_pretrained_strict, refuse_pickle_only
+from lowbit.models.zoo import ZOO, convert_gguf, model_dir, pull_model
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ def resolve_model(name_or_path: str) -> str | Path:
     """Map a model reference to something ``from_pretrained`` can load.
 
     - a zoo name (``smollm2-135m``) -> the converted folder, pulled if needed;
-    - a folder with ``config.json`` -> that folder;
+    - a folder with ``config.json`` and safetensors weights -> that folder (pickled weights are refused);
     - a ``*.gguf`` file -> converted once into the cache (keyed by its sha256);
     - anything else shaped like a hub id (``org/name``) -> returned unchanged.
 
@@ -43,6 +46,7 @@ def resolve_model(name_or_path: str) -> str | Path:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} is a folder without config.json; expected a "
                                   f"Hugging Face model folder")
+        refuse_pickle_only(path)
         return path
     if path.is_file():
         if path.suffix != ".gguf":
@@ -57,15 +61,40 @@ def resolve_model(name_or_path: str) -> str | Path:
     return ref
 
 
+def local_weights_summary(name_or_path) -> tuple[int, dict] | None:
+    """``(parameter count, config.json as a dict)`` of a model whose files are already here (an HF folder with
+    safetensors weights, a zoo model already pulled), read from the safetensors headers without loading a
+    weight; None for anything else (a GGUF file, a hub id, a zoo model not pulled yet, an unreadable file).
+    Tied weights are stored once, so they count once."""
+    from safetensors import SafetensorError, safe_open
+
+    ref = str(name_or_path)
+    folder = model_dir(ref) if ref in ZOO else Path(ref).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if (folder / "config.json").is_file() else []
+    if not files:
+        return None
+    try:
+        n = 0
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, SafetensorError, ValueError):
+        return None   # a damaged file is refused, by name, when the model loads
+    return n, config
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object]:
     """Load ``(model, tokenizer)`` for a zoo name, folder, .gguf file or hub id.
 
     The model is in eval mode on ``device`` with parameters in ``dtype``.
     Raises UnsupportedModelError when transformers does not know the
-    architecture, CheckpointError when the reference cannot be loaded.
+    architecture, CheckpointError when the reference cannot be loaded or its
+    weights do not cover the model exactly (:mod:`lowbit.models.weights`).
+    Only safetensors weights are read, never pickles.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     source = resolve_model(str(name_or_path))
     try:
@@ -77,7 +106,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
                               f"local folder or .gguf file, and the hub copy is unavailable "
                               f"({exc})") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype)
+        model = from_pretrained_strict(source, config=config, dtype=dtype, use_safetensors=True)
     except ValueError as exc:  # config class has no causal-LM head
         raise UnsupportedModelError(f"{source} ({config.model_type}) is not a causal LM "
                                     f"transformers can load: {exc}") from exc

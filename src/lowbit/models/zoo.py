@@ -208,11 +208,14 @@ def convert_gguf(gguf: Path, out: Path, source: dict[str, object], sha256: str |
     """Convert a GGUF file ONCE into a plain HF folder ``out`` (fp32 safetensors).
 
     The GGUF quantization config is dropped so that the folder loads as an
-    ordinary fp32 checkpoint. The folder is built in a temporary sibling and
+    ordinary fp32 checkpoint. A GGUF that lacks a weight of its architecture is
+    refused (CheckpointError), never completed at random. The folder is built in a temporary sibling and
     renamed into place; ``lowbit_zoo.json`` records where it came from.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from lowbit.models.weights import from_pretrained_strict
 
     if is_converted(out):
         return out
@@ -221,8 +224,7 @@ def convert_gguf(gguf: Path, out: Path, source: dict[str, object], sha256: str |
     digest = sha256 or sha256_file(gguf, progress=True)
     log.info("converting %s to an fp32 Hugging Face folder (once)", gguf.name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        model = from_pretrained_strict(gguf.parent, label=gguf, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise PullError(f"transformers could not convert {gguf}: {exc}") from exc

@@ -23,8 +23,8 @@ from pathlib import Path
 from ..errors import DataError
 from ..eval.record import DEFAULT_DIR, load_results
 from ..utils import atomic_write_text, write_between_markers
-from .plots import AFPQ_COLUMNS, AFPQ_GRID, AFPQ_SOLVERS, BPW_KEY, plot_points, primary_corpus, pareto_front, plot_afpq, plot_loss_curves, plot_pareto
-from .tables import fmt_num, generated_note, source_label, write_table
+from .plots import AFPQ_COLUMNS, AFPQ_GRID, AFPQ_SOLVERS, BPW_KEY, has_ppl, plot_points, primary_corpus, pareto_front, plot_afpq, plot_loss_curves, plot_pareto
+from .tables import fmt_num, generated_note, ppl_cell, source_label, write_table
 
 __all__ = ["afpq_cells", "primary_corpus", "render_afpq", "render_comparisons", "render_distillation", "render_leaderboard",
            "render_vector_quantization", "write_report"]
@@ -61,9 +61,8 @@ def render_leaderboard(results: list[dict], plots: dict[str, str] | None = None,
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         rows.sort(key=lambda r: (-r["bpw"][BPW_KEY], r["method"], r.get("tag", "")))
         for r in rows:
-            ppl = r.get("ppl", {}).get(corpus)
             lines.append("| " + " | ".join([r["method"], r.get("tag", "") or "-", fmt_num(r["bpw"]["blocks"], 3),
-                                            fmt_num(r["bpw"][BPW_KEY], 3), fmt_num(ppl), _zs_avg(r),
+                                            fmt_num(r["bpw"][BPW_KEY], 3), ppl_cell(r, corpus), _zs_avg(r),
                                             "yes" if id(r) in on_front else ""]) + " |")
         lines.append("")
         zs_rows = [r for r in rows if r.get("zeroshot")]
@@ -101,7 +100,7 @@ def _plain_format_runs(rows: list[dict], corpus: str | None):
 
     for r in rows:
         fmt = (r.get("config") or {}).get("fmt")
-        if fmt and corpus in r.get("ppl", {}) and r.get("tag") == FormatConfig(**fmt).tag():
+        if fmt and has_ppl(r, corpus) and r.get("tag") == FormatConfig(**fmt).tag():
             yield r, fmt
 
 
@@ -249,7 +248,7 @@ def render_vector_quantization(results: list[dict]) -> list[str]:
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model]
         corpus = primary_corpus(rows)
-        vq = [r for r in rows if r["method"] == "vptq" and corpus in r.get("ppl", {})]
+        vq = [r for r in rows if r["method"] == "vptq" and has_ppl(r, corpus)]
         if not vq:
             continue
         if not out:
@@ -260,7 +259,7 @@ def render_vector_quantization(results: list[dict]) -> list[str]:
                     "indices, codebook and column list), norms (per-column scale and bias), other (biases); they "
                     "sum to the blocks bpw. Quantization time is the recorded wall time (device and notes in each "
                     "result JSON).", ""]
-        beside = [r for r in rows if (r["method"], r.get("tag")) in _VQ_BESIDE and corpus in r.get("ppl", {})]
+        beside = [r for r in rows if (r["method"], r.get("tag")) in _VQ_BESIDE and has_ppl(r, corpus)]
         named = {n for r in vq + beside for n in ((r.get("bpw_detail") or {}).get("blocks_items") or {})}
         kinds = [k for k, _ in ITEM_KINDS] + (["other"] if any(item_kind(n) == "other" for n in named) else [])
         fp32 = _fp32_ppl(rows, corpus)
@@ -296,7 +295,7 @@ def render_distillation(results: list[dict]) -> list[str]:
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model]
         corpus = primary_corpus(rows)
-        bd = [r for r in rows if r["method"] == "bitdistiller" and corpus in r.get("ppl", {})]
+        bd = [r for r in rows if r["method"] == "bitdistiller" and has_ppl(r, corpus)]
         if not bd:
             continue
         fp32 = _fp32_ppl(rows, corpus)
@@ -310,7 +309,7 @@ def render_distillation(results: list[dict]) -> list[str]:
         fmts = sorted({tuple(sorted(r["config"]["fmt"].items())) for r in bd}, key=lambda k: _fmt_key(dict(k)))
         for key in fmts:
             fmt = dict(key)
-            same = [r for r in rows if (r.get("config") or {}).get("fmt") == fmt and corpus in r.get("ppl", {})]
+            same = [r for r in rows if (r.get("config") or {}).get("fmt") == fmt and has_ppl(r, corpus)]
             ptq = sorted((r for r in same if r["method"] in PIVOT_METHODS and r.get("tag") == FormatConfig(**fmt).tag()),
                          key=lambda r: PIVOT_METHODS.index(r["method"]))
             dist = sorted((r for r in same if r["method"] == "bitdistiller"),
@@ -351,7 +350,7 @@ def _budget(r: dict) -> str:
 
 def _fp32_ppl(rows: list[dict], corpus: str | None) -> float | None:
     """Perplexity of the model's fp32 run on ``corpus``, or None when there is none."""
-    return next((r["ppl"][corpus] for r in rows if r["method"] == "fp32" and corpus in r["ppl"]), None)
+    return next((r["ppl"][corpus] for r in rows if r["method"] == "fp32" and has_ppl(r, corpus)), None)
 
 
 def _fmt_ppl(x) -> str:

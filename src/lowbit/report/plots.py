@@ -12,6 +12,11 @@ def primary_corpus(rows: list[dict]) -> str | None:
     return "wiki" if "wiki" in corpora else (corpora[0] if corpora else None)
 
 
+def has_ppl(r: dict, corpus: str | None) -> bool:
+    """Whether run ``r`` has a perplexity number on ``corpus`` (a diverged run records null there)."""
+    return (r.get("ppl") or {}).get(corpus) is not None
+
+
 AFPQ_COLUMNS = (("INT-asym", "int", False), ("FP-sym", "fp", True), ("FP-asym (AFPQ)", "fp", False),
                 ("NF-sym", "nf", True), ("NF-asym", "nf", False))
 AFPQ_SOLVERS = ("rtn", "gptq", "awq")
@@ -42,7 +47,7 @@ def _label(r: dict) -> str:
 
 
 def plot_points(rows: list[dict], corpus: str) -> tuple[list[dict], list[tuple[float, float]]]:
-    kept = [r for r in rows if corpus in r.get("ppl", {}) and r["ppl"][corpus] is not None]
+    kept = [r for r in rows if has_ppl(r, corpus)]
     kept.sort(key=lambda r: (r["bpw"][BPW_KEY], _label(r)))
     return kept, [(float(r["bpw"][BPW_KEY]), float(r["ppl"][corpus])) for r in kept]
 

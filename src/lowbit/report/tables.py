@@ -8,11 +8,18 @@ from pathlib import Path
 from ..eval.record import DEFAULT_DIR, load_results
 from ..utils import atomic_write_text
 
-__all__ = ["device_label", "fmt_num", "generated_note", "render_table", "source_label", "write_table"]
+__all__ = ["device_label", "fmt_num", "generated_note", "ppl_cell", "render_table", "source_label", "write_table"]
 
 
 def fmt_num(x, nd=2):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def ppl_cell(r: dict, corpus: str | None) -> str:
+    """Run ``r``'s perplexity on ``corpus`` for a table: ``n/a`` where the run recorded a non-finite one (null, the
+    reason under ``nonfinite``), ``-`` where it has none."""
+    ppl = r.get("ppl") or {}
+    return "n/a" if corpus in ppl and ppl[corpus] is None else fmt_num(ppl.get(corpus))
 
 
 def device_label(r: dict) -> str:
@@ -39,6 +46,7 @@ def render_table(results: list[dict], source: str = DEFAULT_DIR.as_posix()) -> s
     """
     note = ("Quantization time and peak memory depend on the device column (GPU peak = CUDA max allocated, "
             "CPU peak = process RSS); GPU grids ran several points at once on one GPU, so their times are upper bounds.")
+    note += " n/a: the perplexity was not finite (the reason is under `nonfinite` in the run's JSON)."
     lines = ["# Results", "", generated_note(source), note, ""]
     for model in sorted({r["model"] for r in results}):
         rows = [r for r in results if r["model"] == model]
@@ -56,7 +64,7 @@ def render_table(results: list[dict], source: str = DEFAULT_DIR.as_posix()) -> s
         rows.sort(key=lambda r: (r["method"] != "fp32", r["method"], -r["bpw"]["blocks"], r.get("tag", "")))
         for r in rows:
             cells = [r["method"], r.get("tag", "") or "-", fmt_num(r["bpw"]["blocks"], 3), fmt_num(r["bpw"]["all_in"], 3)]
-            cells += [fmt_num(r["ppl"].get(c)) for c in corpora]
+            cells += [ppl_cell(r, c) for c in corpora]
             cells += [fmt_num(r.get("quant_time_s"), 1), fmt_num(r.get("peak_mem_gb"), 2), device_label(r)]
             if zs:
                 avg = r.get("zeroshot_avg")
