@@ -70,27 +70,23 @@ def _timed(run, new_tokens: int, repeats: int) -> list[float]:
     return times
 
 
-def _time_generate(model, ids, new_tokens: int, repeats: int) -> list[float]:
-    kw = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=0)
+def _time_decode(model, ids, new_tokens: int, repeats: int, loop: str) -> list[float]:
+    """:func:`_timed` generations of ``model`` from ``ids`` through ``loop``: ``lean`` or ``hf generate``."""
+    if loop == "lean":
+        from ..runtime import LeanDecoder
+
+        dec = LeanDecoder(model, max_len=ids.shape[1] + new_tokens + 8)
+        generate = lambda n: dec.generate(ids, n)  # noqa: E731
+    else:
+        kw = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=0)
+        generate = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)  # noqa: E731
 
     def run(n):
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        out = generate(n)
         assert out.shape[1] - ids.shape[1] == n
 
     with torch.inference_mode():
         return _timed(run, new_tokens, repeats)
-
-
-def _time_lean(model, ids, new_tokens: int, repeats: int) -> list[float]:
-    from ..runtime import LeanDecoder
-
-    dec = LeanDecoder(model, max_len=ids.shape[1] + new_tokens + 8)
-
-    def run(n):
-        out = dec.generate(ids, n)
-        assert out.shape[1] - ids.shape[1] == n
-
-    return _timed(run, new_tokens, repeats)
 
 
 def _parse_config(cfg: str) -> tuple[str, bool, bool, bool]:
@@ -213,7 +209,7 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
                 if why and not hf:
                     log.info("%s %s: %s; timing transformers' generate instead", name, cfg, why)
                 loop = "hf generate" if (hf or why) else "lean"
-                times = (_time_generate if loop == "hf generate" else _time_lean)(model, ids, new_tokens, repeats)
+                times = _time_decode(model, ids, new_tokens, repeats, loop)
             rows.append(_row(name, "torch" if tag in ("fp32", "bf16") else "lowbit", cfg, bpw, new_tokens, times))
             rows[-1]["loop"] = loop
             if progress:
