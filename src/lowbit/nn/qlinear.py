@@ -64,12 +64,16 @@ class _PackedWeight(nn.Module):
     def codes_device(self) -> torch.device:
         return next(iter(self.buffers())).device
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _drop_caches(self) -> None:
+        """Forget what was derived from the buffers (they are being loaded or moved)."""
         self._wcache = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_caches()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._wcache = None
+        self._drop_caches()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..formats import QuantizedWeight, quantize_rtn
 from .codecs import register_codec
+from .qlinear import _PackedWeight
 
 __all__ = ["QuantizedActLinear", "act_codes", "act_linear_summary", "act_spec", "check_act_format", "from_quantized_weight", "pack_int4", "padded_k", "quantize_weight_pc", "unpack_int4"]
 
@@ -104,17 +105,14 @@ class _ActLinearCodec:
 register_codec("act_linear", _ActLinearCodec())
 
 
-class QuantizedActLinear(nn.Module):
+class QuantizedActLinear(_PackedWeight):
     """Weight+activation quantized linear with an integer GEMM (see module doc)."""
 
     def __init__(self, spec: dict, bias: bool = False):
-        super().__init__()
-        self.spec = spec
-        self.codec = _ActLinearCodec()
+        super().__init__(spec)
+        self.cache_weight = False   # the forward reads the codes; a float weight is only ever exported
         self.in_features = spec["in_features"]
         self.out_features = spec["out_features"]
-        for name, (shape, dtype) in self.codec.buffer_shapes(spec).items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         #: "int" (integer GEMM) or "fake" (same codes, float matmul)
         self.mode = "int"
@@ -144,16 +142,9 @@ class QuantizedActLinear(nn.Module):
 
     # ------------------------------------------------------------ views
 
-    def packed_buffers(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self.codec.buffer_shapes(self.spec)}
-
     def int_weight(self) -> torch.Tensor:
         """Signed int8 weight codes ``(out, Kp)`` (nibbles unpacked for 4 bits)."""
         return self.qweight if self.spec["w_bits"] == 8 else unpack_int4(self.qweight)
-
-    def dequantize_weight(self) -> torch.Tensor:
-        """The float ``(out, in)`` weight in the original input space."""
-        return self.codec.decode(self.packed_buffers(), self.spec)
 
     def _gather_map(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(idx, inv_k)`` of length ``Kp`` (padding columns read channel 0 times 0), or None if no gather is needed."""
@@ -170,13 +161,9 @@ class QuantizedActLinear(nn.Module):
             g = self._gather = (idx, inv_k)
         return g
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _drop_caches(self) -> None:
+        super()._drop_caches()
         self._gather = None
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse=True):
-        self._gather = None
-        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------ compute
 
