@@ -171,15 +171,14 @@ def pack_windows(items: list[dict], seqlen: int, eos_id: int | None, bos_id: int
         stream.extend(it["ids"])
         if eos_id is not None:
             stream.append(eos_id)
-    body = seqlen - 1 if bos_id is not None else seqlen
-    n = len(stream) // body
-    if n == 0:
+    from ..errors import DataError
+    from ..eval.ppl import make_windows
+
+    try:
+        return make_windows(torch.tensor(stream, dtype=torch.long), seqlen, None, bos_id)
+    except DataError:
         raise ConfigError(f"teacher data has {len(stream)} tokens, fewer than one window of {seqlen}; "
-                          "generate more (--teacher-samples, --max-new-tokens) or lower --seqlen")
-    w = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
-    if bos_id is not None:
-        w = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), w], 1)
-    return w
+                          "generate more (--teacher-samples, --max-new-tokens) or lower --seqlen") from None
 
 
 class _Windows(torch.utils.data.Dataset):
