@@ -55,14 +55,11 @@ class _PackedWeight(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 ``(out, in)`` weight this layer computes with."""
         w = self._wcache
-        if w is None or w.device != self.codes_device():
+        if w is None or w.device != next(iter(self.buffers())).device:
             w = self.codec.decode(self.packed_buffers(), self.spec).float()
             if self.cache_weight:
                 self._wcache = w
         return w
-
-    def codes_device(self) -> torch.device:
-        return next(iter(self.buffers())).device
 
     def _drop_caches(self) -> None:
         """Forget what was derived from the buffers (they are being loaded or moved)."""

@@ -118,28 +118,6 @@ class QuantizedActLinear(_PackedWeight):
         self.mode = "int"
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # ------------------------------------------------------------ construction
-
-    @classmethod
-    def from_codes(cls, spec: dict, qweight: torch.Tensor, w_scale: torch.Tensor, act_scale: float | None = None,
-                   flat_idx: torch.Tensor | None = None, flat_k: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None) -> QuantizedActLinear:
-        """``qweight``: signed integer codes ``(out, flat_features)``; ``w_scale`` ``(out,)``."""
-        m = cls(spec, bias=bias is not None)
-        kf, kp = spec["flat_features"], padded_k(spec["flat_features"])
-        q = torch.zeros(spec["out_features"], kp, dtype=torch.int8)
-        q[:, :kf] = qweight.to(torch.int8)
-        m.qweight = q if spec["w_bits"] == 8 else pack_int4(q)
-        m.w_scale = w_scale.reshape(-1).to(torch.float16).clone()
-        if not spec["dynamic"]:
-            m.act_scale = torch.tensor([act_scale], dtype=torch.float16)
-        if spec["flatten"]:
-            m.flat_idx = flat_idx.to(torch.int32).clone()
-            m.flat_k = flat_k.to(torch.int16).clone()
-        if bias is not None:
-            m.bias.data.copy_(bias.detach().float())
-        return m
-
     # ------------------------------------------------------------ views
 
     def int_weight(self) -> torch.Tensor:
@@ -213,13 +191,23 @@ def from_quantized_weight(qw, spec: dict, act_scale: float | None = None, flat_i
     """A QuantizedActLinear from a per-channel symmetric int ``QuantizedWeight`` (RTN or GPTQ output).
 
     ``qw.fmt`` must be ``IntFormat(bits, group_size=-1, sym=True)`` with ``bits == spec["w_bits"]``;
-    its codes ``[0, 2**b)`` with zero point ``2**(b-1)`` become signed codes.
+    its codes ``[0, 2**b)`` with zero point ``2**(b-1)`` become signed codes, zero-padded to ``padded_k`` columns.
     """
     fmt = qw.fmt
     if getattr(fmt, "name", "") != "int" or not fmt.sym or qw.params["scale"].shape[1] != 1 or fmt.bits != spec["w_bits"]:
         raise ValueError(f"integer GEMM needs symmetric per-output-channel int{spec['w_bits']} weights, got {fmt.spec()}")
-    signed = qw.codes - (1 << (fmt.bits - 1))
-    return QuantizedActLinear.from_codes(spec, signed, qw.params["scale"][:, 0], act_scale, flat_idx, flat_k)
+    m = QuantizedActLinear(spec)
+    kf = spec["flat_features"]
+    q = torch.zeros(spec["out_features"], padded_k(kf), dtype=torch.int8)
+    q[:, :kf] = (qw.codes - (1 << (fmt.bits - 1))).to(torch.int8)
+    m.qweight = q if spec["w_bits"] == 8 else pack_int4(q)
+    m.w_scale = qw.params["scale"][:, 0].to(torch.float16).clone()
+    if not spec["dynamic"]:
+        m.act_scale = torch.tensor([act_scale], dtype=torch.float16)
+    if spec["flatten"]:
+        m.flat_idx = flat_idx.to(torch.int32).clone()
+        m.flat_k = flat_k.to(torch.int16).clone()
+    return m
 
 
 def check_act_format(fmt, method: str) -> None:
