@@ -181,18 +181,6 @@ def pack_windows(items: list[dict], seqlen: int, eos_id: int | None, bos_id: int
                           "generate more (--teacher-samples, --max-new-tokens) or lower --seqlen") from None
 
 
-class _Windows(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
-
-    def __len__(self):
-        return self.ids.shape[0]
-
-    def __getitem__(self, i):
-        x = self.ids[i]
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
-
-
 # ---------------------------------------------------------------- training
 
 def _loss_rows(log_history: list[dict]) -> list[dict]:
@@ -254,7 +242,7 @@ def train_student(student, teacher, windows: torch.Tensor, cfg: DistillConfig, o
         for p in student.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
-    ds = _Windows(windows)
+    ds = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in windows]
     state_path = out / "distill.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     beta = state.get("beta")

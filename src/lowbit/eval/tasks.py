@@ -397,14 +397,15 @@ def ensure_task_data(names: list[str] | None = None, root: Path | None = None, p
     specs = [TASKS[n] for n in (names or OPTIONAL_TASKS)]
     if any(not s.folder for s in specs):
         raise DataError(f"{[s.name for s in specs if not s.folder]} are not BIG-bench tasks")
-    try:
-        if root is None:
-            from ..data.texts import bigbench_dir
+    from ..data.texts import bigbench_dir, bigbench_sdist, extract_bigbench
 
-            root = bigbench_dir(progress)
-        missing = [s for s in specs if not _task_json(root, s).is_file()]
+    try:
+        root = bigbench_dir(progress) if root is None else root
+        missing = [s.folder for s in specs if not _task_json(root, s).is_file()]
         if missing:
-            _extract_folders(root, [s.folder for s in missing], progress)
+            tarball = bigbench_sdist(progress)
+            log.info("unpacking %s from %s", ", ".join(missing), tarball.name)
+            extract_bigbench(tarball, root, tuple(f.rstrip("/") + "/" for f in missing), progress)
     except PullError as exc:
         raise PullError(f"the optional BIG-bench task(s) {[s.name for s in specs]} need the bigbench 1.0.0 "
                         f"source archive: {exc}") from None
@@ -412,14 +413,6 @@ def ensure_task_data(names: list[str] | None = None, root: Path | None = None, p
     if still:
         raise DataError(f"the bigbench archive has no task.json for {still}")
     return root
-
-
-def _extract_folders(root: Path, folders: list[str], progress: bool) -> None:
-    from ..data.texts import bigbench_sdist, extract_bigbench
-
-    tarball = bigbench_sdist(progress)
-    log.info("unpacking %s from %s", ", ".join(folders), tarball.name)
-    extract_bigbench(tarball, root, tuple(f.rstrip("/") + "/" for f in folders), progress)
 
 
 def _bigbench_items(spec: TaskSpec, root: Path | None, progress: bool) -> list[MCItem]:
