@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_CONFIGS", "bench_decode", "llama_cpp_available", "write_decode_report"]
+__all__ = ["DEFAULT_CONFIGS", "bench_decode", "write_decode_report"]
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,13 @@ LLAMA_QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q2_K": 10}  # llama_ftype values
 PROMPT = "The history of the city begins"
 
 
-def llama_cpp_available() -> bool:
+def _llama_cpp():
+    """The ``llama_cpp`` module of llama-cpp-python, or None when it is not installed."""
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
     except ImportError:
-        return False
-    return True
+        return None
+    return llama_cpp
 
 
 def _timed(run, new_tokens: int, repeats: int) -> list[float]:
@@ -245,12 +246,8 @@ def _print_row(r: dict) -> None:
 
 
 def _llama_cpp_version() -> str | None:
-    try:
-        import llama_cpp
-
-        return f"llama-cpp-python {getattr(llama_cpp, '__version__', 'unknown')}"
-    except ImportError:
-        return None
+    llama_cpp = _llama_cpp()
+    return None if llama_cpp is None else f"llama-cpp-python {getattr(llama_cpp, '__version__', 'unknown')}"
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -324,11 +321,10 @@ def _llama_f32(name: str) -> tuple[Path, Path]:
 
 def _bench_llama_cpp(name: str, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int,
                      progress: bool) -> list[dict]:
-    if not llama_cpp_available():
+    llama_cpp = _llama_cpp()
+    if llama_cpp is None:
         log.info("llama-cpp-python is not installed; skipping the llama.cpp comparison (pip install lowbit[bench])")
         return []
-    import llama_cpp
-
     d, f32 = _llama_f32(name)
     rows = []
     for qname, ftype in [("F32", None), *LLAMA_QUANTS.items()]:
