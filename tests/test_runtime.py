@@ -45,15 +45,15 @@ def test_lean_matches_model_forward(arch, quant, fused):
     with torch.no_grad():
         ref = m(ids.unsqueeze(0)).logits[0, 19:]
     dec = LeanDecoder(m, max_len=64)
-    from lowbit.kernels import kernels_available
+    from lowbit.kernels import load_kernels
 
-    if fused and not kernels_available():
+    if fused and not load_kernels():
         pytest.skip("the CPU kernels are not built")
-    assert dec.fused_ops == kernels_available()
+    assert dec.fused_ops == load_kernels()
     dec.fused_ops = fused
     if quant:
 
-        want = "kernel" if kernels_available() else "separate"
+        want = "kernel" if load_kernels() else "separate"
         assert dec.layers[0].qkv.kind == want and dec.layers[0].gate_up.kind == want
     got = _lean_logits(dec, ids, prefill=20)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)

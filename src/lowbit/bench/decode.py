@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_CONFIGS", "bench_decode", "llama_cpp_available", "write_decode_report"]
+__all__ = ["DEFAULT_CONFIGS", "bench_decode", "write_decode_report"]
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,13 @@ LLAMA_QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q2_K": 10}  # llama_ftype values
 PROMPT = "The history of the city begins"
 
 
-def llama_cpp_available() -> bool:
+def _llama_cpp():
+    """The ``llama_cpp`` module of llama-cpp-python, or None when it is not installed."""
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
     except ImportError:
-        return False
-    return True
+        return None
+    return llama_cpp
 
 
 def _timed(run, new_tokens: int, repeats: int) -> list[float]:
@@ -70,27 +71,23 @@ def _timed(run, new_tokens: int, repeats: int) -> list[float]:
     return times
 
 
-def _time_generate(model, ids, new_tokens: int, repeats: int) -> list[float]:
-    kw = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=0)
+def _time_decode(model, ids, new_tokens: int, repeats: int, loop: str) -> list[float]:
+    """:func:`_timed` generations of ``model`` from ``ids`` through ``loop``: ``lean`` or ``hf generate``."""
+    if loop == "lean":
+        from ..runtime import LeanDecoder
+
+        dec = LeanDecoder(model, max_len=ids.shape[1] + new_tokens + 8)
+        generate = lambda n: dec.generate(ids, n)  # noqa: E731
+    else:
+        kw = dict(do_sample=False, top_p=None, top_k=None, temperature=None, pad_token_id=0)
+        generate = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)  # noqa: E731
 
     def run(n):
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        out = generate(n)
         assert out.shape[1] - ids.shape[1] == n
 
     with torch.inference_mode():
         return _timed(run, new_tokens, repeats)
-
-
-def _time_lean(model, ids, new_tokens: int, repeats: int) -> list[float]:
-    from ..runtime import LeanDecoder
-
-    dec = LeanDecoder(model, max_len=ids.shape[1] + new_tokens + 8)
-
-    def run(n):
-        out = dec.generate(ids, n)
-        assert out.shape[1] - ids.shape[1] == n
-
-    return _timed(run, new_tokens, repeats)
 
 
 def _parse_config(cfg: str) -> tuple[str, bool, bool, bool]:
@@ -213,7 +210,7 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
                 if why and not hf:
                     log.info("%s %s: %s; timing transformers' generate instead", name, cfg, why)
                 loop = "hf generate" if (hf or why) else "lean"
-                times = (_time_generate if loop == "hf generate" else _time_lean)(model, ids, new_tokens, repeats)
+                times = _time_decode(model, ids, new_tokens, repeats, loop)
             rows.append(_row(name, "torch" if tag in ("fp32", "bf16") else "lowbit", cfg, bpw, new_tokens, times))
             rows[-1]["loop"] = loop
             if progress:
@@ -249,12 +246,8 @@ def _print_row(r: dict) -> None:
 
 
 def _llama_cpp_version() -> str | None:
-    try:
-        import llama_cpp
-
-        return f"llama-cpp-python {getattr(llama_cpp, '__version__', 'unknown')}"
-    except ImportError:
-        return None
+    llama_cpp = _llama_cpp()
+    return None if llama_cpp is None else f"llama-cpp-python {getattr(llama_cpp, '__version__', 'unknown')}"
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -328,11 +321,10 @@ def _llama_f32(name: str) -> tuple[Path, Path]:
 
 def _bench_llama_cpp(name: str, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int,
                      progress: bool) -> list[dict]:
-    if not llama_cpp_available():
+    llama_cpp = _llama_cpp()
+    if llama_cpp is None:
         log.info("llama-cpp-python is not installed; skipping the llama.cpp comparison (pip install lowbit[bench])")
         return []
-    import llama_cpp
-
     d, f32 = _llama_f32(name)
     rows = []
     for qname, ftype in [("F32", None), *LLAMA_QUANTS.items()]:

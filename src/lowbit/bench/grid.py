@@ -61,13 +61,6 @@ class BenchRecipe:
     source: str = "<recipe>"
 
 
-def _options() -> dict[str, object]:
-    """``{config key: type}``: every ``lowbit run`` quantization flag without dashes."""
-    from ..quantize import recipe_option_types
-
-    return recipe_option_types()
-
-
 _TYPE_NAMES = {bool: (bool, "true or false"), int: (int, "an integer"), float: ((int, float), "a number")}
 
 
@@ -117,7 +110,9 @@ def parse_recipe(data, source: str = "<recipe>") -> BenchRecipe:
         methods = [methods]
     if not methods:
         raise ConfigError(f"{source}: missing `methods`; add e.g. `methods: [fp32, rtn]`")
-    options = _options()
+    from ..quantize import recipe_option_types
+
+    options = recipe_option_types()   # {config key: type}: every `lowbit run` quantization flag without dashes
     configs = data.get("configs")
     if configs is not None and not isinstance(configs, list):
         raise ConfigError(f"{source}: `configs` must be a list of mappings, like [{{bits: 4, group_size: 128}}]")
@@ -468,8 +463,6 @@ def _run_parallel(todo: list[dict], jobs: int, log_dir: Path, quiet: bool, threa
 def main(argv: list[str] | None = None) -> int:
     """``python -m lowbit.bench.grid POINT_JSON``: one grid point in its own process (``--jobs`` > 1)."""
     import sys
-
-    from ..errors import LowbitError
 
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

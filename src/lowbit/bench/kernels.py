@@ -10,12 +10,13 @@ just before each format's rows, since a shared host's bandwidth drifts.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -108,37 +109,18 @@ def bench_layer(tag: str, out_f: int, in_f: int):
     return m, m.dequantize_weight().clone()
 
 
-@dataclass
-class _Copies:
-    """Enough clones of a layout that cycling through them defeats the caches."""
-
-    lays: list
-    i: int = 0
-
-    def __call__(self, x):
-        lay = self.lays[self.i]
-        self.i = (self.i + 1) % len(self.lays)
-        return lay.linear(x)
-
-
 def clone_layout(lay):
-    from dataclasses import fields, replace
-
-    from ..kernels import VQKernelLayout
-
-    if isinstance(lay, VQKernelLayout):  # every buffer a call reads (nbytes counts them): each layer has its own
-        return replace(lay, **{f.name: getattr(lay, f.name).clone() for f in fields(lay)
-                               if isinstance(getattr(lay, f.name), torch.Tensor)})
-    return replace(lay, codes=lay.codes.clone(), scale_a=lay.scale_a.clone(),
-                   scale_b=None if lay.scale_b is None else lay.scale_b.clone(),
-                   zero=None if lay.zero is None else lay.zero.clone())
+    """A copy of kernel layout ``lay`` with its own copy of every tensor (for the cold rotation)."""
+    return replace(lay, **{f.name: getattr(lay, f.name).clone() for f in fields(lay)
+                           if isinstance(getattr(lay, f.name), torch.Tensor)})
 
 
 def gemv_times(lay, x1: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Median seconds of ``lay.linear(x1)``: hot (one layout) and cold (copies > 96 MiB in rotation)."""
     t_hot = median_time(lambda: lay.linear(x1), repeats * 4)
-    copies = _Copies([lay] + [clone_layout(lay) for _ in range(max(1, COLD_BYTES // lay.nbytes))])
-    return t_hot, median_time(lambda: copies(x1), max(repeats * 4, len(copies.lays)))
+    copies = [lay] + [clone_layout(lay) for _ in range(max(1, COLD_BYTES // lay.nbytes))]
+    cycle = itertools.cycle(copies)
+    return t_hot, median_time(lambda: next(cycle).linear(x1), max(repeats * 4, len(copies)))
 
 
 def bench_kernels(formats=None, shapes=None, batches=GEMM_BATCHES, repeats: int = 30, threads: int | None = None,

@@ -6,7 +6,7 @@ import functools
 import inspect
 import re
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 
 __all__ = ["add_dataclass_args", "at_least", "dataclass_from_args", "int_at_least", "parse_shape", "windows_arg"]
@@ -46,10 +46,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in fields(cls):
-        if not f.init:
-            continue
         flag = _flag(prefix, f.metadata.get("flag", f.name))
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default
         if seen is not None:
             if flag in seen:
                 if seen[flag] != default:
@@ -72,8 +70,6 @@ def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = ""):
     """Instance of ``cls`` from parsed args; flags not given keep the dataclass default."""
     kw = {}
     for f in fields(cls):
-        if not f.init:
-            continue
         v = getattr(args, (prefix + f.metadata.get("flag", f.name)).replace("-", "_"), None)
         if v is not None:
             kw[f.name] = v

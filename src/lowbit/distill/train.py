@@ -171,27 +171,14 @@ def pack_windows(items: list[dict], seqlen: int, eos_id: int | None, bos_id: int
         stream.extend(it["ids"])
         if eos_id is not None:
             stream.append(eos_id)
-    body = seqlen - 1 if bos_id is not None else seqlen
-    n = len(stream) // body
-    if n == 0:
+    from ..errors import DataError
+    from ..eval.ppl import make_windows
+
+    try:
+        return make_windows(torch.tensor(stream, dtype=torch.long), seqlen, None, bos_id)
+    except DataError:
         raise ConfigError(f"teacher data has {len(stream)} tokens, fewer than one window of {seqlen}; "
-                          "generate more (--teacher-samples, --max-new-tokens) or lower --seqlen")
-    w = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
-    if bos_id is not None:
-        w = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), w], 1)
-    return w
-
-
-class _Windows(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids
-
-    def __len__(self):
-        return self.ids.shape[0]
-
-    def __getitem__(self, i):
-        x = self.ids[i]
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+                          "generate more (--teacher-samples, --max-new-tokens) or lower --seqlen") from None
 
 
 # ---------------------------------------------------------------- training
@@ -255,7 +242,7 @@ def train_student(student, teacher, windows: torch.Tensor, cfg: DistillConfig, o
         for p in student.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
-    ds = _Windows(windows)
+    ds = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in windows]
     state_path = out / "distill.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     beta = state.get("beta")

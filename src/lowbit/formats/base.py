@@ -123,11 +123,6 @@ class Format(ABC):
 
         return {"format": self.name, **asdict(self)}
 
-    def with_group_size(self, group_size: int) -> "Format":
-        from dataclasses import replace
-
-        return replace(self, group_size=group_size)
-
     def round_params(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Parameters as they will be stored (fp16 rounding), so fitting sees storage numerics."""
         out = {}

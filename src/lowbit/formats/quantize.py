@@ -25,10 +25,6 @@ class QuantizedWeight:
     codes: torch.Tensor
     params: dict[str, torch.Tensor]
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
     def dequantize(self) -> torch.Tensor:
         lay = group_layout(self.codes.shape[1], self.fmt.group_size)
         cg = lay.to_groups(self.codes)  # (out, G, gs)

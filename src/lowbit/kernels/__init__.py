@@ -14,7 +14,7 @@
 per block of 32 (llama.cpp's Q8_0 scheme) and use integer dot products (``gemm_q8``); the
 default ``fp32`` multiplies the float input exactly.
 """
-from .build import kernels_available, load_kernels
+from .build import load_kernels
 from .ops import (
     FUSED_MAX_BATCH,
     KERNEL_ACTIVATIONS,
@@ -33,7 +33,6 @@ __all__ = [
     "VQKernelLayout",
     "kernel_activations",
     "kernels_active",
-    "kernels_available",
     "kernels_enabled",
     "load_kernels",
     "use_kernel_activations",

@@ -30,8 +30,7 @@ from filelock import FileLock, Timeout
 
 from ..cache import cache_dir
 
-__all__ = ["SOURCES", "build_dir", "extension_dir", "kernel_module", "kernels_available", "load_extension",
-           "load_kernels"]
+__all__ = ["SOURCES", "build_once", "extension_dir", "kernel_module", "load_extension", "load_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,6 @@ def extension_dir(name: str) -> Path:
     d = Path(os.environ.get("TORCH_EXTENSIONS_DIR", cache_dir() / "torch_extensions")) / name / tag
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def build_dir() -> Path:
-    """Where the kernels extension is cached (per torch and Python version)."""
-    return extension_dir("lowbit_kernels")
 
 
 def load_extension(name: str, sources: list[Path], *, wait_note_s: float = 10.0, **kwargs):
@@ -82,27 +76,36 @@ def load_extension(name: str, sources: list[Path], *, wait_note_s: float = 10.0,
         guard.release()
 
 
+def build_once(name: str, sources: list[Path], what: str, fallback: str, **kwargs):
+    """:func:`load_extension` of ``name`` with ``-O3 -fopenmp``, once per process; ``None`` when it fails (no
+    compiler, no ninja, a failed build): a warning, once, that names ``what`` and the ``fallback`` taken."""
+    if name in _state:
+        return _state[name]
+    with _lock:
+        if name not in _state:
+            mod = None
+            try:
+                mod = load_extension(name, sources, extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                     **kwargs)
+            except Exception as e:  # fall back, never fail
+                msg = str(e).strip().splitlines()
+                log.warning("%s unavailable (%s); %s", what, msg[-1] if msg else type(e).__name__, fallback)
+            _state[name] = mod
+    return _state[name]
+
+
 def load_kernels(verbose: bool = False) -> bool:
     """Compile (first time) and load the kernels; ``True`` when ``torch.ops.lowbit`` is usable."""
-    if "ok" in _state:
-        return _state["ok"]
-    with _lock:
-        if "ok" in _state:
-            return _state["ok"]
-        ok = False
-        try:
-            mod = load_extension("lowbit_kernels", SOURCES, extra_cflags=["-O3", "-fopenmp"],
-                                 extra_ldflags=["-fopenmp"], is_python_module=True, verbose=verbose)
-            ok = hasattr(torch.ops.lowbit, "gemm_int")
-            _state["module"] = mod if ok else None
-            isa = "avx2+fma" if ok and torch.ops.lowbit.isa() == 1 else "scalar"
-            log.debug("lowbit CPU kernels loaded (%s path) from %s", isa, build_dir())
-        except Exception as e:  # no compiler, no ninja, a failed build: fall back, never fail
-            msg = str(e).strip().splitlines()
-            log.warning("lowbit CPU kernels unavailable (%s); using the plain-torch path",
-                        msg[-1] if msg else type(e).__name__)
+    if "ok" not in _state:
+        mod = build_once("lowbit_kernels", SOURCES, "lowbit CPU kernels", "using the plain-torch path",
+                         is_python_module=True, verbose=verbose)
+        ok = mod is not None and hasattr(torch.ops.lowbit, "gemm_int")
+        _state["module"] = mod if ok else None
+        if ok:
+            log.debug("lowbit CPU kernels loaded (%s path) from %s", "avx2+fma" if torch.ops.lowbit.isa() == 1
+                      else "scalar", extension_dir("lowbit_kernels"))
         _state["ok"] = ok
-        return ok
+    return _state["ok"]
 
 
 def kernel_module():
@@ -112,8 +115,3 @@ def kernel_module():
     call instead of about 6) and with the GIL released; same arguments as ``torch.ops.lowbit.<name>``.
     """
     return _state.get("module") if load_kernels() else None
-
-
-def kernels_available() -> bool:
-    """Whether the compiled kernels are loaded (builds them on the first call)."""
-    return load_kernels()

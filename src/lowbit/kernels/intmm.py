@@ -3,9 +3,9 @@
 ``int_mm(a, b)`` computes ``a @ b.T`` for int8 ``a`` ``(M, K)`` (values in
 [-127, 127]) and int8 ``b`` ``(N, K)``, returning int32 ``(M, N)``. Paths:
 
-- ``"cpp"``: a small C++/OpenMP extension (AVX2 ``maddubs``/``madd`` with the
+- C++: a small C++/OpenMP extension (AVX2 ``maddubs``/``madd`` with the
   sign trick, see ``csrc/int8_gemm.cpp``), compiled once into the lowbit cache;
-- ``"float"``: the plain-torch reference: a float matmul of the integer codes,
+- float: the plain-torch reference: a float matmul of the integer codes,
   in float32 when ``K * max|a| * max|b| < 2**24`` (every partial sum is then
   an exactly representable integer) and float64 otherwise (exact to 2**53).
 
@@ -15,46 +15,24 @@ slower than an fp32 matmul there, and ``torch.matmul`` on int32 ~7x slower
 """
 from __future__ import annotations
 
-import logging
 import os
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["int_mm", "int_mm_reference", "intmm_available", "load_intmm", "pad_k"]
+from .build import build_once
 
-log = logging.getLogger(__name__)
+__all__ = ["int_mm", "int_mm_reference", "load_intmm", "pad_k"]
 
 _SRC = Path(__file__).parent / "csrc" / "int8_gemm.cpp"
-_lock = threading.Lock()
-_state: dict = {}
 
 
 def load_intmm():
-    """The compiled extension module, or None (no compiler / failed build: a warning, once)."""
-    if "mod" in _state:
-        return _state["mod"]
-    with _lock:
-        if "mod" not in _state:
-            mod = None
-            if os.environ.get("LOWBIT_INTMM", "1") != "0":
-                try:
-                    from .build import load_extension
-
-                    mod = load_extension("lowbit_intmm", [_SRC], extra_cflags=["-O3", "-fopenmp"],
-                                         extra_ldflags=["-fopenmp"], verbose=False)
-                except Exception as e:  # no compiler or a failed build: use the float reference, never fail
-                    msg = str(e).strip().splitlines()
-                    log.warning("lowbit int8 GEMM unavailable (%s); using the exact float reference",
-                                msg[-1] if msg else type(e).__name__)
-            _state["mod"] = mod
-    return _state["mod"]
-
-
-def intmm_available() -> bool:
-    return load_intmm() is not None
+    """The compiled extension module, or None (``LOWBIT_INTMM=0``, no compiler / failed build: a warning, once)."""
+    if os.environ.get("LOWBIT_INTMM", "1") == "0":
+        return None
+    return build_once("lowbit_intmm", [_SRC], "lowbit int8 GEMM", "using the exact float reference", verbose=False)
 
 
 def pad_k(t: torch.Tensor, multiple: int = 32) -> torch.Tensor:
@@ -70,17 +48,13 @@ def int_mm_reference(a: torch.Tensor, b: torch.Tensor, amax: int = 127, bmax: in
     return (a.to(dt) @ b.to(dt).T).to(torch.int32)
 
 
-def int_mm(a: torch.Tensor, b: torch.Tensor, path: str = "auto") -> torch.Tensor:
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` exactly, int8 ``(M, K)`` x int8 ``(N, K)`` -> int32 ``(M, N)``.
 
-    ``a`` must lie in [-127, 127] (the C++ path's no-saturation condition).
-    ``path``: ``"auto"`` (C++ when it loads, on CPU), ``"cpp"``, ``"float"``.
+    ``a`` must lie in [-127, 127] (the C++ path's no-saturation condition). The C++ path runs on CPU when it
+    builds; otherwise the float reference.
     """
-    if path == "float" or a.device.type != "cpu":
-        return int_mm_reference(a, b)
-    mod = load_intmm()
+    mod = load_intmm() if a.device.type == "cpu" else None
     if mod is None:
-        if path == "cpp":
-            raise RuntimeError("the int8 GEMM extension did not build (see the warning above)")
         return int_mm_reference(a, b)
     return mod.gemm_s8s8s32(pad_k(a), b if b.shape[-1] % 32 == 0 else pad_k(b), True)

@@ -23,8 +23,8 @@ from torch import nn
 
 from ..calib.fold import can_fold, fold_scale
 from ..formats import quantize_rtn
-from ..formats.clip import apply_clip, clip_search
 from ..models.arch import ArchSpec, InputGroup, get_module
+from .clipinit import clip_block
 from .registry import register_method
 
 log = logging.getLogger(__name__)
@@ -111,16 +111,8 @@ def awq_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: AWQConfig) -> None:
         fold_scale(block, arch, group, s)
         # the group's recorded inputs are in the old scale: divide for the clipping search
         st.inputs = [t / s.to(t.device) for t in st.inputs]
-    if cfg.awq_clip:
-        for group in arch.groups:
-            x = stats[group].token_sample(cfg.clip_tokens).to(data.device)
-            for name in group.linears:
-                if name in arch.qk:  # the reference skips q/k: their error is hard to see on outputs
-                    continue
-                lin = get_module(block, name)
-                w = lin.weight.data.float()
-                lo, hi = clip_search(w, x, fmt, cfg.clip_grid, sym=True)
-                lin.weight.data = apply_clip(w, lo, hi, fmt.group_size).to(lin.weight.dtype)
+    if cfg.awq_clip:   # the reference skips q/k: their error is hard to see on outputs
+        clip_block(data, arch, stats, fmt, cfg.clip_grid, cfg.clip_tokens, sym=True)
 
 
 @register_method("awq", config=AWQConfig, needs={"act_absmean", "inputs"}, prepare_block=awq_prepare_block)

@@ -27,17 +27,23 @@ class ClipConfig:
     clip_qk: bool = False         # also clip q/k projections (the reference skips them)
 
 
-def clip_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: ClipConfig) -> None:
-    """Clamp each linear's float weight to its searched per-group bounds, in place."""
+def clip_block(data, arch: ArchSpec, stats, fmt, n_grid: int, tokens: int, max_shrink: float = 0.5,
+               sym: bool = False, skip_qk: bool = True) -> None:
+    """Clamp each linear's float weight to its searched per-group bounds (:func:`clip_search` on ``tokens`` of
+    the group's calibration inputs), in place; q/k are left as they are with ``skip_qk``."""
     for group in arch.groups:
-        x = stats[group].token_sample(cfg.clip_tokens).to(data.device)   # (<= clip_tokens, in)
+        x = stats[group].token_sample(tokens).to(data.device)   # (<= tokens, in)
         for name in group.linears:
-            if not cfg.clip_qk and name in arch.qk:
+            if skip_qk and name in arch.qk:
                 continue
             lin = get_module(data.block, name)
             w = lin.weight.data.float()
-            lo, hi = clip_search(w, x, fmt, cfg.clip_grid, cfg.clip_max_shrink)
+            lo, hi = clip_search(w, x, fmt, n_grid, max_shrink, sym=sym)
             lin.weight.data = apply_clip(w, lo, hi, fmt.group_size).to(lin.weight.dtype)
+
+
+def clip_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: ClipConfig) -> None:
+    clip_block(data, arch, stats, fmt, cfg.clip_grid, cfg.clip_tokens, cfg.clip_max_shrink, skip_qk=not cfg.clip_qk)
 
 
 @register_method("clip", config=ClipConfig, needs={"inputs"}, prepare_block=clip_prepare_block)

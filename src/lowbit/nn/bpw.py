@@ -30,7 +30,7 @@ def _float_bits(t: torch.Tensor, storage_dtype: str) -> int:
 
 def layer_bits(module: nn.Module, storage_dtype: str = "float16") -> dict:
     """Itemised storage of one linear/embedding: ``{"items": {name: bits}, "weights": n, "bpw": x}``."""
-    if isinstance(module, _PackedWeight) or hasattr(module, "packed_buffers"):  # incl. QuantizedActLinear
+    if isinstance(module, _PackedWeight):
         items = {n: _float_bits(t, storage_dtype) for n, t in module.packed_buffers().items()}
         n = module.spec["out_features"] * module.spec["in_features"]
     else:

@@ -7,6 +7,7 @@ their own.
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -35,6 +36,10 @@ def get_codec(name: str) -> Codec:
     return _CODECS[name]
 
 
+#: a codec's buffers: ``name -> (bits, shape)`` for packed codes of that shape, ``(None, shape)`` for float16
+Layout = dict[str, tuple[int | None, tuple[int, ...]]]
+
+
 def check_dims(spec: dict, *keys: str) -> tuple[int, ...]:
     """``spec[key]`` for each key, each a positive integer, else ValueError (a spec read from a file)."""
     vals = tuple(spec[k] for k in keys)
@@ -42,6 +47,24 @@ def check_dims(spec: dict, *keys: str) -> tuple[int, ...]:
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{k} must be a positive integer, got {v!r}")
     return vals
+
+
+def packed_shapes(layout: Layout) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The stored shape and dtype of each buffer of ``layout`` (packed codes are flat uint8)."""
+    return {name: ((packed_nbytes(math.prod(shape), bits),), torch.uint8) if bits else (shape, torch.float16)
+            for name, (bits, shape) in layout.items()}
+
+
+def pack_all(tensors: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """``tensors`` stored as ``layout`` says: integer codes packed, the rest float16."""
+    return {name: pack(tensors[name].round().long(), bits) if bits else tensors[name].to(torch.float16)
+            for name, (bits, _) in layout.items()}
+
+
+def unpack_all(buffers: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_all`: codes as int64 tensors of their shape, float16 buffers as they are."""
+    return {name: unpack(buffers[name], bits, math.prod(shape)).view(shape).long() if bits else buffers[name]
+            for name, (bits, shape) in layout.items()}
 
 
 class ScalarCodec:
@@ -52,38 +75,25 @@ class ScalarCodec:
     buffer of ``out*n_groups`` codes.
     """
 
-    def buffer_shapes(self, spec):
-        fmt = make_format(spec["format"])
+    @staticmethod
+    def _layout(fmt, spec: dict) -> Layout:
         out_f, in_f = check_dims(spec, "out_features", "in_features")
         if not isinstance(fmt.group_size, int) or isinstance(fmt.group_size, bool):
             raise ValueError(f"group_size must be an integer, got {fmt.group_size!r}")
-        n_groups = group_layout(in_f, fmt.group_size).n_groups
-        shapes = {"codes": ((packed_nbytes(out_f * in_f, fmt.bits),), torch.uint8)}
-        for name, ps in fmt.param_specs().items():
-            if ps.kind == "fp16":
-                shapes[name] = ((out_f, n_groups), torch.float16)
-            else:
-                shapes[name] = ((packed_nbytes(out_f * n_groups, ps.bits),), torch.uint8)
-        return shapes
+        params = (out_f, group_layout(in_f, fmt.group_size).n_groups)
+        return {"codes": (fmt.bits, (out_f, in_f)),
+                **{name: (None if ps.kind == "fp16" else ps.bits, params) for name, ps in fmt.param_specs().items()}}
+
+    def buffer_shapes(self, spec):
+        return packed_shapes(self._layout(make_format(spec["format"]), spec))
 
     def encode(self, qw: QuantizedWeight, spec):
-        fmt = qw.fmt
-        bufs = {"codes": pack(qw.codes, fmt.bits)}
-        for name, ps in fmt.param_specs().items():
-            v = qw.params[name]
-            bufs[name] = v.to(torch.float16) if ps.kind == "fp16" else pack(v.round().long(), ps.bits)
-        return bufs
+        return pack_all({"codes": qw.codes, **qw.params}, self._layout(qw.fmt, spec))
 
     def to_quantized_weight(self, buffers, spec) -> QuantizedWeight:
         fmt = make_format(spec["format"])
-        out_f, in_f = spec["out_features"], spec["in_features"]
-        n_groups = group_layout(in_f, fmt.group_size).n_groups
-        codes = unpack(buffers["codes"], fmt.bits, out_f * in_f).view(out_f, in_f).long()
-        params = {}
-        for name, ps in fmt.param_specs().items():
-            b = buffers[name]
-            params[name] = b.float() if ps.kind == "fp16" else unpack(b, ps.bits, out_f * n_groups).view(out_f, n_groups).float()
-        return QuantizedWeight(fmt, codes, params)
+        t = unpack_all(buffers, self._layout(fmt, spec))
+        return QuantizedWeight(fmt, t.pop("codes"), {name: v.float() for name, v in t.items()})
 
     def decode(self, buffers, spec):
         return self.to_quantized_weight(buffers, spec).dequantize()
@@ -91,4 +101,5 @@ class ScalarCodec:
 
 register_codec("scalar", ScalarCodec())
 
-__all__ = ["Codec", "register_codec", "get_codec", "ScalarCodec", "check_dims"]
+__all__ = ["Codec", "Layout", "register_codec", "get_codec", "ScalarCodec", "check_dims", "packed_shapes", "pack_all",
+           "unpack_all"]

@@ -55,21 +55,22 @@ class _PackedWeight(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 ``(out, in)`` weight this layer computes with."""
         w = self._wcache
-        if w is None or w.device != self.codes_device():
+        if w is None or w.device != next(iter(self.buffers())).device:
             w = self.codec.decode(self.packed_buffers(), self.spec).float()
             if self.cache_weight:
                 self._wcache = w
         return w
 
-    def codes_device(self) -> torch.device:
-        return next(iter(self.buffers())).device
+    def _drop_caches(self) -> None:
+        """Forget what was derived from the buffers (they are being loaded or moved)."""
+        self._wcache = None
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._wcache = None
+        self._drop_caches()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._wcache = None
+        self._drop_caches()
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..formats import QuantizedWeight, quantize_rtn
 from .codecs import register_codec
+from .qlinear import _PackedWeight
 
 __all__ = ["QuantizedActLinear", "act_codes", "act_linear_summary", "act_spec", "check_act_format", "from_quantized_weight", "pack_int4", "padded_k", "quantize_weight_pc", "unpack_int4"]
 
@@ -104,56 +105,24 @@ class _ActLinearCodec:
 register_codec("act_linear", _ActLinearCodec())
 
 
-class QuantizedActLinear(nn.Module):
+class QuantizedActLinear(_PackedWeight):
     """Weight+activation quantized linear with an integer GEMM (see module doc)."""
 
     def __init__(self, spec: dict, bias: bool = False):
-        super().__init__()
-        self.spec = spec
-        self.codec = _ActLinearCodec()
+        super().__init__(spec)
+        self.cache_weight = False   # the forward reads the codes; a float weight is only ever exported
         self.in_features = spec["in_features"]
         self.out_features = spec["out_features"]
-        for name, (shape, dtype) in self.codec.buffer_shapes(spec).items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
         #: "int" (integer GEMM) or "fake" (same codes, float matmul)
         self.mode = "int"
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # ------------------------------------------------------------ construction
-
-    @classmethod
-    def from_codes(cls, spec: dict, qweight: torch.Tensor, w_scale: torch.Tensor, act_scale: float | None = None,
-                   flat_idx: torch.Tensor | None = None, flat_k: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None) -> QuantizedActLinear:
-        """``qweight``: signed integer codes ``(out, flat_features)``; ``w_scale`` ``(out,)``."""
-        m = cls(spec, bias=bias is not None)
-        kf, kp = spec["flat_features"], padded_k(spec["flat_features"])
-        q = torch.zeros(spec["out_features"], kp, dtype=torch.int8)
-        q[:, :kf] = qweight.to(torch.int8)
-        m.qweight = q if spec["w_bits"] == 8 else pack_int4(q)
-        m.w_scale = w_scale.reshape(-1).to(torch.float16).clone()
-        if not spec["dynamic"]:
-            m.act_scale = torch.tensor([act_scale], dtype=torch.float16)
-        if spec["flatten"]:
-            m.flat_idx = flat_idx.to(torch.int32).clone()
-            m.flat_k = flat_k.to(torch.int16).clone()
-        if bias is not None:
-            m.bias.data.copy_(bias.detach().float())
-        return m
-
     # ------------------------------------------------------------ views
-
-    def packed_buffers(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self.codec.buffer_shapes(self.spec)}
 
     def int_weight(self) -> torch.Tensor:
         """Signed int8 weight codes ``(out, Kp)`` (nibbles unpacked for 4 bits)."""
         return self.qweight if self.spec["w_bits"] == 8 else unpack_int4(self.qweight)
-
-    def dequantize_weight(self) -> torch.Tensor:
-        """The float ``(out, in)`` weight in the original input space."""
-        return self.codec.decode(self.packed_buffers(), self.spec)
 
     def _gather_map(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(idx, inv_k)`` of length ``Kp`` (padding columns read channel 0 times 0), or None if no gather is needed."""
@@ -170,13 +139,9 @@ class QuantizedActLinear(nn.Module):
             g = self._gather = (idx, inv_k)
         return g
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _drop_caches(self) -> None:
+        super()._drop_caches()
         self._gather = None
-        return super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse=True):
-        self._gather = None
-        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------ compute
 
@@ -226,13 +191,23 @@ def from_quantized_weight(qw, spec: dict, act_scale: float | None = None, flat_i
     """A QuantizedActLinear from a per-channel symmetric int ``QuantizedWeight`` (RTN or GPTQ output).
 
     ``qw.fmt`` must be ``IntFormat(bits, group_size=-1, sym=True)`` with ``bits == spec["w_bits"]``;
-    its codes ``[0, 2**b)`` with zero point ``2**(b-1)`` become signed codes.
+    its codes ``[0, 2**b)`` with zero point ``2**(b-1)`` become signed codes, zero-padded to ``padded_k`` columns.
     """
     fmt = qw.fmt
     if getattr(fmt, "name", "") != "int" or not fmt.sym or qw.params["scale"].shape[1] != 1 or fmt.bits != spec["w_bits"]:
         raise ValueError(f"integer GEMM needs symmetric per-output-channel int{spec['w_bits']} weights, got {fmt.spec()}")
-    signed = qw.codes - (1 << (fmt.bits - 1))
-    return QuantizedActLinear.from_codes(spec, signed, qw.params["scale"][:, 0], act_scale, flat_idx, flat_k)
+    m = QuantizedActLinear(spec)
+    kf = spec["flat_features"]
+    q = torch.zeros(spec["out_features"], padded_k(kf), dtype=torch.int8)
+    q[:, :kf] = (qw.codes - (1 << (fmt.bits - 1))).to(torch.int8)
+    m.qweight = q if spec["w_bits"] == 8 else pack_int4(q)
+    m.w_scale = qw.params["scale"][:, 0].to(torch.float16).clone()
+    if not spec["dynamic"]:
+        m.act_scale = torch.tensor([act_scale], dtype=torch.float16)
+    if spec["flatten"]:
+        m.flat_idx = flat_idx.to(torch.int32).clone()
+        m.flat_k = flat_k.to(torch.int16).clone()
+    return m
 
 
 def check_act_format(fmt, method: str) -> None:

@@ -24,7 +24,7 @@ from ..errors import DataError
 from ..eval.record import DEFAULT_DIR, load_results
 from ..utils import atomic_write_text, write_between_markers
 from .plots import AFPQ_COLUMNS, AFPQ_GRID, AFPQ_SOLVERS, BPW_KEY, has_ppl, plot_points, primary_corpus, pareto_front, plot_afpq, plot_loss_curves, plot_pareto
-from .tables import fmt_num, generated_note, ppl_cell, source_label, write_table
+from .tables import fmt_num, generated_note, ppl_cell, source_label, write_table, zs_avg
 
 __all__ = ["afpq_cells", "primary_corpus", "render_afpq", "render_comparisons", "render_distillation", "render_leaderboard",
            "render_vector_quantization", "write_report"]
@@ -34,11 +34,11 @@ def _slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
 
 
-def _zs_avg(r: dict) -> str:
-    avg = r.get("zeroshot_avg")
-    if not avg:
-        return "-"
-    return f"{avg['acc']:.3f} ({avg['n_tasks']})"
+def _per_model(results: list[dict], methods=None):
+    """``(model, its runs, their primary corpus)`` for each model in name order; ``methods``: only their runs."""
+    for model in sorted({r["model"] for r in results}):
+        rows = [r for r in results if r["model"] == model and (methods is None or r["method"] in methods)]
+        yield model, rows, primary_corpus(rows)
 
 
 def render_leaderboard(results: list[dict], plots: dict[str, str] | None = None,
@@ -49,9 +49,7 @@ def render_leaderboard(results: list[dict], plots: dict[str, str] | None = None,
              "Pareto = no other run has both fewer bits (all-in) and lower perplexity. "
              "Zero-shot: mean accuracy over tasks (number of tasks); protocol in `docs/evaluation.md`.")
     lines = ["# Leaderboard", "", intro, ""]
-    for model in sorted({r["model"] for r in results}):
-        rows = [r for r in results if r["model"] == model]
-        corpus = primary_corpus(rows)
+    for model, rows, corpus in _per_model(results):
         kept, pts = plot_points(rows, corpus) if corpus else ([], [])
         on_front = {id(kept[i]) for i in pareto_front(pts)}
         lines += [f"## {model}", ""]
@@ -62,7 +60,7 @@ def render_leaderboard(results: list[dict], plots: dict[str, str] | None = None,
         rows.sort(key=lambda r: (-r["bpw"][BPW_KEY], r["method"], r.get("tag", "")))
         for r in rows:
             lines.append("| " + " | ".join([r["method"], r.get("tag", "") or "-", fmt_num(r["bpw"]["blocks"], 3),
-                                            fmt_num(r["bpw"][BPW_KEY], 3), ppl_cell(r, corpus), _zs_avg(r),
+                                            fmt_num(r["bpw"][BPW_KEY], 3), ppl_cell(r, corpus), zs_avg(r),
                                             "yes" if id(r) in on_front else ""]) + " |")
         lines.append("")
         zs_rows = [r for r in rows if r.get("zeroshot")]
@@ -116,9 +114,7 @@ def render_comparisons(results: list[dict], afpq_plots: dict[str, str] | None = 
              "corpus (protocol in `results.md`). `asym` = asymmetric INT, or two scales (positive and negative "
              "halves, AFPQ) for FP/NF; `sym` = one scale. A dash: not run.")
     lines = ["# Method x format comparisons", "", intro, ""]
-    for model in sorted({r["model"] for r in results}):
-        rows = [r for r in results if r["model"] == model and r["method"] in PIVOT_METHODS]
-        corpus = primary_corpus(rows)
+    for model, rows, corpus in _per_model(results, PIVOT_METHODS):
         cells: dict[tuple, dict] = {}
         for r, fmt in _plain_format_runs(rows, corpus):
             key = tuple(sorted(fmt.items()))
@@ -152,9 +148,7 @@ def afpq_cells(results: list[dict]) -> dict[str, tuple[str, dict[tuple, tuple[fl
     Only models with at least one FP/NF cell; only runs whose tag is exactly the format tag; bpw is the blocks'.
     """
     out = {}
-    for model in sorted({r["model"] for r in results}):
-        rows = [r for r in results if r["model"] == model and r["method"] in AFPQ_SOLVERS]
-        corpus = primary_corpus(rows)
+    for model, rows, corpus in _per_model(results, AFPQ_SOLVERS):
         cell: dict[tuple, tuple[float, float]] = {}
         for r, fmt in _plain_format_runs(rows, corpus):
             key = (r["method"], fmt.get("bits"), fmt.get("group_size"), fmt.get("format"), bool(fmt.get("sym")))
@@ -245,9 +239,7 @@ def render_vector_quantization(results: list[dict]) -> list[str]:
     from ..nn.bpw import ITEM_KINDS, item_kind
 
     out: list[str] = []
-    for model in sorted({r["model"] for r in results}):
-        rows = [r for r in results if r["model"] == model]
-        corpus = primary_corpus(rows)
+    for model, rows, corpus in _per_model(results):
         vq = [r for r in rows if r["method"] == "vptq" and has_ppl(r, corpus)]
         if not vq:
             continue
@@ -276,7 +268,7 @@ def render_vector_quantization(results: list[dict]) -> list[str]:
                     per[item_kind(name)] += bits
                 cells = [f"{per[k] / detail['blocks_weights']:.3f}" for k in kinds]
             out.append(f"| {r['method']} | {r.get('tag') or '-'} | " + " | ".join(cells)
-                       + f" | {r['bpw']['blocks']:.3f} | {_fmt_ppl(r['ppl'][corpus])} | {_zs_avg(r)} | "
+                       + f" | {r['bpw']['blocks']:.3f} | {_fmt_ppl(r['ppl'][corpus])} | {zs_avg(r)} | "
                        f"{r.get('quant_time_s', 0):.0f} |")
         out.append("")
     return out
@@ -292,9 +284,7 @@ def render_distillation(results: list[dict]) -> list[str]:
     from ..config import FormatConfig
 
     out: list[str] = []
-    for model in sorted({r["model"] for r in results}):
-        rows = [r for r in results if r["model"] == model]
-        corpus = primary_corpus(rows)
+    for model, rows, corpus in _per_model(results):
         bd = [r for r in rows if r["method"] == "bitdistiller" and has_ppl(r, corpus)]
         if not bd:
             continue
@@ -324,7 +314,7 @@ def render_distillation(results: list[dict]) -> list[str]:
 
             for r in ptq:
                 out.append(f"| PTQ {r['method']} | - | - | - | {calib(r)} | {r['bpw']['blocks']:.3f} | "
-                           f"{_fmt_ppl(r['ppl'][corpus])} | - | {_zs_avg(r)} |")
+                           f"{_fmt_ppl(r['ppl'][corpus])} | - | {zs_avg(r)} |")
             for r in dist:
                 mc = r["config"]["method_config"]
                 init = next((p for p in ptq if p["method"] == mc.get("init") and calib(p) == calib(r)), None)
@@ -333,7 +323,7 @@ def render_distillation(results: list[dict]) -> list[str]:
                     frac = 1 - math.log(r["ppl"][corpus] / fp32) / math.log(init["ppl"][corpus] / fp32)
                     gap = f"{100 * frac:.0f}%"
                 out.append(f"| distilled | {mc.get('init')} | {mc.get('loss')} | {_budget(r)} | "
-                           f"{calib(r)} | {r['bpw']['blocks']:.3f} | {_fmt_ppl(r['ppl'][corpus])} | {gap} | {_zs_avg(r)} |")
+                           f"{calib(r)} | {r['bpw']['blocks']:.3f} | {_fmt_ppl(r['ppl'][corpus])} | {gap} | {zs_avg(r)} |")
             out.append("")
     return out
 
@@ -371,9 +361,8 @@ def write_report(results_dir: Path | str = "docs/results", docs_dir: Path | str 
     plots_dir = docs / "plots"
     plots: dict[str, str] = {}
     made = set()
-    for model in sorted({r["model"] for r in results}):
-        rows = [r for r in results if r["model"] == model]
-        if primary_corpus(rows) is None:
+    for model, rows, corpus in _per_model(results):
+        if corpus is None:
             continue
         png = plot_pareto(rows, plots_dir / f"pareto_{_slug(model)}.png", title=f"{model}: perplexity vs bits per weight")
         plots[model] = png.relative_to(docs).as_posix()

@@ -8,7 +8,8 @@ from pathlib import Path
 from ..eval.record import DEFAULT_DIR, load_results
 from ..utils import atomic_write_text
 
-__all__ = ["device_label", "fmt_num", "generated_note", "ppl_cell", "render_table", "source_label", "write_table"]
+__all__ = ["device_label", "fmt_num", "generated_note", "ppl_cell", "render_table", "source_label", "write_table",
+           "zs_avg"]
 
 
 def fmt_num(x, nd=2):
@@ -20,6 +21,12 @@ def ppl_cell(r: dict, corpus: str | None) -> str:
     reason under ``nonfinite``), ``-`` where it has none."""
     ppl = r.get("ppl") or {}
     return "n/a" if corpus in ppl and ppl[corpus] is None else fmt_num(ppl.get(corpus))
+
+
+def zs_avg(r: dict) -> str:
+    """A run's mean zero-shot accuracy and its number of tasks, ``-`` without zero-shot results."""
+    avg = r.get("zeroshot_avg")
+    return f"{avg['acc']:.3f} ({avg['n_tasks']})" if avg else "-"
 
 
 def device_label(r: dict) -> str:
@@ -67,8 +74,7 @@ def render_table(results: list[dict], source: str = DEFAULT_DIR.as_posix()) -> s
             cells += [ppl_cell(r, c) for c in corpora]
             cells += [fmt_num(r.get("quant_time_s"), 1), fmt_num(r.get("peak_mem_gb"), 2), device_label(r)]
             if zs:
-                avg = r.get("zeroshot_avg")
-                cells.append(f"{avg['acc']:.3f} ({avg['n_tasks']})" if avg else "-")
+                cells.append(zs_avg(r))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -195,7 +195,6 @@ class LeanDecoder:
         self.model = model
         spec = arch_for(model)
         cfg = _text_config(model)
-        self.cfg = cfg
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
