@@ -46,6 +46,8 @@ def _ckpt(tmp_path_factory, case="outliers", method="vptq"):
     if (case, method) not in _CKPTS:
         arch, cfg = CASES[case]
         m = tiny_model(arch)
+        # a rotary base other than transformers 4's default, so a reader that misses it gives other logits
+        m.config.rope_parameters = {"rope_type": "default", "rope_theta": 50000.0}
         calib = torch.randint(3, 320, (4, 32), generator=torch.Generator().manual_seed(0))
         recipe = QuantRecipe(method="vptq", method_config=cfg) if method == "vptq" else QuantRecipe()
         lowbit.quantize(m, recipe, calib_ids=calib if method == "vptq" else None, progress=False)
@@ -122,6 +124,7 @@ def test_round_trip_is_exact(ckpt, tmp_path, case, caplog):
     config = json.loads((tmp_path / "v" / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "vptq" and config["dtype"] == "float16"
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 50000.0   # for transformers 4 readers
     VptqConfig.from_dict(qc)                                        # transformers' own checks of the config
     t, ref = load_file(tmp_path / "v" / "model.safetensors"), _lowbit_weights(ck)
     assert set(qc["config_for_layers"]) == set(ref)
