@@ -258,7 +258,7 @@ def test_unknown_targets_and_options(ckpt, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("lowbit.export.gguf") is not None, reason="the gguf target is present")
 def test_a_target_without_its_module_says_it_is_not_available(ckpt, tmp_path):
     with pytest.raises(ExportError, match="export to gguf is not available in this lowbit.*available: "
-                                          "compressed-tensors, gptq, f16"):
+                                          "compressed-tensors, gptq, vptq, f16"):
         get_target("gguf")
 
 

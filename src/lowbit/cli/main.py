@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..export import target_names
 
-    s = sub.add_parser("export", help="write a checkpoint for a serving engine (compressed-tensors, gptq, gguf) "
+    s = sub.add_parser("export", help="write a checkpoint for a serving engine (compressed-tensors, gptq, gguf, vptq) "
                                       "or as a plain float16 folder; exact or refused (docs/export.md)")
     s.add_argument("ckpt", help="lowbit checkpoint folder")
     to = s.add_mutually_exclusive_group(required=True)

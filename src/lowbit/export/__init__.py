@@ -33,6 +33,7 @@ TARGETS = {
     "compressed-tensors": "compressed_tensors",   # vLLM, transformers (pack-quantized, int-quantized W8A8)
     "gptq": "gptq",                               # transformers + gptqmodel, vLLM (qweight/qzeros/scales/g_idx)
     "gguf": "gguf",                               # llama.cpp
+    "vptq": "vptq",                               # the vptq package, transformers' vptq quantizer (VQuantLinear)
     "f16": "dequantized",                         # a plain float16 HF folder, from any checkpoint
 }
 

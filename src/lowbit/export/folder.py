@@ -32,5 +32,20 @@ def write_folder(out: Path, meta: dict, tensors: dict[str, torch.Tensor],
         config["torch_dtype"] = "float16"
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
+    _rope_theta_for_transformers4(config)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _rope_theta_for_transformers4(config: dict) -> None:
+    """Write a plain ``rope_parameters``' theta also as ``rope_theta``, the key transformers 4 reads.
+
+    transformers 5 saves the rotary base only inside ``rope_parameters``; a transformers 4 reader (the one whose
+    vptq quantizer runs on CPU, and the engines pinned to it) then takes its default 10000, and a model trained
+    with another base (SmolLM2: 100000) gives other logits. transformers 5 reads ``rope_parameters`` and keeps it.
+    Other rope types and per-layer-type parameters (Gemma-3) are spelled differently in transformers 4 and are
+    left as they are.
+    """
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("rope_type", "default") == "default" and "rope_theta" in rope:
+        config.setdefault("rope_theta", rope["rope_theta"])

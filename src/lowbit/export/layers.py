@@ -5,8 +5,8 @@
 - :class:`IntLinear`: a linear in lowbit's int format, ``w = (q - z) * s`` per group of columns;
 - :class:`ActLinear`: a :class:`~lowbit.nn.w8a8.QuantizedActLinear` (int weights per output channel and
   int activations, e.g. lowbit's ``w8a8`` and ``smoothquant`` methods);
-- :class:`OtherLayer`: anything else (FP/NF tables, two-scale AFPQ, VQ codebooks), which an integer target
-  cannot hold.
+- :class:`VQLinear`: a linear in lowbit's VQ format (``--method vptq``): codebooks, codes, outliers, norms;
+- :class:`OtherLayer`: anything else (FP/NF tables, two-scale AFPQ), which an integer target cannot hold.
 
 :func:`float_tensors` gives the rest of the model as float16 tensors under transformers' names, with every
 quantized module the target does not pack dequantized to ``<name>.weight``.
@@ -23,10 +23,11 @@ from torch import nn
 from ..config import FormatConfig
 from ..errors import ExportError
 from ..formats import group_layout
+from ..formats.codebook import VQWeight
 from ..nn import QuantizedEmbedding, QuantizedLinear, get_codec
 from ..nn.w8a8 import QuantizedActLinear
 
-__all__ = ["IntLinear", "ActLinear", "OtherLayer", "read_layers", "float_tensors",
+__all__ = ["IntLinear", "ActLinear", "VQLinear", "OtherLayer", "read_layers", "float_tensors",
            "with_group_size", "regrouped", "common_group_size", "to_float16", "require_layers", "export_tensors",
            "refusal"]
 
@@ -102,6 +103,16 @@ class ActLinear:
 
 
 @dataclass
+class VQLinear:
+    """A linear in lowbit's VQ format: ``qw`` holds its codes, fp16 codebooks, outlier columns and column norms
+    (:class:`~lowbit.formats.codebook.VQWeight`). ``kind`` is what an integer target's refusal names."""
+
+    name: str
+    qw: VQWeight
+    kind: str = "VQ (vector codebooks, VPTQ)"
+
+
+@dataclass
 class OtherLayer:
     """A quantized module no integer target holds; ``kind`` says what it is."""
 
@@ -110,8 +121,6 @@ class OtherLayer:
 
 
 def _describe(spec: dict) -> str:
-    if spec.get("codec") == "vq":
-        return "VQ (vector codebooks, VPTQ)"
     f = spec.get("format", {})
     tag = FormatConfig(**{k: f[k] for k in ("format", "bits", "group_size", "sym")}).tag()
     if f.get("format") in ("fp", "nf"):
@@ -120,7 +129,7 @@ def _describe(spec: dict) -> str:
     return tag
 
 
-def read_layers(model: nn.Module) -> dict[str, IntLinear | ActLinear | OtherLayer]:
+def read_layers(model: nn.Module) -> dict[str, IntLinear | ActLinear | VQLinear | OtherLayer]:
     """Every quantized linear of ``model`` by name, in module order, but the output head.
 
     The head and a quantized embedding are not among them: engines load those unquantized, so every target
@@ -142,6 +151,8 @@ def read_layers(model: nn.Module) -> dict[str, IntLinear | ActLinear | OtherLaye
             lay = group_layout(m.in_features, fmt.group_size)
             zero = (torch.full_like(qw.params["scale"], 1 << (fmt.bits - 1)) if fmt.sym else qw.params["zero"]).long()
             out[name] = IntLinear(name, fmt.bits, fmt.sym, lay.group_size, qw.codes, qw.params["scale"].half(), zero)
+        elif m.spec["codec"] == "vq":
+            out[name] = VQLinear(name, get_codec("vq").to_vq_weight(m.packed_buffers(), m.spec))
         else:
             out[name] = OtherLayer(name, _describe(m.spec))
     return out
