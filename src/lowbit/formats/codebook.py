@@ -192,6 +192,10 @@ class VQWeight:
     col_bias: torch.Tensor | None = None
 
     @property
+    def v(self) -> int:
+        return self.codebook.shape[1]
+
+    @property
     def n_outlier(self) -> int:
         return 0 if self.outlier_cols is None else int(self.outlier_cols.numel())
 
@@ -222,7 +226,7 @@ class VQWeight:
             "codec": "vq",
             "out_features": self.out_features,
             "in_features": self.in_features,
-            "v": self.codebook.shape[1],
+            "v": self.v,
             "k": self.codebook.shape[0],
             "k_res": 0 if self.res_codebook is None else self.res_codebook.shape[0],
             "n_outlier": self.n_outlier,
