@@ -1483,7 +1483,7 @@ def _c04(ctx: Ctx, v: Verdict):
 @case("c05", "concurrent", "two first uses of the int8 GEMM kernel at once, in an empty extension cache (a build)",
       "both processes get the built kernel (True), no error", cost=6)
 def _c05(ctx: Ctx, v: Verdict):
-    code = "from lowbit.kernels.intmm import intmm_available; print(intmm_available())"
+    code = "from lowbit.kernels.intmm import load_intmm; print(load_intmm() is not None)"
     env = {"TORCH_EXTENSIONS_DIR": str(ctx.d / "ext")}
     rs = _pair(ctx, *[[ctx.python, "-c", code]] * 2, env=env, raw=True)
     for r in rs:
