@@ -67,6 +67,20 @@ def check_loading_info(info: dict, source) -> None:
     )
 
 
+def _unreadable_safetensors(source) -> str | None:
+    """The first ``*.safetensors`` file of folder ``source`` whose header cannot be read, or None."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(source)
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return str(f)
+    return None
+
+
 def from_pretrained_strict(source, label=None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained(source, **kwargs)`` that fails on anything but a complete load:
     CheckpointError for a truncated or corrupt safetensors file and for every problem
@@ -79,7 +93,9 @@ def from_pretrained_strict(source, label=None, **kwargs):
         model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True,
                                                            ignore_mismatched_sizes=True, **kwargs)
     except SafetensorError as exc:
-        raise CheckpointError(f"a weight file of {label or source} is corrupt or truncated ({exc}); copy or "
+        bad = _unreadable_safetensors(source)
+        which = f"{bad} ({exc})" if bad else f"a weight file of {label or source} ({exc})"
+        raise CheckpointError(f"{which} is corrupt, truncated or not a safetensors file; copy or "
                               f"download it again") from None
     check_loading_info(info, label or source)
     return model
