@@ -120,7 +120,7 @@ def awq_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: AWQConfig) -> None:
                 lin = get_module(block, name)
                 w = lin.weight.data.float()
                 lo, hi = clip_search(w, x, fmt, cfg.clip_grid, sym=True)
-                lin.weight.data = apply_clip(w, lo, hi, fmt.group_size).to(lin.weight.dtype)
+                lin.weight.data = apply_clip(w, lo, hi, fmt.for_width(w.shape[1]).group_size).to(lin.weight.dtype)
 
 
 @register_method("awq", config=AWQConfig, needs={"act_absmean", "inputs"}, prepare_block=awq_prepare_block)

@@ -37,7 +37,7 @@ def clip_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: ClipConfig) -> Non
             lin = get_module(data.block, name)
             w = lin.weight.data.float()
             lo, hi = clip_search(w, x, fmt, cfg.clip_grid, cfg.clip_max_shrink)
-            lin.weight.data = apply_clip(w, lo, hi, fmt.group_size).to(lin.weight.dtype)
+            lin.weight.data = apply_clip(w, lo, hi, fmt.for_width(w.shape[1]).group_size).to(lin.weight.dtype)
 
 
 @register_method("clip", config=ClipConfig, needs={"inputs"}, prepare_block=clip_prepare_block)

@@ -48,8 +48,9 @@ class ScalarCodec:
     """Group-wise scalar formats.
 
     Buffers: ``codes`` (packed ``out*in`` codes, row-major), and per stored
-    parameter either an fp16 ``(out, n_groups)`` tensor or a packed uint8
-    buffer of ``out*n_groups`` codes.
+    parameter either an fp16 ``(out, n_groups)`` tensor (``(out, ceil(n_groups /
+    span))`` for a parameter shared by ``span`` groups, a K-quant's super-block
+    scale) or a packed uint8 buffer of ``out*n_groups`` codes.
     """
 
     def buffer_shapes(self, spec):
@@ -61,7 +62,7 @@ class ScalarCodec:
         shapes = {"codes": ((packed_nbytes(out_f * in_f, fmt.bits),), torch.uint8)}
         for name, ps in fmt.param_specs().items():
             if ps.kind == "fp16":
-                shapes[name] = ((out_f, n_groups), torch.float16)
+                shapes[name] = ((out_f, -(-n_groups // ps.span)), torch.float16)
             else:
                 shapes[name] = ((packed_nbytes(out_f * n_groups, ps.bits),), torch.uint8)
         return shapes
@@ -71,6 +72,11 @@ class ScalarCodec:
         bufs = {"codes": pack(qw.codes, fmt.bits)}
         for name, ps in fmt.param_specs().items():
             v = qw.params[name]
+            if ps.kind == "fp16" and ps.span > 1:
+                kept = v[:, :: ps.span]
+                if not torch.equal(kept.repeat_interleave(ps.span, dim=1)[:, : v.shape[1]], v):
+                    raise ValueError(f"parameter {name!r} must be equal over each run of {ps.span} groups")
+                v = kept
             bufs[name] = v.to(torch.float16) if ps.kind == "fp16" else pack(v.round().long(), ps.bits)
         return bufs
 
@@ -82,7 +88,10 @@ class ScalarCodec:
         params = {}
         for name, ps in fmt.param_specs().items():
             b = buffers[name]
-            params[name] = b.float() if ps.kind == "fp16" else unpack(b, ps.bits, out_f * n_groups).view(out_f, n_groups).float()
+            if ps.kind == "fp16":
+                params[name] = b.float().repeat_interleave(ps.span, dim=1)[:, :n_groups] if ps.span > 1 else b.float()
+            else:
+                params[name] = unpack(b, ps.bits, out_f * n_groups).view(out_f, n_groups).float()
         return QuantizedWeight(fmt, codes, params)
 
     def decode(self, buffers, spec):
