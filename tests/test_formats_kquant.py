@@ -174,3 +174,29 @@ def test_checkpoint_with_kquant_and_fallback_layers(tmp_path):
     back = load_checkpoint(lowbit.save(m, tmp_path / "ck", tiny_tokenizer()))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, want)
+
+
+def test_ksearch_imatrix_weighs_by_the_calibration_inputs():
+    """Through the engine: each K layer's error, weighted by its inputs' mean square (collected as act_sqmean),
+    is at most RTN's; the data-free search minimises the plain weight error instead, so the results differ."""
+    from lowbit.models.arch import arch_for, get_module
+
+    ids = torch.randint(3, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    float_model = tiny_model("llama", hidden=256, intermediate=512)
+    models = {m: tiny_model("llama", hidden=256, intermediate=512) for m in ("rtn", "ksearch", "ksearch-imatrix")}
+    for method, m in models.items():
+        lowbit.quantize(m, QuantRecipe(method=method, fmt=parse_format_tag("q3_k")), calib_ids=ids, progress=False)
+    name = "mlp.down_proj"                                   # block 0's inputs are the float model's
+    lin = get_module(get_module(float_model, arch_for(float_model).blocks)[0], name)
+    seen = []
+    lin.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        float_model(ids)
+    imp = torch.cat(seen).pow(2).mean(0)
+
+    def weighted_err(method):
+        q = get_module(models[method].model.layers[0], name).dequantize_weight()
+        return float(((q - lin.weight.detach()) ** 2 * imp).sum())
+
+    assert weighted_err("ksearch-imatrix") <= weighted_err("rtn")
+    assert weighted_err("ksearch-imatrix") != weighted_err("ksearch")

@@ -24,7 +24,7 @@ Fitting (:meth:`KQuantFormat.fit`, data-free round-to-nearest): per sub-block a 
 (asymmetric: ``[min(w, 0), max(w, 0)]``; symmetric: the largest-magnitude weight lands on the lowest level),
 then the sub-scales and mins are rounded onto their super-block's grid (``d`` = largest sub-scale / top level,
 rounded to fp16), then the codes are rounded given the stored scales. :func:`search_kquant` is the solver that
-searches inside this structure (module doc of its own below).
+searches inside this structure (its docstring says how).
 
 A K-quant needs rows that are whole super-blocks. A layer whose width is not a multiple of 256 is quantized
 with the type's stated fallback, an int format with groups of 32 that maps to a legacy ggml block type exactly
