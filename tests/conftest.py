@@ -13,17 +13,19 @@ TINY_TEXT = (
 ) * 20
 
 
-def tiny_config(arch: str, vocab: int = 320, layers: int = 2):
+def tiny_config(arch: str, vocab: int = 320, hidden: int = 64, intermediate: int = 96, layers: int = 2):
+    """``hidden``/``intermediate``: the widths (4 heads of ``hidden / 4``); 256/512 makes every linear of the
+    llama, qwen2 and gemma3 rows whole K-quant super-blocks."""
     from transformers import Gemma3TextConfig, LlamaConfig, OPTConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     if arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     if arch == "gemma3":
-        return Gemma3TextConfig(**common, head_dim=16, sliding_window=32, bos_token_id=1, eos_token_id=2,
+        return Gemma3TextConfig(**common, head_dim=hidden // 4, sliding_window=32, bos_token_id=1, eos_token_id=2,
                                 pad_token_id=0)
     if arch in ("opt", "opt-postnorm"):
         # opt-postnorm has opt-350m's shape: LayerNorms after the residual adds, no final norm, and
@@ -35,18 +37,20 @@ def tiny_config(arch: str, vocab: int = 320, layers: int = 2):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2):
+def tiny_model(arch: str = "llama", seed: int = 0, std: float = 0.08, layers: int = 2, **widths):
+    """A random-init model of :func:`tiny_config` (``widths``: its ``hidden``/``intermediate``), weights of
+    standard deviation ``std``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    m = AutoModelForCausalLM.from_config(tiny_config(arch, layers=layers), dtype=torch.float32)
+    m = AutoModelForCausalLM.from_config(tiny_config(arch, layers=layers, **widths), dtype=torch.float32)
     # random init with std 0.02 makes every layer near-identity; widen weights so quantization error shows.
     # Biases (Qwen2's q/k/v, OPT's linears and LayerNorms) start at zero: make them non-zero, so a checkpoint
     # or a folding step that drops or mis-scales one changes the logits
     with torch.no_grad():
         for name, p in m.named_parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, std)
             elif name.endswith(".bias"):
                 p.normal_(0, 0.05)
     return m.eval()

@@ -13,18 +13,20 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.config import FormatConfig
+from lowbit.config import FormatConfig, parse_format_tag
 from lowbit.errors import ConfigError
-from lowbit.formats import IntFormat, QuantizedWeight
+from lowbit.formats import IntFormat, KQuantFormat, QuantizedWeight
+from lowbit.formats.kquant import KTYPES
 from lowbit.io.checkpoint import load_checkpoint, read_meta
 from lowbit.models.arch import arch_for
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import TINY_TEXT, tiny_model, tiny_tokenizer
 
 gguf = pytest.importorskip("gguf")
 from lowbit.export.gguf import (  # noqa: E402
     block_params, export, pack_blocks, qk_permutation, read_tokenizer, tokenizer_metadata,
 )
+from lowbit.export.gguf_kquants import KBLOCK_BYTES, pack_kblocks  # noqa: E402
 from lowbit.quantize import QuantRecipe  # noqa: E402
 
 FORMATS = {  # ggml type: (bits, sym)
@@ -70,14 +72,38 @@ def test_blocks_round_trip_through_gguf_dequantize(qtype, group_size):
     assert np.all(np.abs(got - want) <= np.abs(z * s) * 2.0 ** -11 + 1e-7)
 
 
+@pytest.mark.parametrize("bits", sorted(KTYPES))
+def test_kblocks_round_trip_through_gguf_dequantize(bits):
+    """K-quant super-blocks with codes, sub-scales and mins over their whole ranges dequantize (gguf-py) to lowbit's
+    weight bit for bit."""
+    kt = KTYPES[bits]
+    fmt = KQuantFormat(bits, kt.sub, kt.sym)
+    g = torch.Generator().manual_seed(bits)
+    rows, cols = 3, 512
+    n_groups, n = cols // kt.sub, fmt.fit_span
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=g)
+    params = {k: torch.randint(0, 1 << kt.scale_bits, (rows, n_groups), generator=g).float()
+              for k in fmt.param_specs() if k.startswith("sub")}
+    params["sub_scale"][0, :n] = (1 << kt.scale_bits) - 1    # the top sub-scale
+    for k in fmt.param_specs():
+        if k.startswith("super"):
+            d = (torch.randn(rows, n_groups // n, generator=g) * 1e-3).half().float()
+            params[k] = d.repeat_interleave(n, dim=1)
+    qw = QuantizedWeight(fmt, codes, params)
+    packed = pack_kblocks(fmt, codes, params)
+    assert packed.shape == (rows, cols // 256 * KBLOCK_BYTES[kt.ggml])
+    assert KBLOCK_BYTES[kt.ggml] == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kt.ggml]][1]
+    np.testing.assert_array_equal(_dequant(packed, kt.ggml, rows), qw.dequantize().numpy())
+
+
 def test_qk_permutation_is_llama_cpp_rotary_layout():
     """Per head, HF's rotary pairs (i, i + d/2) become adjacent rows (2i, 2i + 1)."""
     perm = qk_permutation(8, 2).tolist()  # 2 heads of 4 rows
     assert perm == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-def _checkpoint(tmp_path, arch: str, recipe: QuantRecipe):
-    m = tiny_model(arch)
+def _checkpoint(tmp_path, arch: str, recipe: QuantRecipe, **model_kw):
+    m = tiny_model(arch, **model_kw)
     if arch == "gemma3":
         m.config.query_pre_attn_scalar = m.config.head_dim   # llama.cpp scales attention by 1/sqrt(head_dim)
     lowbit.quantize(m, recipe, progress=False)
@@ -93,15 +119,25 @@ def _gguf_weights(path) -> dict[str, tuple[str, np.ndarray]]:
     return out
 
 
+WIDE = {"hidden": 256, "intermediate": 512}   # every linear whole K-quant super-blocks
+MIXED = {"hidden": 256, "intermediate": 96}   # down_proj's rows are 96 wide: the K type's int fallback
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-@pytest.mark.parametrize("fmt, embed, expect", [
-    (FormatConfig(bits=4, group_size=32, sym=True), None, "Q4_0"),
-    (FormatConfig(bits=4, group_size=64, sym=False), FormatConfig(bits=8, group_size=32, sym=True), "Q4_1"),
-    (FormatConfig(bits=8, group_size=-1, sym=True), None, "Q8_0"),
-])
-def test_tiny_model_round_trips_every_tensor(tmp_path, arch, fmt, embed, expect):
-    """Every GGUF tensor dequantizes (gguf-py) to lowbit's weight, q/k permutation undone and norm offset removed."""
-    path, model, meta = _checkpoint(tmp_path, arch, QuantRecipe(fmt=fmt, embed=embed))
+@pytest.mark.parametrize("fmt, embed, expect, widths", [
+    (FormatConfig(bits=4, group_size=32, sym=True), None, {"": "Q4_0"}, {}),
+    (FormatConfig(bits=4, group_size=64, sym=False), FormatConfig(bits=8, group_size=32, sym=True),
+     {"": "Q4_1", "model.embed": "Q8_0"}, {}),
+    (FormatConfig(bits=8, group_size=-1, sym=True), None, {"": "Q8_0"}, {}),
+    (parse_format_tag("q4_k"), parse_format_tag("q6_k"), {"": "Q4_K", "model.embed": "Q6_K"}, WIDE),
+    (parse_format_tag("q2_k"), None, {"": "Q2_K"}, WIDE),
+    (parse_format_tag("q3_k"), parse_format_tag("q5_k"), {"": "Q3_K", "model.embed": "Q5_K"}, WIDE),
+    (parse_format_tag("q6_k"), None, {"": "Q6_K", "mlp.down_proj": "Q8_0"}, MIXED),
+], ids=["q4_0", "q4_1", "q8_0", "q4_k", "q2_k", "q3_k", "q6_k-mixed"])
+def test_tiny_model_round_trips_every_tensor(tmp_path, arch, fmt, embed, expect, widths):
+    """Every GGUF tensor dequantizes (gguf-py) to lowbit's weight, q/k permutation undone and norm offset removed:
+    bit for bit, but for Q4_1's fp16 offset. ``expect``: the block type by key prefix or part ("" for the rest)."""
+    path, model, meta = _checkpoint(tmp_path, arch, QuantRecipe(fmt=fmt, embed=embed), **widths)
     out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
     got = _gguf_weights(out)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
@@ -130,13 +166,11 @@ def test_tiny_model_round_trips_every_tensor(tmp_path, arch, fmt, embed, expect)
             assert qtype == "F32"
             w = w - offset
         if quantized:
-            assert qtype == ("Q8_0" if key.startswith("model.embed") else expect), key
-            if FORMATS[expect][1]:
-                torch.testing.assert_close(w, want, rtol=0, atol=0)
-            else:
+            assert qtype == next((t for part, t in expect.items() if part and part in key), expect[""]), key
+            if qtype in ("Q4_1", "Q5_1"):
                 torch.testing.assert_close(w, want, rtol=0, atol=float(want.abs().max()) * 2.0 ** -10)
-        else:
-            torch.testing.assert_close(w, want, rtol=0, atol=0)
+                continue
+        torch.testing.assert_close(w, want, rtol=0, atol=0)
     assert seen == set(got), f"unexpected tensors {set(got) - seen}"
 
 
@@ -228,12 +262,10 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
         export(model, meta, out)
 
 
-def test_llama_cpp_runs_the_export(tmp_path, monkeypatch):
-    """llama.cpp loads the exported tiny Llama and its logits follow lowbit's (it quantizes activations to 8 bits
-    for the Q4_0 dot products, hence the tolerance)."""
+def _llama_cpp_logits(monkeypatch, gguf_path, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's logits ``(len(ids), vocab)`` for ``ids`` from the GGUF file, weights in the blocks the file holds
+    (no AMX or repacked copies; AMX tiles also fault on hosts whose kernel does not enable them)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    # weights stay in the blocks the file holds (no AMX or repacked copies; AMX tiles also fault on hosts
-    # whose kernel does not enable them)
     default_params = llama_cpp.llama_cpp.llama_model_default_params
 
     def plain_params():
@@ -242,16 +274,50 @@ def test_llama_cpp_runs_the_export(tmp_path, monkeypatch):
         return p
 
     monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", plain_params)
+    llm = llama_cpp.Llama(str(gguf_path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    llm.close()
+    return got
+
+
+def _ppl(logits: torch.Tensor, ids: list[int]) -> float:
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]))))
+
+
+def test_llama_cpp_runs_the_export(tmp_path, monkeypatch):
+    """llama.cpp loads the exported tiny Llama and its logits follow lowbit's (it quantizes activations to 8 bits
+    for the Q4_0 dot products, hence the tolerance)."""
+    pytest.importorskip("llama_cpp")
     path, model, meta = _checkpoint(tmp_path, "llama", QuantRecipe(fmt=FormatConfig(bits=4, group_size=32, sym=True)))
     out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
     ids = list(range(3, 40))
-    llm = llama_cpp.Llama(str(out), n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=1)
-    llm.eval(ids)
-    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    got = _llama_cpp_logits(monkeypatch, out, ids)
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].float()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("method, tag", [("rtn", "q2_k"), ("ksearch", "q3_k"), ("rtn", "q4_k"), ("ksearch", "q4_k"),
+                                         ("rtn", "q5_k"), ("rtn", "q6_k")])
+def test_llama_cpp_runs_kquant_exports(tmp_path, monkeypatch, method, tag):
+    """llama.cpp runs the K-quant export of a model whose widths are multiples of 256 (embedding and head included): its
+    logits follow lowbit's and its perplexity on the same ids is within 0.5% (llama.cpp rounds the activations
+    to int8 blocks of 256 for K-quant dot products)."""
+    pytest.importorskip("llama_cpp")
+    fmt = parse_format_tag(tag)
+    recipe = QuantRecipe(method=method, fmt=fmt, embed=fmt, head=fmt)
+    path, model, meta = _checkpoint(tmp_path, "llama", recipe, std=0.04, **WIDE)   # std: the 64-wide model's gain
+    out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors if len(t.shape) == 2} == {tag.upper()}
+    ids = tiny_tokenizer()(TINY_TEXT)["input_ids"][:100]
+    got = _llama_cpp_logits(monkeypatch, out, ids)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].float()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+    assert abs(_ppl(got, ids) / _ppl(want, ids) - 1) < 0.005
 
 
 def test_cli_export_to_gguf(tiny_dir, tmp_path, capsys):

@@ -251,7 +251,7 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
     A setting of another method (``--method rtn --act-order``), a calibration setting for a method that uses
     no data, an unknown key or a value of the wrong type is a ConfigError naming the fix.
     """
-    from .config import parse_format_tag
+    from .config import format_fields, parse_format_tag
     from .methods import get_method, method_names
 
     m = get_method(method)
@@ -285,7 +285,7 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
         kw[part][field_name] = value
     recipe = QuantRecipe(
         method=method,
-        fmt=FormatConfig(**kw["fmt"]),
+        fmt=FormatConfig(**format_fields(kw["fmt"])),
         method_config=asdict(m.config(**kw["own"])),
         embed=tags.get("embed"),
         head=tags.get("head"),

@@ -13,7 +13,8 @@ Flow (document of record for the order of operations):
    a. hooks on the first linear of each input group gather the statistics
       the method declares (``hessian``: H = 2·XᵀX/n in fp32, one per input
       group, so q/k/v share one and gate/up share one; ``act_absmean`` /
-      ``act_absmax``: per-channel |x| mean and max); the block runs once on
+      ``act_absmax``: per-channel |x| mean and max; ``act_sqmean``: per-channel
+      mean of x², llama.cpp's importance matrix); the block runs once on
       the calibration inputs with float weights;
    b. methods with a ``prepare_block`` step (AWQ scaling) transform the
       block's float weights first, using the group inputs they asked for;
@@ -79,6 +80,7 @@ class GroupStats:
     hessian: torch.Tensor | None = None   # (in, in) fp32, 2·XᵀX/n
     absmean: torch.Tensor | None = None   # (in,)
     absmax: torch.Tensor | None = None    # (in,)
+    sqmean: torch.Tensor | None = None    # (in,) mean of x^2 per channel
     n: int = 0
     inputs: list[torch.Tensor] = field(default_factory=list)  # kept only when a method asks ("inputs")
     #: what a method's ``prepare_block`` derives per group for its ``quantize_linear``, which gets this object
@@ -102,6 +104,9 @@ class GroupStats:
             self.absmean = s / tot if self.absmean is None else self.absmean * (self.n / tot) + s / tot
             mx = a.amax(0)
             self.absmax = mx if self.absmax is None else torch.maximum(self.absmax, mx)
+        if "act_sqmean" in needs:
+            q = (x * x).sum(0)
+            self.sqmean = q / tot if self.sqmean is None else self.sqmean * (self.n / tot) + q / tot
         if "inputs" in needs:
             self.inputs.append(x.to("cpu"))
         self.n = tot

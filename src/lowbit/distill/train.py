@@ -133,8 +133,9 @@ def build_student(model: nn.Module, fmt_cfg: FormatConfig, init: str = "rtn", ca
             if init == "rtn":
                 w = get_module(fb, name).weight.detach().float()
             elif init == "clip":  # keep the float weights, clamped to the searched ranges
-                lo, hi = _group_bounds(w_q, fmt.group_size)
-                w = apply_clip(get_module(fb, name).weight.detach().float(), lo, hi, fmt.group_size)
+                gs = fmt.for_width(w_q.shape[1]).group_size
+                lo, hi = _group_bounds(w_q, gs)
+                w = apply_clip(get_module(fb, name).weight.detach().float(), lo, hi, gs)
             else:
                 w = w_q
             set_module(sb, name, FakeQuantLinear.from_linear(q, fmt, weight=w))

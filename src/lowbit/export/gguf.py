@@ -11,10 +11,13 @@ int4 asym           Q4_1                             ``d * q + m``,     ``d = s`
 int5 sym            Q5_0                             ``(q - 16) * d``,  ``d = s``
 int5 asym           Q5_1                             ``d * q + m``,     ``d = s``, ``m = -z * s``
 int8 sym            Q8_0                             ``(q - 128) * d``, ``d = s`` (stored as int8)
+kquant q2_k..q6_k   Q2_K, Q3_K, Q4_K, Q5_K, Q6_K     the same super-blocks (:mod:`lowbit.formats.kquant`)
 ==================  ===============================  =============================================
 
-The group size must be a multiple of 32 (or one group per row) and the row width a multiple of 32; each
-32-block then takes its group's scale (and zero point). The symmetric types are exact; the asymmetric ones
+For the int types the group size must be a multiple of 32 (or one group per row) and the row width a multiple
+of 32; each 32-block then takes its group's scale (and zero point). A lowbit K-quant weight is ggml's own grid
+(rows of whole 256-column super-blocks; other widths were quantized with the type's int fallback), so its codes,
+sub-scales, mins and fp16 ``d``/``dmin`` are moved into the blocks bit for bit (:mod:`.gguf_kquants`). The symmetric int types and every K-quant are exact; the asymmetric int ones
 store ``m = -z * s`` as fp16, the only rounding in the file (at most half an fp16 ulp of ``m``). Unquantized
 tensors keep the checkpoint's storage precision (F16 or BF16; F32 for norms and biases, as llama.cpp's
 converter writes them). Any other quantized weight (int2/int3, fp/nf, VQ, W8A8, a group of 16, ...) is refused by
@@ -42,9 +45,11 @@ import torch
 
 from .._version import __version__
 from ..errors import ConfigError
-from ..formats import IntFormat, group_layout, make_format
+from ..formats import IntFormat, KQuantFormat, group_layout, make_format
+from ..formats.kquant import SUPER_BLOCK
 from ..models.arch import arch_for
 from ..utils import atomic_file
+from .gguf_kquants import pack_kblocks
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,8 @@ __all__ = ["export", "ARCHS", "GGUFArch", "BLOCK", "block_type", "pack_blocks", 
 BLOCK = 32
 
 #: exact mappings, for the refusal message
-MAPS = ("int4 sym -> Q4_0", "int4 asym -> Q4_1", "int5 sym -> Q5_0", "int5 asym -> Q5_1", "int8 sym -> Q8_0")
+MAPS = ("int4 sym -> Q4_0", "int4 asym -> Q4_1", "int5 sym -> Q5_0", "int5 asym -> Q5_1", "int8 sym -> Q8_0",
+        "kquant q2_k..q6_k -> Q2_K..Q6_K")
 
 
 def _gguf():
@@ -110,6 +116,8 @@ def gguf_arch(model) -> GGUFArch:
 
 def block_type(fmt) -> str | None:
     """The ggml type name holding lowbit format ``fmt`` exactly, ignoring widths (None when there is none)."""
+    if isinstance(fmt, KQuantFormat):
+        return fmt.ktype.ggml
     if not isinstance(fmt, IntFormat):
         return None
     return {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}.get(
@@ -120,6 +128,9 @@ def _why_not(fmt, in_features: int) -> str | None:
     """Why a weight in ``fmt`` with rows of ``in_features`` has no exact block type (None: it has one)."""
     if block_type(fmt) is None:
         return f"format {_fmt_name(fmt)} has no llama.cpp block type with the same grid"
+    if isinstance(fmt, KQuantFormat):
+        return None if in_features % SUPER_BLOCK == 0 else \
+            f"rows of {in_features} columns are not whole {fmt.ktype.ggml} super-blocks of {SUPER_BLOCK}"
     if in_features % BLOCK:
         return f"rows of {in_features} columns are not whole blocks of {BLOCK}"
     gs = group_layout(in_features, fmt.group_size).group_size
@@ -129,6 +140,8 @@ def _why_not(fmt, in_features: int) -> str | None:
 
 
 def _fmt_name(fmt) -> str:
+    if isinstance(fmt, KQuantFormat):
+        return fmt.tag
     spec = fmt.spec()
     sym = spec.get("sym")
     desc = f"{spec['format']}{spec.get('bits', '')}" + ("" if sym is None else (" sym" if sym else " asym"))
@@ -226,6 +239,11 @@ def _block_tensor(name: str, qmod, perm: torch.Tensor | None) -> PlannedTensor |
     if why is not None:
         return why
     qw = qmod.codec.to_quantized_weight(qmod.packed_buffers(), spec)
+    if isinstance(fmt, KQuantFormat):
+        codes, params = qw.codes, qw.params
+        if perm is not None:
+            codes, params = codes[perm], {k: v[perm] for k, v in params.items()}
+        return PlannedTensor(name, pack_kblocks(fmt, codes, params), fmt.ktype.ggml)
     codes, scale, zero = block_params(qw.codes, qw.params, fmt)
     if perm is not None:  # rows are independent blocks: permuting them moves codes and scales together
         codes, scale = codes[perm], scale[perm]
@@ -295,8 +313,8 @@ def tensor_plan(model, meta: dict, allow_f16: bool = False) -> list[PlannedTenso
                  for why, mods in refused.items()]
         raise ConfigError(
             "these quantized weights have no exact llama.cpp block type:\n  " + "\n  ".join(lines)
-            + f"\nformats that map exactly (group size a multiple of {BLOCK} or per channel, rows a multiple of "
-              f"{BLOCK} wide): " + ", ".join(MAPS)
+            + f"\nformats that map exactly (int: group size a multiple of {BLOCK} or per channel, rows a multiple "
+              f"of {BLOCK} wide; kquant: rows a multiple of {SUPER_BLOCK} wide): " + ", ".join(MAPS)
             + "; or export with allow_f16=True to store them dequantized as F16")
     return plan
 
@@ -517,7 +535,8 @@ def _write_metadata(w, model, meta: dict, arch: GGUFArch, plan: list[PlannedTens
 
     # the file type names the block type most linears use (llama.cpp only shows it)
     common = Counter(p.qtype for p in plan if p.data.ndim == 2).most_common(1)
-    ftype = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}.get(common[0][0], f"MOSTLY_{common[0][0]}")
+    ftype = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q3_K": "MOSTLY_Q3_K_S",
+             "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}.get(common[0][0], f"MOSTLY_{common[0][0]}")
     w.add_file_type(gguf.LlamaFileType[ftype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     recipe = (meta.get("summary") or {}).get("recipe")

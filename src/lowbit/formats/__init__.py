@@ -5,9 +5,10 @@ from .integer import IntFormat
 from .table import TableFormat
 from .fp import FPFormat
 from .nf import NFFormat
+from .kquant import KQuantFormat
 from .quantize import QuantizedWeight, quantize_rtn
 
 __all__ = [
     "Format", "GroupLayout", "ParamSpec", "group_layout", "format_names", "make_format",
-    "register_format", "IntFormat", "TableFormat", "FPFormat", "NFFormat", "QuantizedWeight", "quantize_rtn",
+    "register_format", "IntFormat", "TableFormat", "FPFormat", "NFFormat", "KQuantFormat", "QuantizedWeight", "quantize_rtn",
 ]

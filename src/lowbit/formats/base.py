@@ -30,12 +30,14 @@ __all__ = ["Format", "ParamSpec", "GroupLayout", "group_layout"]
 class ParamSpec:
     """How one per-group parameter is stored.
 
-    kind ``"fp16"``: a float16 tensor ``(out, n_groups)``.
+    kind ``"fp16"``: a float16 tensor ``(out, n_groups)``; with ``span > 1`` one value per run of ``span``
+    groups, ``(out, ceil(n_groups / span))`` (a K-quant's super-block scale, shared by its sub-blocks).
     kind ``"code"``: integers in ``[0, 2**bits)`` packed like weight codes.
     """
 
     kind: str
     bits: int = 16
+    span: int = 1
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,22 @@ class Format(ABC):
     @abstractmethod
     def param_specs(self) -> dict[str, ParamSpec]:
         """The stored per-group parameters and how each is stored."""
+
+    @property
+    def fit_span(self) -> int:
+        """Groups whose parameters are fitted together (1: every group alone). A K-quant's sub-blocks share a
+        super-block scale, so its ``fit`` takes whole super-blocks and solvers choose between candidates per
+        span, never per group."""
+        return 1
+
+    def for_width(self, in_features: int) -> "Format":
+        """The format a layer with rows of ``in_features`` columns is quantized with: ``self``, or the stated
+        fallback of a format that needs some widths (a K-quant's super-blocks of 256 columns)."""
+        return self
+
+    def layer_formats(self) -> tuple["Format", ...]:
+        """Every format :meth:`for_width` can give (what a checkpoint made with this format may hold)."""
+        return (self,)
 
     def spec(self) -> dict:
         """JSON-ready description (the checkpoint stores this)."""

@@ -37,6 +37,7 @@ def clip_search(w: torch.Tensor, x: torch.Tensor, fmt: Format, n_grid: int = 20,
     w = w.detach().float()
     x = x.detach().float().to(w.device)
     rows, cols = w.shape
+    fmt = fmt.for_width(cols)
     lay = group_layout(cols, fmt.group_size)
     mask = lay.mask(w.device)                                  # (G, gs)
     xg = (lay.to_groups(x) * mask.to(x.dtype)).permute(1, 0, 2).contiguous()  # (G, T, gs), padding zeroed

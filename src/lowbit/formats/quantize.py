@@ -37,18 +37,28 @@ def fit_groups(fmt: Format, wg: torch.Tensor, mask: torch.Tensor, clip_grid=None
 
     With ``clip_grid``, each group also tries ranges shrunk by each ratio
     (the format is fitted on ``ratio * w``) and keeps the one with the lowest
-    squared error on its real entries.
+    squared error on its real entries. Groups fitted together (``fmt.fit_span``,
+    a K-quant's super-block) choose together, by their summed error.
     """
     params = fmt.fit(wg, mask)
     if not clip_grid:
         return params
     m = mask.to(wg.dtype)
-    best_err = (((fmt.qdq(wg, params) - wg) ** 2) * m).sum(-1, keepdim=True)
+    span = fmt.fit_span
+
+    def group_err(p):
+        err = (((fmt.qdq(wg, p) - wg) ** 2) * m).sum(-1, keepdim=True)      # (rows, G, 1)
+        if span == 1:
+            return err
+        rows, n_groups, _ = err.shape
+        return err.view(rows, n_groups // span, span).sum(-1, keepdim=True).expand(-1, -1, span).reshape(err.shape)
+
+    best_err = group_err(params)
     for r in clip_grid:
         if r >= 1.0:
             continue
         cand = fmt.fit(wg * r, mask)
-        err = (((fmt.qdq(wg, cand) - wg) ** 2) * m).sum(-1, keepdim=True)
+        err = group_err(cand)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         params = {k: torch.where(better, cand[k], params[k]) for k in params}
@@ -56,8 +66,10 @@ def fit_groups(fmt: Format, wg: torch.Tensor, mask: torch.Tensor, clip_grid=None
 
 
 def quantize_rtn(weight: torch.Tensor, fmt: Format, clip_grid=None) -> QuantizedWeight:
-    """Round-to-nearest quantization of ``weight`` ``(out, in)`` with ``fmt``."""
+    """Round-to-nearest quantization of ``weight`` ``(out, in)`` with ``fmt`` (its format for this width,
+    :meth:`Format.for_width`)."""
     w = weight.detach().float()
+    fmt = fmt.for_width(w.shape[1])
     lay = group_layout(w.shape[1], fmt.group_size)
     wg = lay.to_groups(w)  # (out, G, gs)
     params = fit_groups(fmt, wg, lay.mask(w.device), clip_grid)

@@ -40,7 +40,8 @@ from torch import nn
 
 from .._version import __version__
 from ..data.fetch import sha256_file
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..formats import make_format
 from ..models.arch import set_module
 from ..nn.codecs import get_codec
 from ..nn.registry import build_module, module_entries
@@ -300,12 +301,21 @@ def _verify_files(path: Path, files: dict) -> str | None:
 
 
 def _recipe_formats(meta: dict) -> list[dict] | None:
-    """The formats the recipe names (weights, embedding, head), each a ``{field: value}`` dict; None without
-    a recipe."""
+    """The formats the recipe names (weights, embedding, head) and their fallbacks, each a ``{field: value}``
+    dict; None without a recipe."""
     recipe = meta.get("summary", {}).get("recipe")
     if not isinstance(recipe, dict):
         return None
-    return [f for f in (recipe.get(k) for k in ("fmt", "embed", "head")) if isinstance(f, dict)]
+    named = [f for f in (recipe.get(k) for k in ("fmt", "embed", "head")) if isinstance(f, dict)]
+    return [g for f in named for g in _layer_formats(f)]
+
+
+def _layer_formats(f: dict) -> list[dict]:
+    """A recipe format and the formats its layers may carry instead (a K-quant's fallback for other widths)."""
+    try:
+        return [f] + [g.spec() for g in make_format(f).layer_formats()[1:]]
+    except (ConfigError, TypeError):
+        return [f]
 
 
 def check_modules(meta: dict, tensors: dict[str, torch.Tensor]) -> set[str]:

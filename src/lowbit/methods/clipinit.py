@@ -39,7 +39,7 @@ def clip_block(data, arch: ArchSpec, stats, fmt, n_grid: int, tokens: int, max_s
             lin = get_module(data.block, name)
             w = lin.weight.data.float()
             lo, hi = clip_search(w, x, fmt, n_grid, max_shrink, sym=sym)
-            lin.weight.data = apply_clip(w, lo, hi, fmt.group_size).to(lin.weight.dtype)
+            lin.weight.data = apply_clip(w, lo, hi, fmt.for_width(w.shape[1]).group_size).to(lin.weight.dtype)
 
 
 def clip_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: ClipConfig) -> None:

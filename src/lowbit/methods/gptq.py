@@ -37,13 +37,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp
     Groups are contiguous runs of ``fmt.group_size`` original columns (the
     canonical layout, no index map stored). A group's parameters are fitted
     when its first column is reached, on the group's current (error-updated)
-    weights; with ``act_order`` columns are visited by decreasing diag(H) and
+    weights (a K-quant's whole super-block at once, ``fmt.fit_span`` groups); with ``act_order`` columns are visited by decreasing diag(H) and
     each column still uses its own original group's parameters, so act-order
     needs no extra storage.
     """
     W, H = live_copies(weight, hessian)
     rows, cols = W.shape
+    fmt = fmt.for_width(cols)
     lay = group_layout(cols, fmt.group_size)
+    span = fmt.fit_span   # groups fitted together (a K-quant's super-block)
     colgroup = lay.column_group(W.device).tolist()   # Python ints: no GPU sync per column
     group_params: list[dict | None] = [None] * lay.n_groups
     codes = torch.zeros(rows, cols, dtype=torch.long, device=W.device)
@@ -51,10 +53,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp
     def quantize_column(c, w, current):
         g = colgroup[c]
         if group_params[g] is None:
-            wg = current(torch.arange(g * lay.group_size, min((g + 1) * lay.group_size, cols), device=W.device))
-            wg = wg.unsqueeze(1)  # (rows, 1, group columns)
-            gp = fit_groups(fmt, wg, torch.ones(1, wg.shape[-1], dtype=torch.bool, device=W.device), clip_grid)
-            group_params[g] = {k: v[:, 0] for k, v in gp.items()}  # (rows, 1)
+            g0 = g - g % span
+            wg = current(torch.arange(g0 * lay.group_size, min((g0 + span) * lay.group_size, cols), device=W.device))
+            k = -(-wg.shape[1] // lay.group_size) if span > 1 else 1
+            wg = wg.view(rows, k, -1)  # (rows, groups fitted together, group columns)
+            gp = fit_groups(fmt, wg, torch.ones(k, wg.shape[-1], dtype=torch.bool, device=W.device), clip_grid)
+            for j in range(k):
+                group_params[g0 + j] = {name: v[:, j] for name, v in gp.items()}  # (rows, 1)
         q = fmt.quantize(w, group_params[g])
         codes[:, c] = q[:, 0]
         return fmt.dequantize(q, group_params[g])

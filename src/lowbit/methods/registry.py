@@ -41,8 +41,8 @@ def register_method(name: str, config: type, needs: set[str] | frozenset = froze
     """Decorator registering ``fn(weight, stats, fmt, cfg) -> QuantizedWeight``.
 
     ``needs``: statistics the engine collects for the method: ``hessian``,
-    ``act_absmean``, ``act_absmax``, ``inputs`` (the group inputs themselves),
-    ``block_outputs`` (the float block's outputs, passed to ``finish_block``).
+    ``act_absmean``, ``act_absmax``, ``act_sqmean`` (per-channel mean of x²),
+    ``inputs`` (the group inputs themselves), ``block_outputs`` (the float block's outputs, passed to ``finish_block``).
     Empty = data-free (no calibration pass at all).
     ``uses_format``: False for methods with their own number format (VQ), whose
     recipe tags then leave the scalar format out.

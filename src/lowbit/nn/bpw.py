@@ -54,7 +54,8 @@ def codec_bits(codec: str, spec: dict) -> dict[str, int]:
 ITEM_KINDS = (
     ("codes", ("codes", "idx", "res_idx", "qweight")),
     ("codebooks", ("codebook", "res_codebook")),
-    ("scales", ("scale", "zero", "scale_pos", "scale_neg", "w_scale", "act_scale")),
+    ("scales", ("scale", "zero", "scale_pos", "scale_neg", "w_scale", "act_scale", "super_scale", "super_min",
+                "sub_scale", "sub_min")),
     ("outliers", ("outlier_cols", "out_idx", "out_codebook")),
     ("norms", ("col_scale", "col_bias")),
 )

@@ -71,8 +71,9 @@ class ScalarCodec:
     """Group-wise scalar formats.
 
     Buffers: ``codes`` (packed ``out*in`` codes, row-major), and per stored
-    parameter either an fp16 ``(out, n_groups)`` tensor or a packed uint8
-    buffer of ``out*n_groups`` codes.
+    parameter either an fp16 ``(out, n_groups)`` tensor (``(out, ceil(n_groups /
+    span))`` for a parameter shared by ``span`` groups, a K-quant's super-block
+    scale) or a packed uint8 buffer of ``out*n_groups`` codes.
     """
 
     @staticmethod
@@ -80,20 +81,33 @@ class ScalarCodec:
         out_f, in_f = check_dims(spec, "out_features", "in_features")
         if not isinstance(fmt.group_size, int) or isinstance(fmt.group_size, bool):
             raise ValueError(f"group_size must be an integer, got {fmt.group_size!r}")
-        params = (out_f, group_layout(in_f, fmt.group_size).n_groups)
+        n_groups = group_layout(in_f, fmt.group_size).n_groups
         return {"codes": (fmt.bits, (out_f, in_f)),
-                **{name: (None if ps.kind == "fp16" else ps.bits, params) for name, ps in fmt.param_specs().items()}}
+                **{name: (None, (out_f, -(-n_groups // ps.span))) if ps.kind == "fp16" else (ps.bits, (out_f, n_groups))
+                   for name, ps in fmt.param_specs().items()}}
 
     def buffer_shapes(self, spec):
         return packed_shapes(self._layout(make_format(spec["format"]), spec))
 
     def encode(self, qw: QuantizedWeight, spec):
-        return pack_all({"codes": qw.codes, **qw.params}, self._layout(qw.fmt, spec))
+        params = dict(qw.params)
+        for name, ps in qw.fmt.param_specs().items():
+            if ps.kind == "fp16" and ps.span > 1:   # one value per run of ``span`` groups: store it once
+                v = params[name]
+                kept = v[:, :: ps.span]
+                if not torch.equal(kept.repeat_interleave(ps.span, dim=1)[:, : v.shape[1]], v):
+                    raise ValueError(f"parameter {name!r} must be equal over each run of {ps.span} groups")
+                params[name] = kept
+        return pack_all({"codes": qw.codes, **params}, self._layout(qw.fmt, spec))
 
     def to_quantized_weight(self, buffers, spec) -> QuantizedWeight:
         fmt = make_format(spec["format"])
         t = unpack_all(buffers, self._layout(fmt, spec))
-        return QuantizedWeight(fmt, t.pop("codes"), {name: v.float() for name, v in t.items()})
+        n_groups = group_layout(spec["in_features"], fmt.group_size).n_groups
+        codes = t.pop("codes")
+        params = {name: t[name].float().repeat_interleave(ps.span, dim=1)[:, :n_groups] if ps.kind == "fp16"
+                  else t[name].float() for name, ps in fmt.param_specs().items()}
+        return QuantizedWeight(fmt, codes, params)
 
     def decode(self, buffers, spec):
         return self.to_quantized_weight(buffers, spec).dequantize()
