@@ -133,7 +133,8 @@ MIXED = {"hidden": 256, "intermediate": 96}   # down_proj's rows are 96 wide: th
     (parse_format_tag("q2_k"), None, {"": "Q2_K"}, WIDE),
     (parse_format_tag("q3_k"), parse_format_tag("q5_k"), {"": "Q3_K", "model.embed": "Q5_K"}, WIDE),
     (parse_format_tag("q6_k"), None, {"": "Q6_K", "mlp.down_proj": "Q8_0"}, MIXED),
-], ids=["q4_0", "q4_1", "q8_0", "q4_k", "q2_k", "q3_k", "q6_k-mixed"])
+    (parse_format_tag("mxfp4"), parse_format_tag("mxfp4"), {"": "MXFP4"}, {}),
+], ids=["q4_0", "q4_1", "q8_0", "q4_k", "q2_k", "q3_k", "q6_k-mixed", "mxfp4"])
 def test_tiny_model_round_trips_every_tensor(tmp_path, arch, fmt, embed, expect, widths):
     """Every GGUF tensor dequantizes (gguf-py) to lowbit's weight, q/k permutation undone and norm offset removed:
     bit for bit, but for Q4_1's fp16 offset. ``expect``: the block type by key prefix or part ("" for the rest)."""
@@ -318,6 +319,22 @@ def test_llama_cpp_runs_kquant_exports(tmp_path, monkeypatch, method, tag):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
     assert abs(_ppl(got, ids) / _ppl(want, ids) - 1) < 0.005
+
+
+@pytest.mark.parametrize("tag", ["mxfp4", "nvfp4"])
+def test_llama_cpp_runs_fp4_exports(tmp_path, monkeypatch, tag):
+    """llama.cpp runs the MXFP4 and NVFP4 exports (NVFP4 with its per-tensor ``.scale`` tensors) and its logits follow
+    lowbit's."""
+    pytest.importorskip("llama_cpp")
+    path, model, meta = _checkpoint(tmp_path, "llama", QuantRecipe(fmt=parse_format_tag(tag)), intermediate=128)
+    out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors if len(t.shape) == 2} == {tag.upper(), "F16"}
+    ids = tiny_tokenizer()(TINY_TEXT)["input_ids"][:60]
+    got = _llama_cpp_logits(monkeypatch, out, ids)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].float()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
 
 
 def test_cli_export_to_gguf(tiny_dir, tmp_path, capsys):
