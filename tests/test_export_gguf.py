@@ -286,6 +286,17 @@ def _ppl(logits: torch.Tensor, ids: list[int]) -> float:
     return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]))))
 
 
+def _llama_cpp_follows(monkeypatch, gguf_path, model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's and lowbit's logits for ``ids``, after checking that llama.cpp's follow lowbit's: the same argmax
+    at 90% of the positions, every logit within 5% of the largest."""
+    got = _llama_cpp_logits(monkeypatch, gguf_path, ids)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].float()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+    return got, want
+
+
 def test_llama_cpp_runs_the_export(tmp_path, monkeypatch):
     """llama.cpp loads the exported tiny Llama and its logits follow lowbit's (it quantizes activations to 8 bits
     for the Q4_0 dot products, hence the tolerance)."""
@@ -293,19 +304,15 @@ def test_llama_cpp_runs_the_export(tmp_path, monkeypatch):
     path, model, meta = _checkpoint(tmp_path, "llama", QuantRecipe(fmt=FormatConfig(bits=4, group_size=32, sym=True)))
     out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
     ids = list(range(3, 40))
-    got = _llama_cpp_logits(monkeypatch, out, ids)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].float()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
-    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+    got, want = _llama_cpp_follows(monkeypatch, out, model, ids)
 
 
 @pytest.mark.parametrize("method, tag", [("rtn", "q2_k"), ("ksearch", "q3_k"), ("rtn", "q4_k"), ("ksearch", "q4_k"),
-                                         ("rtn", "q5_k"), ("rtn", "q6_k")])
+                                         ("rtn", "q5_k"), ("rtn", "q6_k"), ("rtn", "mxfp4")])
 def test_llama_cpp_runs_kquant_exports(tmp_path, monkeypatch, method, tag):
-    """llama.cpp runs the K-quant export of a model whose widths are multiples of 256 (embedding and head included): its
-    logits follow lowbit's and its perplexity on the same ids is within 0.5% (llama.cpp rounds the activations
-    to int8 blocks of 256 for K-quant dot products)."""
+    """llama.cpp runs the K-quant (and MXFP4) export of a model whose widths are multiples of 256 (embedding and head
+    included): its logits follow lowbit's and its perplexity on the same ids is within 0.5% (llama.cpp rounds the
+    activations to int8 blocks for the dot products)."""
     pytest.importorskip("llama_cpp")
     fmt = parse_format_tag(tag)
     recipe = QuantRecipe(method=method, fmt=fmt, embed=fmt, head=fmt)
@@ -313,28 +320,17 @@ def test_llama_cpp_runs_kquant_exports(tmp_path, monkeypatch, method, tag):
     out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors if len(t.shape) == 2} == {tag.upper()}
     ids = tiny_tokenizer()(TINY_TEXT)["input_ids"][:100]
-    got = _llama_cpp_logits(monkeypatch, out, ids)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].float()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
-    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+    got, want = _llama_cpp_follows(monkeypatch, out, model, ids)
     assert abs(_ppl(got, ids) / _ppl(want, ids) - 1) < 0.005
 
 
-@pytest.mark.parametrize("tag", ["mxfp4", "nvfp4"])
-def test_llama_cpp_runs_fp4_exports(tmp_path, monkeypatch, tag):
-    """llama.cpp runs the MXFP4 and NVFP4 exports (NVFP4 with its per-tensor ``.scale`` tensors) and its logits follow
-    lowbit's."""
-    pytest.importorskip("llama_cpp")
-    path, model, meta = _checkpoint(tmp_path, "llama", QuantRecipe(fmt=parse_format_tag(tag)), intermediate=128)
+def test_llama_cpp_runs_nvfp4_export(tmp_path, monkeypatch):
+    """llama.cpp runs the NVFP4 export of the block linears, multiplying in each ``.scale`` tensor: its logits follow
+    lowbit's (without the scales they would be off by a factor of about 10^4)."""
+    path, model, meta = _checkpoint(tmp_path, "llama", QuantRecipe(fmt=parse_format_tag("nvfp4")), intermediate=128)
     out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
-    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors if len(t.shape) == 2} == {tag.upper(), "F16"}
     ids = tiny_tokenizer()(TINY_TEXT)["input_ids"][:60]
-    got = _llama_cpp_logits(monkeypatch, out, ids)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].float()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
-    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+    got, want = _llama_cpp_follows(monkeypatch, out, model, ids)
 
 
 def test_cli_export_to_gguf(tiny_dir, tmp_path, capsys):

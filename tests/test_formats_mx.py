@@ -16,14 +16,14 @@ import lowbit
 from lowbit.config import FormatConfig, format_fields, parse_format_tag
 from lowbit.errors import ConfigError
 from lowbit.formats import make_format, quantize_rtn
-from lowbit.formats.mx import BLOCK_FORMATS, ELEMS, E8M0_BIAS, MXFormat, NVFP4Format, e8m0_value
+from lowbit.formats.mx import BLOCK_FORMATS, ELEMS, E8M0_BIAS, MXFormat, e8m0_value
 from lowbit.io.checkpoint import load_checkpoint, read_meta
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.nn.bpw import bpw_report, codec_bits
 from lowbit.nn.codecs import get_codec
 from lowbit.quantize import QuantRecipe, recipe_from_options
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import reload_same_logits, tiny_model, tiny_tokenizer
 
 TAGS = list(BLOCK_FORMATS)
 MX_TAGS = [t for t in TAGS if t != "nvfp4"]
@@ -75,6 +75,7 @@ def test_codes_round_trip_through_the_format(tag):
     """Every element code, dequantized with a block scale and quantized again, is the same code."""
     fmt = _fmt(tag)
     e = fmt.ELEM
+    assert fmt == BLOCK_FORMATS[tag]() and fmt.spec()["format"] == tag
     codes = torch.tensor([c for c, v in enumerate(e.values) if v is not None and (v != 0 or c == 0)]).view(1, 1, -1)
     if isinstance(fmt, MXFormat):
         params = {"shared_exp": torch.full((1, 1, 1), float(E8M0_BIAS - 3))}
@@ -200,12 +201,7 @@ def test_rtn_model_saves_and_loads(tmp_path, tag):
     lowbit.quantize(m, QuantRecipe(method="rtn", fmt=parse_format_tag(tag)), progress=False)
     q = m.model.layers[0].self_attn.q_proj
     assert q.spec["format"] == _fmt(tag).spec()
-    ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = m(ids).logits
-    back = load_checkpoint(lowbit.save(m, tmp_path / "ck", tiny_tokenizer()))
-    with torch.no_grad():
-        assert torch.equal(back(ids).logits, want)
+    back = reload_same_logits(m, tmp_path / "ck")
     rep = bpw_report(back)
     if tag == "nvfp4":   # 4.5 + one fp32 per tensor: 7 linears per block of 64x64 .. 64x96 weights
         layers = [v for k, v in rep["layers"].items() if k.startswith("model.layers")]
@@ -243,9 +239,6 @@ def test_cli_quantize_and_evaluate(tiny_dir, text_file, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ GGUF
 
-gguf = pytest.importorskip("gguf")
-
-
 def _random(rows, cols, seed=0):
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
 
@@ -253,6 +246,7 @@ def _random(rows, cols, seed=0):
 def test_mxfp4_bytes_equal_gguf_quantizer():
     """lowbit's MXFP4 blocks are gguf-py's quantizer's bytes (no exact ties in this weight), and gguf-py's
     dequantizer gives lowbit's weight bit for bit."""
+    gguf = pytest.importorskip("gguf")
     from lowbit.export.gguf_fp4 import pack_mxfp4
 
     w = _random(6, 256)
@@ -267,6 +261,7 @@ def test_mxfp4_bytes_equal_gguf_quantizer():
 
 def test_nvfp4_blocks_dequantize_to_lowbit_weight():
     """gguf-py has no NVFP4 quantizer: its dequantizer of lowbit's blocks times the tensor scale is lowbit's weight."""
+    gguf = pytest.importorskip("gguf")
     from lowbit.export.gguf_fp4 import pack_nvfp4
 
     w = _random(6, 256, seed=3)
@@ -280,6 +275,7 @@ def test_nvfp4_blocks_dequantize_to_lowbit_weight():
 @pytest.mark.parametrize("tag", ["mxfp4", "nvfp4"])
 def test_tiny_model_exports_to_gguf(tmp_path, tag):
     """Every block linear lands as MXFP4 / NVFP4 (plus NVFP4's ``.scale``) and reads back as lowbit's weight."""
+    gguf = pytest.importorskip("gguf")
     from lowbit.export.gguf import export
 
     m = tiny_model("llama", intermediate=128)
@@ -298,13 +294,20 @@ def test_tiny_model_exports_to_gguf(tmp_path, tag):
 
 
 def test_gguf_refuses_by_name(tmp_path):
-    """Rows that are not whole blocks, and MX types without a ggml type, are refused naming the layers."""
+    """Rows that are not whole blocks, MX types without a ggml type and an NVFP4 embedding are refused naming the
+    layers."""
+    pytest.importorskip("gguf")
     from lowbit.export.gguf import export
 
-    for tag, why in (("nvfp4", "rows of 96 columns are not whole NVFP4 blocks of 64: model.layers.0.mlp.down_proj"),
-                     ("mxfp6_e2m3", "format mxfp6_e2m3 has no llama.cpp block type")):
+    nv = parse_format_tag("nvfp4")
+    for tag, recipe, why in (
+            ("nvfp4", QuantRecipe(fmt=nv), "rows of 96 columns are not whole NVFP4 blocks of 64: "
+                                           "model.layers.0.mlp.down_proj"),
+            ("mxfp6", QuantRecipe(fmt=parse_format_tag("mxfp6_e2m3")), "format mxfp6_e2m3 has no llama.cpp block type"),
+            ("embed", QuantRecipe(fmt=parse_format_tag("mxfp4"), embed=nv),
+             "per-tensor scale only to the decoder-block linears, not the embedding or head: model.embed_tokens")):
         m = tiny_model("llama")
-        lowbit.quantize(m, QuantRecipe(method="rtn", fmt=parse_format_tag(tag)), progress=False)
+        lowbit.quantize(m, recipe, progress=False)
         path = lowbit.save(m, tmp_path / tag, tiny_tokenizer())
         with pytest.raises(ConfigError, match=why):
             export(load_checkpoint(path), read_meta(path), tmp_path / f"{tag}.gguf", tokenizer=path)

@@ -53,7 +53,7 @@ from .._version import __version__
 from ..errors import ConfigError
 from ..formats import IntFormat, KQuantFormat, group_layout, make_format, preset_tag
 from ..formats.kquant import SUPER_BLOCK
-from ..formats.mx import MXFP4Format, NVFP4Format
+from ..formats.mx import MXFormat, NVFP4Format
 from ..models.arch import arch_for
 from ..utils import atomic_file
 from .gguf_fp4 import MXFP4_BLOCK, NVFP4_BLOCK, pack_mxfp4, pack_nvfp4
@@ -129,8 +129,8 @@ def block_type(fmt) -> str | None:
     """The ggml type name holding lowbit format ``fmt`` exactly, ignoring widths (None when there is none)."""
     if isinstance(fmt, KQuantFormat):
         return fmt.ktype.ggml
-    if isinstance(fmt, (MXFP4Format, NVFP4Format)):
-        return fmt.name.upper()
+    if isinstance(fmt, (MXFormat, NVFP4Format)):
+        return {"mxfp4": "MXFP4", "nvfp4": "NVFP4"}.get(fmt.name)
     if not isinstance(fmt, IntFormat):
         return None
     return {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}.get(
@@ -247,9 +247,9 @@ def _float_tensor(name: str, w: torch.Tensor, storage: str) -> PlannedTensor:
     return PlannedTensor(name, data, qtype)
 
 
-def _block_tensor(name: str, qmod, perm: torch.Tensor | None) -> list[PlannedTensor] | str:
+def _block_tensor(name: str, qmod, perm: torch.Tensor | None, in_blocks: bool = True) -> list[PlannedTensor] | str:
     """The packed weight of ``qmod`` on its ggml block grid (and an NVFP4 weight's per-tensor scale), or why it
-    has none."""
+    has none. ``in_blocks``: a decoder-block linear (not the embedding or head)."""
     spec = qmod.spec
     if spec.get("codec") != "scalar":
         return f"codec {spec.get('codec', type(qmod).__name__)!r} has no llama.cpp block type"
@@ -257,14 +257,17 @@ def _block_tensor(name: str, qmod, perm: torch.Tensor | None) -> list[PlannedTen
     why = _why_not(fmt, spec["in_features"])
     if why is not None:
         return why
+    if isinstance(fmt, NVFP4Format) and not in_blocks:
+        # llama.cpp fails to load a token_embd.scale and gives NaN logits with an NVFP4 output (llama-cpp-python 0.3.36)
+        return "llama.cpp applies NVFP4's per-tensor scale only to the decoder-block linears, not the embedding or head"
     qw = qmod.codec.to_quantized_weight(qmod.packed_buffers(), spec)
-    if isinstance(fmt, (KQuantFormat, MXFP4Format, NVFP4Format)):
+    if isinstance(fmt, (KQuantFormat, MXFormat, NVFP4Format)):
         codes, params = qw.codes, qw.params
         if perm is not None:
             codes, params = codes[perm], {k: v[perm] for k, v in params.items()}
         if isinstance(fmt, KQuantFormat):
             return [PlannedTensor(name, pack_kblocks(fmt, codes, params), fmt.ktype.ggml)]
-        if isinstance(fmt, MXFP4Format):
+        if isinstance(fmt, MXFormat):   # mxfp4, the one MX type with a ggml type
             return [PlannedTensor(name, pack_mxfp4(codes, params["shared_exp"]), "MXFP4")]
         out = [PlannedTensor(name, pack_nvfp4(codes, params["block_scale"]), "NVFP4")]
         g = params["tensor_scale"].reshape(-1)[:1].float().numpy()
@@ -324,7 +327,7 @@ def tensor_plan(model, meta: dict, allow_f16: bool = False) -> list[PlannedTenso
                 w = w + norm_offset
             plan.append(_float_tensor(name, w if perm is None else w[perm], storage))
             continue
-        planned = _block_tensor(name, qmod, perm)
+        planned = _block_tensor(name, qmod, perm, kind not in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT))
         if not isinstance(planned, str):
             plan.extend(planned)
         elif allow_f16:
@@ -335,6 +338,10 @@ def tensor_plan(model, meta: dict, allow_f16: bool = False) -> list[PlannedTenso
 
     if unnamed:
         raise ConfigError(f"llama.cpp's {arch.name} architecture has no tensor for: {', '.join(unnamed)}")
+    unknown = sorted({p.qtype for p in plan} - set(gguf.GGMLQuantizationType.__members__))
+    if unknown:
+        raise ConfigError(f"the installed gguf package has no {', '.join(unknown)} type: pip install -U gguf "
+                          "(0.19 has MXFP4 and NVFP4)")
     if refused:
         lines = [f"{why}: {', '.join(mods[:4])}" + (f" and {len(mods) - 4} more" if len(mods) > 4 else "")
                  for why, mods in refused.items()]

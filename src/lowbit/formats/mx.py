@@ -50,7 +50,7 @@ from .base import Format, ParamSpec
 from .registry import register_format, register_preset
 from .table import LevelGrid
 
-__all__ = ["ElemType", "ELEMS", "MXFormat", "NVFP4Format", "BLOCK_FORMATS", "e8m0_value", "E8M0_BIAS"]
+__all__ = ["ElemType", "ELEMS", "MXFormat", "NVFP4Format", "MX_TAGS", "BLOCK_FORMATS", "e8m0_value", "E8M0_BIAS"]
 
 #: E8M0's exponent bias: code ``s`` is ``2^(s - 127)``; 255 is NaN and never stored
 E8M0_BIAS = 127
@@ -132,6 +132,9 @@ class _BlockFormat(Format):
                 f"scale, so its settings are bits={want[0]}, group_size={want[1]}, sym=True, not bits={self.bits}, "
                 f"group_size={self.group_size}, sym={self.sym} (the name {self.name} sets them; drop the others)")
 
+    def spec(self) -> dict:
+        return {"format": self.name, "bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+
     def _elements(self, x: torch.Tensor) -> torch.Tensor:
         return self.ELEM.grid.nearest(x)
 
@@ -139,10 +142,34 @@ class _BlockFormat(Format):
         return self.ELEM.grid.lut(codes.device)[codes.long()]
 
 
+#: the MX formats: tag -> element type
+MX_TAGS: dict[str, str] = {"mxfp4": "e2m1", "mxfp6_e2m3": "e2m3", "mxfp6_e3m2": "e3m2", "mxfp8_e4m3": "e4m3",
+                           "mxfp8_e5m2": "e5m2", "mxint8": "int8"}
+
+
 @dataclass(frozen=True)
 class MXFormat(_BlockFormat):
-    """OCP MX: one E8M0 shared exponent per block of 32 (module doc). Parameter ``shared_exp``: the biased
-    8-bit code ``s``, ``(rows, G, 1)`` from :meth:`fit`; the block scale is ``2^(s - 127)``."""
+    """OCP MX: one E8M0 shared exponent per block of 32 (module doc). ``elem`` picks the element type; each tag
+    of :data:`MX_TAGS` is registered with its own, and the spec names the tag, not ``elem``.
+
+    Parameter ``shared_exp``: the biased 8-bit code ``s``, ``(rows, G, 1)`` from :meth:`fit`; the block scale is
+    ``2^(s - 127)``.
+    """
+
+    elem: str = "e2m1"
+
+    def __post_init__(self):
+        if self.elem not in MX_TAGS.values():
+            raise ConfigError(f"MX element types are {', '.join(MX_TAGS.values())}, got {self.elem!r}")
+        super().__post_init__()
+
+    @property
+    def name(self) -> str:
+        return next(t for t, e in MX_TAGS.items() if e == self.elem)
+
+    @property
+    def ELEM(self) -> ElemType:
+        return ELEMS[self.elem]
 
     def param_specs(self) -> dict[str, ParamSpec]:
         return {"shared_exp": ParamSpec("code", 8)}
@@ -180,9 +207,6 @@ class NVFP4Format(_BlockFormat):
     ELEM: ClassVar[ElemType] = ELEMS["e2m1"]
     SCALE: ClassVar[ElemType] = ELEMS["e4m3"]
 
-    def spec(self) -> dict:
-        return {"format": self.name, "bits": self.bits, "group_size": self.group_size, "sym": self.sym}
-
     def param_specs(self) -> dict[str, ParamSpec]:
         return {"block_scale": ParamSpec("code", 8), "tensor_scale": ParamSpec("tensor_fp32")}
 
@@ -218,51 +242,10 @@ class NVFP4Format(_BlockFormat):
         return (self._levels(codes) * self.block_scale(params)) * params["tensor_scale"].float()
 
 
-@dataclass(frozen=True)
-class MXFP4Format(MXFormat):
-    name: ClassVar[str] = "mxfp4"
-    ELEM: ClassVar[ElemType] = ELEMS["e2m1"]
+#: every block format by its tag (also its registered name): a callable taking the spec's fields
+BLOCK_FORMATS = {**{t: functools.partial(MXFormat, bits=ELEMS[e].bits, elem=e) for t, e in MX_TAGS.items()},
+                 "nvfp4": NVFP4Format}
 
-
-@dataclass(frozen=True)
-class MXFP6E2M3Format(MXFormat):
-    bits: int = 6
-    name: ClassVar[str] = "mxfp6_e2m3"
-    ELEM: ClassVar[ElemType] = ELEMS["e2m3"]
-
-
-@dataclass(frozen=True)
-class MXFP6E3M2Format(MXFormat):
-    bits: int = 6
-    name: ClassVar[str] = "mxfp6_e3m2"
-    ELEM: ClassVar[ElemType] = ELEMS["e3m2"]
-
-
-@dataclass(frozen=True)
-class MXFP8E4M3Format(MXFormat):
-    bits: int = 8
-    name: ClassVar[str] = "mxfp8_e4m3"
-    ELEM: ClassVar[ElemType] = ELEMS["e4m3"]
-
-
-@dataclass(frozen=True)
-class MXFP8E5M2Format(MXFormat):
-    bits: int = 8
-    name: ClassVar[str] = "mxfp8_e5m2"
-    ELEM: ClassVar[ElemType] = ELEMS["e5m2"]
-
-
-@dataclass(frozen=True)
-class MXINT8Format(MXFormat):
-    bits: int = 8
-    name: ClassVar[str] = "mxint8"
-    ELEM: ClassVar[ElemType] = ELEMS["int8"]
-
-
-#: every block format by its tag (also its registered name)
-BLOCK_FORMATS: dict[str, type] = {c.name: c for c in (
-    MXFP4Format, MXFP6E2M3Format, MXFP6E3M2Format, MXFP8E4M3Format, MXFP8E5M2Format, MXINT8Format, NVFP4Format)}
-
-for _tag, _cls in BLOCK_FORMATS.items():
-    register_format(_tag, _cls)
-    register_preset(_tag, _cls().spec())
+for _tag, _make in BLOCK_FORMATS.items():
+    register_format(_tag, _make)
+    register_preset(_tag, _make().spec())
