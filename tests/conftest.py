@@ -76,6 +76,21 @@ def tiny_tokenizer():
     return _TOKENIZER
 
 
+def reload_same_logits(model, path):
+    """Save quantized ``model`` to ``path`` with the tiny tokenizer, load it back, check the logits on fixed ids are
+    equal bit for bit; returns the loaded model."""
+    import lowbit
+    from lowbit.io.checkpoint import load_checkpoint
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    back = load_checkpoint(lowbit.save(model, path, tiny_tokenizer()))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, want)
+    return back
+
+
 #: every architecture tiny_config builds; tests taking the ``arch`` fixture run on each
 ARCHS = ("llama", "gemma3", "opt", "opt-postnorm", "qwen2")
 

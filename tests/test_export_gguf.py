@@ -133,7 +133,8 @@ MIXED = {"hidden": 256, "intermediate": 96}   # down_proj's rows are 96 wide: th
     (parse_format_tag("q2_k"), None, {"": "Q2_K"}, WIDE),
     (parse_format_tag("q3_k"), parse_format_tag("q5_k"), {"": "Q3_K", "model.embed": "Q5_K"}, WIDE),
     (parse_format_tag("q6_k"), None, {"": "Q6_K", "mlp.down_proj": "Q8_0"}, MIXED),
-], ids=["q4_0", "q4_1", "q8_0", "q4_k", "q2_k", "q3_k", "q6_k-mixed"])
+    (parse_format_tag("mxfp4"), parse_format_tag("mxfp4"), {"": "MXFP4"}, {}),
+], ids=["q4_0", "q4_1", "q8_0", "q4_k", "q2_k", "q3_k", "q6_k-mixed", "mxfp4"])
 def test_tiny_model_round_trips_every_tensor(tmp_path, arch, fmt, embed, expect, widths):
     """Every GGUF tensor dequantizes (gguf-py) to lowbit's weight, q/k permutation undone and norm offset removed:
     bit for bit, but for Q4_1's fp16 offset. ``expect``: the block type by key prefix or part ("" for the rest)."""
@@ -285,6 +286,17 @@ def _ppl(logits: torch.Tensor, ids: list[int]) -> float:
     return float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]))))
 
 
+def _llama_cpp_follows(monkeypatch, gguf_path, model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's and lowbit's logits for ``ids``, after checking that llama.cpp's follow lowbit's: the same argmax
+    at 90% of the positions, every logit within 5% of the largest."""
+    got = _llama_cpp_logits(monkeypatch, gguf_path, ids)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].float()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+    return got, want
+
+
 def test_llama_cpp_runs_the_export(tmp_path, monkeypatch):
     """llama.cpp loads the exported tiny Llama and its logits follow lowbit's (it quantizes activations to 8 bits
     for the Q4_0 dot products, hence the tolerance)."""
@@ -292,19 +304,15 @@ def test_llama_cpp_runs_the_export(tmp_path, monkeypatch):
     path, model, meta = _checkpoint(tmp_path, "llama", QuantRecipe(fmt=FormatConfig(bits=4, group_size=32, sym=True)))
     out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
     ids = list(range(3, 40))
-    got = _llama_cpp_logits(monkeypatch, out, ids)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].float()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
-    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+    got, want = _llama_cpp_follows(monkeypatch, out, model, ids)
 
 
 @pytest.mark.parametrize("method, tag", [("rtn", "q2_k"), ("ksearch", "q3_k"), ("rtn", "q4_k"), ("ksearch", "q4_k"),
-                                         ("rtn", "q5_k"), ("rtn", "q6_k")])
+                                         ("rtn", "q5_k"), ("rtn", "q6_k"), ("rtn", "mxfp4")])
 def test_llama_cpp_runs_kquant_exports(tmp_path, monkeypatch, method, tag):
-    """llama.cpp runs the K-quant export of a model whose widths are multiples of 256 (embedding and head included): its
-    logits follow lowbit's and its perplexity on the same ids is within 0.5% (llama.cpp rounds the activations
-    to int8 blocks of 256 for K-quant dot products)."""
+    """llama.cpp runs the K-quant (and MXFP4) export of a model whose widths are multiples of 256 (embedding and head
+    included): its logits follow lowbit's and its perplexity on the same ids is within 0.5% (llama.cpp rounds the
+    activations to int8 blocks for the dot products)."""
     pytest.importorskip("llama_cpp")
     fmt = parse_format_tag(tag)
     recipe = QuantRecipe(method=method, fmt=fmt, embed=fmt, head=fmt)
@@ -312,12 +320,17 @@ def test_llama_cpp_runs_kquant_exports(tmp_path, monkeypatch, method, tag):
     out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors if len(t.shape) == 2} == {tag.upper()}
     ids = tiny_tokenizer()(TINY_TEXT)["input_ids"][:100]
-    got = _llama_cpp_logits(monkeypatch, out, ids)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].float()
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
-    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+    got, want = _llama_cpp_follows(monkeypatch, out, model, ids)
     assert abs(_ppl(got, ids) / _ppl(want, ids) - 1) < 0.005
+
+
+def test_llama_cpp_runs_nvfp4_export(tmp_path, monkeypatch):
+    """llama.cpp runs the NVFP4 export of the block linears, multiplying in each ``.scale`` tensor: its logits follow
+    lowbit's (without the scales they would be off by a factor of about 10^4)."""
+    path, model, meta = _checkpoint(tmp_path, "llama", QuantRecipe(fmt=parse_format_tag("nvfp4")), intermediate=128)
+    out = export(model, meta, tmp_path / "m.gguf", tokenizer=path)
+    ids = tiny_tokenizer()(TINY_TEXT)["input_ids"][:60]
+    got, want = _llama_cpp_follows(monkeypatch, out, model, ids)
 
 
 def test_cli_export_to_gguf(tiny_dir, tmp_path, capsys):

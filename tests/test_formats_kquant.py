@@ -10,13 +10,12 @@ from lowbit.errors import ConfigError
 from lowbit.formats import IntFormat, KQuantFormat, quantize_rtn
 from lowbit.formats.kquant import KTYPES, search_kquant
 from lowbit.formats.quantize import DEFAULT_CLIP_GRID
-from lowbit.io.checkpoint import load_checkpoint
 from lowbit.methods.gptq import gptq_quantize
 from lowbit.nn import QuantizedLinear, scalar_spec
 from lowbit.nn.bpw import codec_bits
 from lowbit.quantize import QuantRecipe, recipe_from_options
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import reload_same_logits, tiny_model
 
 BPW = {2: 2.625, 3: 3.4375, 4: 4.5, 5: 5.5, 6: 6.5625}   # ggml's block sizes in bits per weight
 ALL = [KQuantFormat(b, kt.sub, kt.sym) for b, kt in KTYPES.items()]
@@ -168,12 +167,7 @@ def test_checkpoint_with_kquant_and_fallback_layers(tmp_path):
     layer = m.model.layers[0]
     assert layer.self_attn.q_proj.spec["format"]["format"] == "kquant"
     assert layer.mlp.down_proj.spec["format"] == IntFormat(4, 32, False).spec()     # 96 columns: Q4_1's grid
-    ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = m(ids).logits
-    back = load_checkpoint(lowbit.save(m, tmp_path / "ck", tiny_tokenizer()))
-    with torch.no_grad():
-        assert torch.equal(back(ids).logits, want)
+    reload_same_logits(m, tmp_path / "ck")
 
 
 def test_ksearch_imatrix_weighs_by_the_calibration_inputs():

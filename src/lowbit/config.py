@@ -26,7 +26,7 @@ def from_dict(cls, d: dict | None):
 class FormatConfig:
     """Number format of the quantized weights."""
 
-    format: str = "int"       # int | fp | nf (asymmetric = two scales for fp/nf) | a K-quant: q2_k q3_k q4_k q5_k q6_k
+    format: str = "int"       # int | fp | nf (asymmetric = two scales for fp/nf) | a K-quant: q2_k q3_k q4_k q5_k q6_k | a block format: mxfp4 mxfp6_e2m3 mxfp6_e3m2 mxfp8_e4m3 mxfp8_e5m2 mxint8 nvfp4
     bits: int = 4             # bits per weight code
     group_size: int = 128     # columns per group; -1 = one group per output channel
     sym: bool = False         # symmetric (one scale) instead of asymmetric
@@ -47,10 +47,14 @@ class FormatConfig:
     def tag(self) -> str:
         """Short readable name, e.g. ``fp4-g128`` (two-scale/asymmetric), ``int4-sym-g128``, ``nf3-pc``.
 
-        The inverse of :func:`parse_format_tag`. A K-quant is its type's tag (``q4_k``).
+        The inverse of :func:`parse_format_tag`. A format whose name fixes its settings is its tag (``q4_k``,
+        ``mxfp4``).
         """
-        if self.format == "kquant":
-            return f"q{self.bits}_k"
+        from .formats import preset_tag
+
+        tag = preset_tag(asdict(self))
+        if tag is not None:
+            return tag
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.format}{self.bits}{'-sym' if self.sym else ''}-{g}"
 
@@ -118,34 +122,45 @@ def kquant_config(bits: int) -> FormatConfig:
 
 
 def format_fields(given: dict) -> dict:
-    """FormatConfig fields from the flags given: ``format: q4_k`` (or ``format: kquant`` with ``bits``) brings the
-    type's bits, group size and symmetry; a flag given with another value is a ConfigError naming it."""
+    """FormatConfig fields from the flags given: a format whose name fixes its settings (``format: q4_k``,
+    ``mxfp4``; or ``format: kquant`` with ``bits``) brings its bits, group size and symmetry; a flag given with
+    another value is a ConfigError naming it."""
+    from .formats import preset
+
     fmt = given.get("format")
     m = _KTAG.match(fmt.strip().lower()) if isinstance(fmt, str) else None
-    if m is None and fmt != "kquant":
+    ref = preset(fmt.strip().lower()) if isinstance(fmt, str) else None
+    if ref is None and (m is not None or fmt == "kquant"):
+        bits = int(m["bits"]) if m else given.get("bits")
+        if bits is None:
+            raise ConfigError("--format kquant needs --bits (2 to 6), or name the type: --format q4_k")
+        ref = asdict(kquant_config(bits))
+    if ref is None:
         return dict(given)
-    bits = int(m["bits"]) if m else given.get("bits")
-    if bits is None:
-        raise ConfigError("--format kquant needs --bits (2 to 6), or name the type: --format q4_k")
-    ref = kquant_config(bits)
+    tag = FormatConfig(**ref).tag()
     for key in ("bits", "group_size", "sym"):
-        if key in given and given[key] != getattr(ref, key):
-            raise ConfigError(f"{ref.tag()} fixes --{key.replace('_', '-')} to {getattr(ref, key)}; drop "
+        if key in given and given[key] != ref[key]:
+            raise ConfigError(f"{tag} fixes --{key.replace('_', '-')} to {ref[key]}; drop "
                               f"--{key.replace('_', '-')} {given[key]}")
-    return asdict(ref)
+    return ref
 
 
 _TAG = re.compile(r"^(?P<fmt>[a-z]+?)(?P<bits>\d+)(?P<sym>-sym)?(?:-(?:g(?P<g>\d+)|(?P<pc>pc)))?$")
 
 
 def parse_format_tag(tag: str, default_group: int = -1) -> FormatConfig:
-    """``int8``, ``int4-g128``, ``int4-sym-g64``, ``int8-pc``, ``q4_k`` -> FormatConfig."""
+    """``int8``, ``int4-g128``, ``int4-sym-g64``, ``int8-pc``, ``q4_k``, ``mxfp4`` -> FormatConfig."""
+    from .formats import preset
+
+    fixed = preset(tag.strip().lower())
+    if fixed is not None:
+        return FormatConfig(**fixed)
     k = _KTAG.match(tag.strip().lower())
     if k:
         return kquant_config(int(k["bits"]))
     m = _TAG.match(tag.strip().lower())
     if not m:
-        raise ConfigError(f"cannot read format {tag!r}; write it like int8, int4-g128, int4-sym-g64 (pc = per row) "
-                          "or q4_k")
+        raise ConfigError(f"cannot read format {tag!r}; write it like int8, int4-g128, int4-sym-g64 (pc = per row), "
+                          "q4_k or mxfp4")
     g = -1 if m["pc"] else int(m["g"]) if m["g"] else default_group
     return FormatConfig(format=m["fmt"], bits=int(m["bits"]), group_size=g, sym=bool(m["sym"]))

@@ -12,12 +12,18 @@ int5 sym            Q5_0                             ``(q - 16) * d``,  ``d = s`
 int5 asym           Q5_1                             ``d * q + m``,     ``d = s``, ``m = -z * s``
 int8 sym            Q8_0                             ``(q - 128) * d``, ``d = s`` (stored as int8)
 kquant q2_k..q6_k   Q2_K, Q3_K, Q4_K, Q5_K, Q6_K     the same super-blocks (:mod:`lowbit.formats.kquant`)
+mxfp4               MXFP4                            ``e2m1(c) * 2^(e - 127)`` (:mod:`lowbit.formats.mx`)
+nvfp4               NVFP4 + F32 ``<name>.scale``     ``(e2m1(c) * e4m3(d)) * g``, 64-column blocks
 ==================  ===============================  =============================================
 
 For the int types the group size must be a multiple of 32 (or one group per row) and the row width a multiple
 of 32; each 32-block then takes its group's scale (and zero point). A lowbit K-quant weight is ggml's own grid
 (rows of whole 256-column super-blocks; other widths were quantized with the type's int fallback), so its codes,
-sub-scales, mins and fp16 ``d``/``dmin`` are moved into the blocks bit for bit (:mod:`.gguf_kquants`). The symmetric int types and every K-quant are exact; the asymmetric int ones
+sub-scales, mins and fp16 ``d``/``dmin`` are moved into the blocks bit for bit (:mod:`.gguf_kquants`); so are an
+``mxfp4`` weight's e2m1 codes and E8M0 exponents (rows a multiple of 32 wide) and an ``nvfp4`` weight's codes and
+E4M3 block scales (rows a multiple of 64 wide, ggml's NVFP4 block), whose per-tensor scale goes in a one-value
+F32 tensor ``<name>.scale`` as llama.cpp's converter writes it (:mod:`.gguf_fp4`). The symmetric int types, every
+K-quant, MXFP4 and NVFP4 are exact; the asymmetric int ones
 store ``m = -z * s`` as fp16, the only rounding in the file (at most half an fp16 ulp of ``m``). Unquantized
 tensors keep the checkpoint's storage precision (F16 or BF16; F32 for norms and biases, as llama.cpp's
 converter writes them). Any other quantized weight (int2/int3, fp/nf, VQ, W8A8, a group of 16, ...) is refused by
@@ -45,10 +51,12 @@ import torch
 
 from .._version import __version__
 from ..errors import ConfigError
-from ..formats import IntFormat, KQuantFormat, group_layout, make_format
+from ..formats import IntFormat, KQuantFormat, group_layout, make_format, preset_tag
 from ..formats.kquant import SUPER_BLOCK
+from ..formats.mx import MXFormat, NVFP4Format
 from ..models.arch import arch_for
 from ..utils import atomic_file
+from .gguf_fp4 import MXFP4_BLOCK, NVFP4_BLOCK, pack_mxfp4, pack_nvfp4
 from .gguf_kquants import pack_kblocks
 
 log = logging.getLogger(__name__)
@@ -61,7 +69,10 @@ BLOCK = 32
 
 #: exact mappings, for the refusal message
 MAPS = ("int4 sym -> Q4_0", "int4 asym -> Q4_1", "int5 sym -> Q5_0", "int5 asym -> Q5_1", "int8 sym -> Q8_0",
-        "kquant q2_k..q6_k -> Q2_K..Q6_K")
+        "kquant q2_k..q6_k -> Q2_K..Q6_K", "mxfp4 -> MXFP4", "nvfp4 -> NVFP4")
+
+#: columns per block of the fp4 block types: a row must be whole blocks
+FP4_BLOCKS = {"MXFP4": MXFP4_BLOCK, "NVFP4": NVFP4_BLOCK}
 
 
 def _gguf():
@@ -118,6 +129,8 @@ def block_type(fmt) -> str | None:
     """The ggml type name holding lowbit format ``fmt`` exactly, ignoring widths (None when there is none)."""
     if isinstance(fmt, KQuantFormat):
         return fmt.ktype.ggml
+    if isinstance(fmt, (MXFormat, NVFP4Format)):
+        return {"mxfp4": "MXFP4", "nvfp4": "NVFP4"}.get(fmt.name)
     if not isinstance(fmt, IntFormat):
         return None
     return {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}.get(
@@ -131,6 +144,10 @@ def _why_not(fmt, in_features: int) -> str | None:
     if isinstance(fmt, KQuantFormat):
         return None if in_features % SUPER_BLOCK == 0 else \
             f"rows of {in_features} columns are not whole {fmt.ktype.ggml} super-blocks of {SUPER_BLOCK}"
+    if block_type(fmt) in FP4_BLOCKS:
+        qtype = block_type(fmt)
+        return None if in_features % FP4_BLOCKS[qtype] == 0 else \
+            f"rows of {in_features} columns are not whole {qtype} blocks of {FP4_BLOCKS[qtype]}"
     if in_features % BLOCK:
         return f"rows of {in_features} columns are not whole blocks of {BLOCK}"
     gs = group_layout(in_features, fmt.group_size).group_size
@@ -140,9 +157,10 @@ def _why_not(fmt, in_features: int) -> str | None:
 
 
 def _fmt_name(fmt) -> str:
-    if isinstance(fmt, KQuantFormat):
-        return fmt.tag
     spec = fmt.spec()
+    tag = preset_tag(spec)   # a format whose name fixes its settings (q4_k, mxfp4)
+    if tag is not None:
+        return tag
     sym = spec.get("sym")
     desc = f"{spec['format']}{spec.get('bits', '')}" + ("" if sym is None else (" sym" if sym else " asym"))
     return f"{desc} g{fmt.group_size}"
@@ -229,8 +247,9 @@ def _float_tensor(name: str, w: torch.Tensor, storage: str) -> PlannedTensor:
     return PlannedTensor(name, data, qtype)
 
 
-def _block_tensor(name: str, qmod, perm: torch.Tensor | None) -> PlannedTensor | str:
-    """The packed weight of ``qmod`` on its ggml block grid, or why it has none."""
+def _block_tensor(name: str, qmod, perm: torch.Tensor | None, in_blocks: bool = True) -> list[PlannedTensor] | str:
+    """The packed weight of ``qmod`` on its ggml block grid (and an NVFP4 weight's per-tensor scale), or why it
+    has none. ``in_blocks``: a decoder-block linear (not the embedding or head)."""
     spec = qmod.spec
     if spec.get("codec") != "scalar":
         return f"codec {spec.get('codec', type(qmod).__name__)!r} has no llama.cpp block type"
@@ -238,18 +257,29 @@ def _block_tensor(name: str, qmod, perm: torch.Tensor | None) -> PlannedTensor |
     why = _why_not(fmt, spec["in_features"])
     if why is not None:
         return why
+    if isinstance(fmt, NVFP4Format) and not in_blocks:
+        # llama.cpp fails to load a token_embd.scale and gives NaN logits with an NVFP4 output (llama-cpp-python 0.3.36)
+        return "llama.cpp applies NVFP4's per-tensor scale only to the decoder-block linears, not the embedding or head"
     qw = qmod.codec.to_quantized_weight(qmod.packed_buffers(), spec)
-    if isinstance(fmt, KQuantFormat):
+    if isinstance(fmt, (KQuantFormat, MXFormat, NVFP4Format)):
         codes, params = qw.codes, qw.params
         if perm is not None:
             codes, params = codes[perm], {k: v[perm] for k, v in params.items()}
-        return PlannedTensor(name, pack_kblocks(fmt, codes, params), fmt.ktype.ggml)
+        if isinstance(fmt, KQuantFormat):
+            return [PlannedTensor(name, pack_kblocks(fmt, codes, params), fmt.ktype.ggml)]
+        if isinstance(fmt, MXFormat):   # mxfp4, the one MX type with a ggml type
+            return [PlannedTensor(name, pack_mxfp4(codes, params["shared_exp"]), "MXFP4")]
+        out = [PlannedTensor(name, pack_nvfp4(codes, params["block_scale"]), "NVFP4")]
+        g = params["tensor_scale"].reshape(-1)[:1].float().numpy()
+        if g[0] != 1.0:   # llama.cpp's converter leaves a scale of 1 out
+            out.append(PlannedTensor(name.removesuffix(".weight") + ".scale", g.astype(np.float32), "F32"))
+        return out
     codes, scale, zero = block_params(qw.codes, qw.params, fmt)
     if perm is not None:  # rows are independent blocks: permuting them moves codes and scales together
         codes, scale = codes[perm], scale[perm]
         zero = None if zero is None else zero[perm]
     qtype = block_type(fmt)
-    return PlannedTensor(name, pack_blocks(qtype, codes, scale, zero), qtype)
+    return [PlannedTensor(name, pack_blocks(qtype, codes, scale, zero), qtype)]
 
 
 def tensor_plan(model, meta: dict, allow_f16: bool = False) -> list[PlannedTensor]:
@@ -297,9 +327,9 @@ def tensor_plan(model, meta: dict, allow_f16: bool = False) -> list[PlannedTenso
                 w = w + norm_offset
             plan.append(_float_tensor(name, w if perm is None else w[perm], storage))
             continue
-        planned = _block_tensor(name, qmod, perm)
-        if isinstance(planned, PlannedTensor):
-            plan.append(planned)
+        planned = _block_tensor(name, qmod, perm, kind not in (gguf.MODEL_TENSOR.TOKEN_EMBD, gguf.MODEL_TENSOR.OUTPUT))
+        if not isinstance(planned, str):
+            plan.extend(planned)
         elif allow_f16:
             w = qmod.dequantize_weight().float()
             plan.append(_float_tensor(name, w if perm is None else w[perm], "float16"))
@@ -308,13 +338,18 @@ def tensor_plan(model, meta: dict, allow_f16: bool = False) -> list[PlannedTenso
 
     if unnamed:
         raise ConfigError(f"llama.cpp's {arch.name} architecture has no tensor for: {', '.join(unnamed)}")
+    unknown = sorted({p.qtype for p in plan} - set(gguf.GGMLQuantizationType.__members__))
+    if unknown:
+        raise ConfigError(f"the installed gguf package has no {', '.join(unknown)} type: pip install -U gguf "
+                          "(0.19 has MXFP4 and NVFP4)")
     if refused:
         lines = [f"{why}: {', '.join(mods[:4])}" + (f" and {len(mods) - 4} more" if len(mods) > 4 else "")
                  for why, mods in refused.items()]
         raise ConfigError(
             "these quantized weights have no exact llama.cpp block type:\n  " + "\n  ".join(lines)
             + f"\nformats that map exactly (int: group size a multiple of {BLOCK} or per channel, rows a multiple "
-              f"of {BLOCK} wide; kquant: rows a multiple of {SUPER_BLOCK} wide): " + ", ".join(MAPS)
+              f"of {BLOCK} wide; kquant: rows a multiple of {SUPER_BLOCK} wide; mxfp4, nvfp4: rows a multiple of "
+              f"{MXFP4_BLOCK}, {NVFP4_BLOCK} wide): " + ", ".join(MAPS)
             + "; or export with allow_f16=True to store them dequantized as F16")
     return plan
 
@@ -536,7 +571,7 @@ def _write_metadata(w, model, meta: dict, arch: GGUFArch, plan: list[PlannedTens
     # the file type names the block type most linears use (llama.cpp only shows it)
     common = Counter(p.qtype for p in plan if p.data.ndim == 2).most_common(1)
     ftype = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q3_K": "MOSTLY_Q3_K_S",
-             "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}.get(common[0][0], f"MOSTLY_{common[0][0]}")
+             "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S", "MXFP4": "MOSTLY_MXFP4_MOE"}.get(common[0][0], f"MOSTLY_{common[0][0]}")
     w.add_file_type(gguf.LlamaFileType[ftype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     recipe = (meta.get("summary") or {}).get("recipe")

@@ -33,6 +33,8 @@ class ParamSpec:
     kind ``"fp16"``: a float16 tensor ``(out, n_groups)``; with ``span > 1`` one value per run of ``span``
     groups, ``(out, ceil(n_groups / span))`` (a K-quant's super-block scale, shared by its sub-blocks).
     kind ``"code"``: integers in ``[0, 2**bits)`` packed like weight codes.
+    kind ``"tensor_fp32"``: one float32 value for the whole weight (NVFP4's per-tensor scale), stored as its 4
+    bytes; in per-group views it is repeated over every ``(row, group)``.
     """
 
     kind: str
@@ -130,6 +132,12 @@ class Format(ABC):
         """The format a layer with rows of ``in_features`` columns is quantized with: ``self``, or the stated
         fallback of a format that needs some widths (a K-quant's super-blocks of 256 columns)."""
         return self
+
+    def for_weight(self, weight: torch.Tensor) -> "Format":
+        """The format a solver quantizes ``weight`` ``(out, in)`` with: :meth:`for_width`, bound to the weight's
+        per-tensor parameters where the format has any (NVFP4's tensor scale, from the whole weight's absmax),
+        so that fitting one group at a time (GPTQ) sees the same per-tensor value in every group."""
+        return self.for_width(weight.shape[1])
 
     def layer_formats(self) -> tuple["Format", ...]:
         """Every format :meth:`for_width` can give (what a checkpoint made with this format may hold)."""

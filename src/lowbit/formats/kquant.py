@@ -42,7 +42,7 @@ from ..errors import ConfigError
 from .base import Format, ParamSpec
 from .integer import IntFormat
 from .quantize import QuantizedWeight
-from .registry import register_format
+from .registry import register_format, register_preset
 
 __all__ = ["KQuantFormat", "KType", "KTYPES", "SUPER_BLOCK", "FALLBACK_GROUP", "ktag", "search_kquant"]
 
@@ -235,6 +235,8 @@ class KQuantFormat(Format):
 
 
 register_format("kquant", KQuantFormat)
+for _kt in KTYPES.values():
+    register_preset(ktag(_kt.bits), KQuantFormat(_kt.bits, _kt.sub, _kt.sym).spec())
 
 
 # ------------------------------------------------------------------------------------------------ the search

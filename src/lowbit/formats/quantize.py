@@ -66,10 +66,10 @@ def fit_groups(fmt: Format, wg: torch.Tensor, mask: torch.Tensor, clip_grid=None
 
 
 def quantize_rtn(weight: torch.Tensor, fmt: Format, clip_grid=None) -> QuantizedWeight:
-    """Round-to-nearest quantization of ``weight`` ``(out, in)`` with ``fmt`` (its format for this width,
-    :meth:`Format.for_width`)."""
+    """Round-to-nearest quantization of ``weight`` ``(out, in)`` with ``fmt`` (its format for this weight,
+    :meth:`Format.for_weight`: the fallback for the width, per-tensor parameters bound)."""
     w = weight.detach().float()
-    fmt = fmt.for_width(w.shape[1])
+    fmt = fmt.for_weight(w)
     lay = group_layout(w.shape[1], fmt.group_size)
     wg = lay.to_groups(w)  # (out, G, gs)
     params = fit_groups(fmt, wg, lay.mask(w.device), clip_grid)

@@ -27,20 +27,72 @@ import torch
 from ..errors import ConfigError
 from .base import Format, ParamSpec
 
-__all__ = ["TableFormat"]
+__all__ = ["TableFormat", "LevelGrid"]
 
 #: smallest positive fp16 (subnormal) value: scales are clamped to it after fp16
 #: rounding, so a stored scale is never 0 and equals the fitted one exactly
 _MIN_SCALE = 2.0 ** -24
 
 
-@functools.lru_cache(maxsize=64)
-def _device_table(values: tuple[float, ...], device: torch.device, midpoints: bool = False) -> torch.Tensor:
-    """``values`` (or the float32 midpoints of consecutive ones) as a float32 tensor on ``device``, made once:
+@functools.lru_cache(maxsize=128)
+def _device_table(values: tuple, device: torch.device, midpoints: bool = False,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``values`` (or the float32 midpoints of consecutive ones) as a ``dtype`` tensor on ``device``, made once:
     GPTQ quantizes one column at a time, and a fresh host-to-device copy per column would stall a GPU.
     Callers must not modify it."""
-    t = torch.tensor(values, dtype=torch.float32)
+    t = torch.tensor(values, dtype=dtype)
     return ((t[1:] + t[:-1]) / 2 if midpoints else t).to(device)
+
+
+@dataclass(frozen=True)
+class LevelGrid:
+    """A sorted table of distinct levels, the code each level is stored as, and how ties round.
+
+    ``levels``: sorted, distinct, containing 0. ``codes``: the stored code of each level (None: its index in
+    ``levels``, as the ``fp``/``nf`` tables store them). ``ties_even``: a value exactly halfway between two
+    levels goes to the one whose stored code is even, which is round-to-nearest-even when the codes are a
+    float's or a two's-complement integer's bit patterns (consecutive levels differ by one in the code's last
+    bit); otherwise it goes to the lower level. Values past the ends take the end levels (saturation).
+    """
+
+    levels: tuple[float, ...]
+    bits: int
+    codes: tuple[int, ...] | None = None
+    ties_even: bool = False
+
+    @classmethod
+    def from_codes(cls, values, bits: int) -> "LevelGrid":
+        """The grid of a code table: ``values[code]`` is the value of each of the ``2**bits`` codes (None for
+        codes that are no number, NaN or infinity); a value held by several codes (+0 and -0) is stored as the
+        lowest of them. Ties round to even."""
+        first: dict[float, int] = {}
+        for code, v in enumerate(values):
+            if v is not None:
+                first.setdefault(float(v), code)
+        levels = tuple(sorted(first))
+        return cls(levels, bits, tuple(first[v] for v in levels), ties_even=True)
+
+    def lut(self, device=None) -> torch.Tensor:
+        """Float32 ``(2**bits,)``: the level of each code, 0 for codes no level is stored as. Cached per device;
+        callers must not modify it."""
+        return _device_table(self._lut_values, torch.device(device or "cpu"))
+
+    @functools.cached_property
+    def _lut_values(self) -> tuple[float, ...]:
+        lut = [0.0] * (1 << self.bits)
+        for i, v in enumerate(self.levels):
+            lut[i if self.codes is None else self.codes[i]] = v
+        return tuple(lut)
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Int64 code of the level nearest to each element of ``x`` (ties as the class doc says)."""
+        mids = _device_table(self.levels, x.device, midpoints=True)
+        i = torch.bucketize(x, mids)          # mids[i-1] < x <= mids[i]: a tie goes to the lower level i
+        if self.ties_even:
+            at = i.clamp_max(len(mids) - 1)
+            odd = _device_table(tuple(c & 1 for c in self.codes or range(len(self.levels))), x.device, dtype=torch.long)
+            i = i + ((x == mids[at]) & (odd[i] == 1)).long()
+        return i if self.codes is None else _device_table(self.codes, x.device, dtype=torch.long)[i]
 
 
 @dataclass(frozen=True)
@@ -75,18 +127,14 @@ class TableFormat(Format):
         """The sorted distinct levels for ``bits``."""
         return self.TABLES[self.bits]
 
+    @property
+    def grid(self) -> LevelGrid:
+        """The levels as a :class:`LevelGrid`: codes index the sorted table, ties go to the lower level."""
+        return LevelGrid(self.table, self.bits)
+
     def lut(self, device=None) -> torch.Tensor:
         """Float32 lookup table of length ``2**bits``: level of each code (unused codes -> 0)."""
-        return self._lut_cached(device if device is not None else torch.get_default_device()).clone()
-
-    def _lut_cached(self, device) -> torch.Tensor:
-        """:meth:`lut`, cached per device; read-only."""
-        t = self.table
-        return _device_table(tuple(t) + (0.0,) * ((1 << self.bits) - len(t)), torch.device(device))
-
-    def _boundaries(self, device=None) -> torch.Tensor:
-        """Midpoints between consecutive levels, for nearest-level search (cached per device; read-only)."""
-        return _device_table(tuple(self.table), torch.device(device or "cpu"), midpoints=True)
+        return self.grid.lut(device if device is not None else torch.get_default_device()).clone()
 
     # -- Format interface ------------------------------------------------------------
 
@@ -122,10 +170,9 @@ class TableFormat(Format):
 
     def quantize(self, w, params):
         """Index of the nearest level to ``w / scale`` (ties go to the lower level)."""
-        x = w.float() / self._scales(params, w)
-        return torch.bucketize(x, self._boundaries(w.device)).long()
+        return self.grid.nearest(w.float() / self._scales(params, w))
 
     def dequantize(self, codes, params):
         """Table gather, then scale: ``lut[codes] * scale`` (scale by the level's sign for two-scale)."""
-        levels = self._lut_cached(codes.device)[codes.long()]  # same shape as codes
+        levels = self.grid.lut(codes.device)[codes.long()]  # same shape as codes
         return levels * self._scales(params, levels)

@@ -43,7 +43,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp
     """
     W, H = live_copies(weight, hessian)
     rows, cols = W.shape
-    fmt = fmt.for_width(cols)
+    fmt = fmt.for_weight(W)
     lay = group_layout(cols, fmt.group_size)
     span = fmt.fit_span   # groups fitted together (a K-quant's super-block)
     colgroup = lay.column_group(W.device).tolist()   # Python ints: no GPU sync per column

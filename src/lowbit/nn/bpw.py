@@ -55,7 +55,7 @@ ITEM_KINDS = (
     ("codes", ("codes", "idx", "res_idx", "qweight")),
     ("codebooks", ("codebook", "res_codebook")),
     ("scales", ("scale", "zero", "scale_pos", "scale_neg", "w_scale", "act_scale", "super_scale", "super_min",
-                "sub_scale", "sub_min")),
+                "sub_scale", "sub_min", "shared_exp", "block_scale", "tensor_scale")),
     ("outliers", ("outlier_cols", "out_idx", "out_codebook")),
     ("norms", ("col_scale", "col_bias")),
 )

@@ -36,8 +36,11 @@ def get_codec(name: str) -> Codec:
     return _CODECS[name]
 
 
-#: a codec's buffers: ``name -> (bits, shape)`` for packed codes of that shape, ``(None, shape)`` for float16
-Layout = dict[str, tuple[int | None, tuple[int, ...]]]
+#: a codec's buffers: ``name -> (bits, shape)`` for packed codes of that shape, ``(None, shape)`` for float16,
+#: ``(FP32, shape)`` for float32 values kept as their bytes (uint8, 4 per value, the host's little-endian order:
+#: a checkpoint stores float tensors at its storage precision, bytes as they are)
+Layout = dict[str, tuple[int | str | None, tuple[int, ...]]]
+FP32 = "fp32"
 
 
 def check_dims(spec: dict, *keys: str) -> tuple[int, ...]:
@@ -51,20 +54,33 @@ def check_dims(spec: dict, *keys: str) -> tuple[int, ...]:
 
 def packed_shapes(layout: Layout) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The stored shape and dtype of each buffer of ``layout`` (packed codes are flat uint8)."""
-    return {name: ((packed_nbytes(math.prod(shape), bits),), torch.uint8) if bits else (shape, torch.float16)
-            for name, (bits, shape) in layout.items()}
+    def one(bits, shape):
+        if bits == FP32:
+            return (4 * math.prod(shape),), torch.uint8
+        return ((packed_nbytes(math.prod(shape), bits),), torch.uint8) if bits else (shape, torch.float16)
+
+    return {name: one(bits, shape) for name, (bits, shape) in layout.items()}
 
 
 def pack_all(tensors: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
-    """``tensors`` stored as ``layout`` says: integer codes packed, the rest float16."""
-    return {name: pack(tensors[name].round().long(), bits) if bits else tensors[name].to(torch.float16)
-            for name, (bits, _) in layout.items()}
+    """``tensors`` stored as ``layout`` says: integer codes packed, float32 values as bytes, the rest float16."""
+    def one(t, bits):
+        if bits == FP32:
+            return t.detach().to(torch.float32).reshape(-1).contiguous().view(torch.uint8).clone()
+        return pack(t.round().long(), bits) if bits else t.to(torch.float16)
+
+    return {name: one(tensors[name], bits) for name, (bits, _) in layout.items()}
 
 
 def unpack_all(buffers: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_all`: codes as int64 tensors of their shape, float16 buffers as they are."""
-    return {name: unpack(buffers[name], bits, math.prod(shape)).view(shape).long() if bits else buffers[name]
-            for name, (bits, shape) in layout.items()}
+    """Inverse of :func:`pack_all`: codes as int64 tensors of their shape, float32 values as float32, float16
+    buffers as they are."""
+    def one(t, bits, shape):
+        if bits == FP32:
+            return t.contiguous().clone().view(torch.float32).view(shape)
+        return unpack(t, bits, math.prod(shape)).view(shape).long() if bits else t
+
+    return {name: one(buffers[name], bits, shape) for name, (bits, shape) in layout.items()}
 
 
 class ScalarCodec:
@@ -73,7 +89,8 @@ class ScalarCodec:
     Buffers: ``codes`` (packed ``out*in`` codes, row-major), and per stored
     parameter either an fp16 ``(out, n_groups)`` tensor (``(out, ceil(n_groups /
     span))`` for a parameter shared by ``span`` groups, a K-quant's super-block
-    scale) or a packed uint8 buffer of ``out*n_groups`` codes.
+    scale), a packed uint8 buffer of ``out*n_groups`` codes, or the 4 bytes of
+    one float32 for a per-tensor parameter (NVFP4's tensor scale).
     """
 
     @staticmethod
@@ -82,9 +99,13 @@ class ScalarCodec:
         if not isinstance(fmt.group_size, int) or isinstance(fmt.group_size, bool):
             raise ValueError(f"group_size must be an integer, got {fmt.group_size!r}")
         n_groups = group_layout(in_f, fmt.group_size).n_groups
-        return {"codes": (fmt.bits, (out_f, in_f)),
-                **{name: (None, (out_f, -(-n_groups // ps.span))) if ps.kind == "fp16" else (ps.bits, (out_f, n_groups))
-                   for name, ps in fmt.param_specs().items()}}
+
+        def param(ps):
+            if ps.kind == "tensor_fp32":
+                return FP32, (1,)
+            return (None, (out_f, -(-n_groups // ps.span))) if ps.kind == "fp16" else (ps.bits, (out_f, n_groups))
+
+        return {"codes": (fmt.bits, (out_f, in_f)), **{name: param(ps) for name, ps in fmt.param_specs().items()}}
 
     def buffer_shapes(self, spec):
         return packed_shapes(self._layout(make_format(spec["format"]), spec))
@@ -92,11 +113,16 @@ class ScalarCodec:
     def encode(self, qw: QuantizedWeight, spec):
         params = dict(qw.params)
         for name, ps in qw.fmt.param_specs().items():
+            v = params[name]
             if ps.kind == "fp16" and ps.span > 1:   # one value per run of ``span`` groups: store it once
-                v = params[name]
                 kept = v[:, :: ps.span]
                 if not torch.equal(kept.repeat_interleave(ps.span, dim=1)[:, : v.shape[1]], v):
                     raise ValueError(f"parameter {name!r} must be equal over each run of {ps.span} groups")
+                params[name] = kept
+            elif ps.kind == "tensor_fp32":          # one value for the whole weight
+                kept = v.reshape(-1)[:1]
+                if not torch.all(v == kept):
+                    raise ValueError(f"parameter {name!r} is per tensor and must be equal in every group")
                 params[name] = kept
         return pack_all({"codes": qw.codes, **params}, self._layout(qw.fmt, spec))
 
@@ -105,9 +131,16 @@ class ScalarCodec:
         t = unpack_all(buffers, self._layout(fmt, spec))
         n_groups = group_layout(spec["in_features"], fmt.group_size).n_groups
         codes = t.pop("codes")
-        params = {name: t[name].float().repeat_interleave(ps.span, dim=1)[:, :n_groups] if ps.kind == "fp16"
-                  else t[name].float() for name, ps in fmt.param_specs().items()}
-        return QuantizedWeight(fmt, codes, params)
+
+        def param(name, ps):
+            v = t[name].float()
+            if ps.kind == "tensor_fp32":
+                if not torch.isfinite(v).all():
+                    raise CheckpointError(f"per-tensor parameter {name!r} is {v.item()}: the checkpoint is corrupt")
+                return v.view(1, 1).expand(codes.shape[0], n_groups)
+            return v.repeat_interleave(ps.span, dim=1)[:, :n_groups] if ps.kind == "fp16" else v
+
+        return QuantizedWeight(fmt, codes, {name: param(name, ps) for name, ps in fmt.param_specs().items()})
 
     def decode(self, buffers, spec):
         return self.to_quantized_weight(buffers, spec).dequantize()
@@ -115,5 +148,5 @@ class ScalarCodec:
 
 register_codec("scalar", ScalarCodec())
 
-__all__ = ["Codec", "Layout", "register_codec", "get_codec", "ScalarCodec", "check_dims", "packed_shapes", "pack_all",
+__all__ = ["Codec", "Layout", "FP32", "register_codec", "get_codec", "ScalarCodec", "check_dims", "packed_shapes", "pack_all",
            "unpack_all"]
