@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lowbit
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_config, tiny_model, tiny_tokenizer
 from lowbit.calib.hadamard import BASE_SIZES, hadamard_matrix, hadamard_size, random_hadamard
 from lowbit.calib.rotate import rotate_model
 from lowbit.config import FormatConfig, RotationConfig
@@ -53,8 +53,6 @@ def _gemma(**kw):
 
 def _llama_with_biases():
     from transformers import AutoModelForCausalLM
-
-    from conftest import tiny_config
 
     torch.manual_seed(0)
     cfg = tiny_config("llama")
