@@ -70,6 +70,21 @@ class StorageConfig:
             raise ConfigError(f"storage dtype must be float16, bfloat16 or float32, got {self.dtype!r}")
 
 
+@dataclass(frozen=True)
+class RotationConfig:
+    """A function-preserving rotation of the float model's residual stream before quantizing (docs/methods.md)."""
+
+    rotate: str = "none"   # none | hadamard: rotate the residual stream by a seeded random Hadamard matrix first
+    rotate_seed: int = 0   # seed of the rotation's random signs
+
+    def __post_init__(self):
+        if self.rotate not in ("none", "hadamard"):
+            raise ConfigError(f"--rotate must be none or hadamard, got {self.rotate!r}")
+        if not isinstance(self.rotate_seed, int) or isinstance(self.rotate_seed, bool):
+            raise ConfigError(f"--rotate-seed must be an integer, got {self.rotate_seed!r}")
+        if self.rotate == "none" and self.rotate_seed != 0:
+            raise ConfigError("--rotate-seed seeds a rotation: add --rotate hadamard, or drop --rotate-seed")
+
 
 @dataclass(frozen=True)
 class CalibConfig:

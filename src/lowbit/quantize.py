@@ -10,10 +10,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .config import CalibConfig, FormatConfig, StorageConfig
+from .config import CalibConfig, FormatConfig, RotationConfig, StorageConfig
 from .errors import CheckpointError, ConfigError
 from .methods import get_method
-from .models.arch import ArchSpec, arch_for, get_module, set_module
+from .models.arch import ArchSpec, arch_for, get_module, set_module, untie_word_embeddings
 from .nn import QuantizedEmbedding, scalar_spec, to_module
 from .utils import peak_memory_gb
 
@@ -34,9 +34,13 @@ class QuantRecipe:
     head: FormatConfig | None = None    # quantize the LM head with this format
     storage: StorageConfig = field(default_factory=StorageConfig)
     calib: dict | None = None           # calibration source/size/seed, for calibrated methods
+    rotation: RotationConfig = field(default_factory=RotationConfig)   # rotate the float model first
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.rotation == RotationConfig():
+            del d["rotation"]   # unrotated recipes keep the dict they had before rotations existed (results caches)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantRecipe":
@@ -45,13 +49,15 @@ class QuantRecipe:
         d = dict(d)
         d["fmt"] = from_dict(FormatConfig, d.get("fmt"))
         d["storage"] = from_dict(StorageConfig, d.get("storage"))
+        d["rotation"] = from_dict(RotationConfig, d.get("rotation"))   # recipes before rotation existed: none
         for k in ("embed", "head"):
             d[k] = from_dict(FormatConfig, d[k]) if d.get(k) else None
         return cls(**d)
 
     def tag(self) -> str:
         """Short name for results files: the format tag (or, for methods without a scalar format, the first
-        non-default setting), then the method settings that differ from the defaults, then embed/head formats.
+        non-default setting), then the method settings that differ from the defaults, then embed/head formats,
+        then the rotation settings that differ from the defaults (``rotate=hadamard``).
         """
         from .methods import get_method
 
@@ -63,15 +69,8 @@ class QuantRecipe:
             extra.append(f"embed={self.embed.tag()}")
         if self.head:
             extra.append(f"head={self.head.tag()}")
+        extra += [f"{k}={v}" for k, v in asdict(self.rotation).items() if getattr(RotationConfig, k) != v]
         return "-".join([tag] + extra)
-
-
-def _untie(model: nn.Module) -> None:
-    """Stop tying head and embedding (they are now stored separately)."""
-    cfg = model.config
-    for c in (cfg, getattr(cfg, "text_config", None)):
-        if c is not None and getattr(c, "tie_word_embeddings", False):
-            c.tie_word_embeddings = False
 
 
 def quantize_embed_and_head(model: nn.Module, arch: ArchSpec, recipe: QuantRecipe) -> None:
@@ -91,7 +90,7 @@ def quantize_embed_and_head(model: nn.Module, arch: ArchSpec, recipe: QuantRecip
         q = QuantizedEmbedding.from_quantized(qw, spec, getattr(emb, "padding_idx", None), scale).to(emb.weight.device)
         set_module(model, arch.embed, q)
     if tied and (recipe.head is not None or recipe.embed is not None):
-        _untie(model)
+        untie_word_embeddings(model)   # they are now stored separately
 
 
 def finalize_storage(model: nn.Module, storage: StorageConfig) -> None:
@@ -151,6 +150,11 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     mcfg = from_dict(method.config, recipe.method_config)
     fmt = recipe.fmt.make()
     t0 = time.perf_counter()
+    rotation = None
+    if recipe.rotation.rotate != "none":
+        from .calib.rotate import rotate_model
+
+        rotation = rotate_model(model, recipe.rotation.rotate_seed)
     if method.needs:
         from .calib.engine import run_layerwise
 
@@ -171,6 +175,8 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         "peak_mem_gb": peak_memory_gb(device),
         "lowbit_version": __version__,
     }
+    if rotation is not None:
+        summary["rotation"] = rotation   # seed, width, and whether the head was untied from the embedding
     model.lowbit_summary = summary
     return summary
 
@@ -179,7 +185,7 @@ def estimate_output_bytes(recipe: QuantRecipe, n_params: int, config: dict) -> t
     """``(bytes, how)``: about how much disk a ``quantize --out`` of a model with ``n_params`` parameters and this
     ``config`` (its config.json) takes under ``recipe``, for a free-space check before the model loads.
 
-    The embedding (and an untied head) count at the storage width, or at their format when quantized; every
+    The embedding (and an untied head, or a head a rotation unties) count at the storage width, or at their format when quantized; every
     other parameter at the format's bits plus one fp16 scale and zero per group (methods with their own
     storage, VPTQ or W8A8, count at the format's bits too: this is an estimate, not a bound). Calibrated methods
     add ``OUT.resume/``, which exists until the checkpoint is saved: the quantized blocks again and two copies
@@ -188,8 +194,9 @@ def estimate_output_bytes(recipe: QuantRecipe, n_params: int, config: dict) -> t
     text = config.get("text_config") or config
     vocab, hidden = text.get("vocab_size") or 0, text.get("hidden_size") or 0
     emb = vocab * (text.get("word_embed_proj_dim") or hidden)
-    head = 0 if text.get("tie_word_embeddings", config.get("tie_word_embeddings", True)) else vocab * hidden
-    blocks = max(n_params - emb - head, 0)
+    tied = text.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
+    blocks = max(n_params - emb - (0 if tied else vocab * hidden), 0)
+    head = 0 if tied and recipe.rotation.rotate == "none" else vocab * hidden   # a rotation unties the head
     storage = torch.finfo(getattr(torch, recipe.storage.dtype)).bits
 
     def bits(fmt: FormatConfig | None, default: float) -> float:
@@ -227,7 +234,7 @@ def recipe_option_types() -> dict[str, object]:
     flag for each)."""
     from .methods import get_method, method_names
 
-    tables = [_options_of(FormatConfig), _options_of(CalibConfig),
+    tables = [_options_of(FormatConfig), _options_of(CalibConfig), _options_of(RotationConfig),
               {"storage_" + k: v for k, v in _options_of(StorageConfig).items()},
               *(_options_of(get_method(m).config) for m in method_names())]
     types = {"embed": str, "head": str}
@@ -256,12 +263,13 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
 
     m = get_method(method)
     own, fmt, calib = _options_of(m.config), _options_of(FormatConfig), _options_of(CalibConfig)
+    rotation = _options_of(RotationConfig)
     storage = {"storage_" + k: v for k, v in _options_of(StorageConfig).items()}
     owners: dict[str, list[str]] = {}
     for name in method_names():
         for k in _options_of(get_method(name).config):
             owners.setdefault(k, []).append(name)
-    kw: dict[str, dict] = {"own": {}, "fmt": {}, "calib": {}, "storage": {}}
+    kw: dict[str, dict] = {"own": {}, "fmt": {}, "calib": {}, "storage": {}, "rotation": {}}
     tags = {}
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -269,7 +277,7 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
             _check_type(key, value, str)
             tags[key] = parse_format_tag(value)
             continue
-        for part, table in (("own", own), ("fmt", fmt), ("calib", calib), ("storage", storage)):
+        for part, table in (("own", own), ("fmt", fmt), ("calib", calib), ("storage", storage), ("rotation", rotation)):
             if key in table:
                 break
         else:
@@ -291,6 +299,7 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
         head=tags.get("head"),
         storage=StorageConfig(**kw["storage"]),
         calib=asdict(CalibConfig(**kw["calib"])) if m.needs else None,
+        rotation=RotationConfig(**kw["rotation"]),
     )
     for f in (recipe.fmt, recipe.embed, recipe.head):
         if f is not None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..models.arch import ArchSpec, InputGroup, get_module
 
-__all__ = ["can_fold", "fold_scale"]
+__all__ = ["can_fold", "fold_norm_gain", "fold_scale"]
 
 
 def can_fold(block: nn.Module, group: InputGroup) -> bool:
@@ -40,3 +40,16 @@ def fold_scale(block: nn.Module, arch: ArchSpec, group: InputGroup, s: torch.Ten
     for name in group.linears:
         lin = get_module(block, name)
         lin.weight.data = (lin.weight.data.float() * s).to(lin.weight.dtype)
+
+
+def fold_norm_gain(norm: nn.Module, linears: list[nn.Module], offset: float = 0.0) -> None:
+    """Move a bias-free norm's gain ``offset + w`` into the input columns of the ``linears`` it feeds; the norm's
+    gain becomes exactly 1 (``w = 1 - offset``). Weights change in fp32 and keep their dtype.
+
+    ``norm(x) * g @ W^T = norm(x) @ (W diag(g))^T``: the same function, and a norm without a gain commutes with
+    any orthogonal rotation of its input (what :mod:`lowbit.calib.rotate` needs).
+    """
+    g = norm.weight.data.float() + offset                       # (in,)
+    for lin in linears:
+        lin.weight.data = (lin.weight.data.float() * g).to(lin.weight.dtype)
+    norm.weight.data = torch.full_like(norm.weight.data, 1.0 - offset)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .._version import __version__
-from ..config import CalibConfig, EvalConfig, FormatConfig, StorageConfig
+from ..config import CalibConfig, EvalConfig, FormatConfig, RotationConfig, StorageConfig
 from .args import add_dataclass_args, at_least, dataclass_from_args, int_at_least, parse_shape, windows_arg
 from ..errors import ConfigError, LowbitError
 
@@ -28,6 +28,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         add_dataclass_args(g, get_method(name).config, seen=seen)
     g.add_argument("--embed", default=None, metavar="FMT", help="also quantize the token embedding, e.g. int8 or int4-g128")
     g.add_argument("--head", default=None, metavar="FMT", help="also quantize the LM head, e.g. int8 or int4-g128")
+    add_dataclass_args(p.add_argument_group("rotation (before any method)"), RotationConfig)
     add_dataclass_args(p.add_argument_group("storage"), StorageConfig, prefix="storage_")
     c = p.add_argument_group("calibration (calibrated methods)")
     add_dataclass_args(c, CalibConfig)

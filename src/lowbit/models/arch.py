@@ -15,7 +15,8 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 
-__all__ = ["ArchSpec", "InputGroup", "ARCHS", "arch_for", "check_seqlen", "context_length", "get_module", "set_module"]
+__all__ = ["ArchSpec", "InputGroup", "ARCHS", "arch_for", "check_seqlen", "context_length", "get_module", "set_module",
+           "untie_word_embeddings"]
 
 
 @dataclass(frozen=True)
@@ -159,3 +160,17 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def untie_word_embeddings(model: nn.Module) -> bool:
+    """Give the head its own copy of the embedding's weight where the two share one, and mark the config untied
+    (so a saved checkpoint reloads with two tensors); returns whether they were tied."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is getattr(emb, "weight", 0)
+    if tied:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    cfg = model.config
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if c is not None and getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
+    return tied
