@@ -151,11 +151,14 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     mcfg = from_dict(method.config, recipe.method_config)
     fmt = recipe.fmt.make()
     t0 = time.perf_counter()
-    if method.needs:
+    if method.needs and calib_ids is None:
+        raise ConfigError(f"method {recipe.method!r} needs calibration data (it uses {', '.join(sorted(method.needs))})")
+    method_result = None
+    if method.prepare_model is not None:
+        method_result = method.prepare_model(model, arch, calib_ids, fmt, mcfg, device)
+    if method.stats_needed(mcfg):
         from .calib.engine import run_layerwise
 
-        if calib_ids is None:
-            raise ConfigError(f"method {recipe.method!r} needs calibration data (it uses {', '.join(sorted(method.needs))})")
         run_layerwise(model, arch, method, fmt, mcfg, calib_ids, progress=progress, resume_dir=resume_dir,
                       device=device)
     else:
@@ -171,6 +174,8 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         "peak_mem_gb": peak_memory_gb(device),
         "lowbit_version": __version__,
     }
+    if method_result is not None:
+        summary["method_result"] = method_result
     model.lowbit_summary = summary
     return summary
 
