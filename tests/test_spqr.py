@@ -73,6 +73,21 @@ def test_stats_quantization_round_trip():
     assert (deq - s).abs().max() <= step.repeat_interleave(16, 0)[:37].max() / 2 + 1e-6
 
 
+def test_constant_and_dead_groups_stay_finite():
+    """A group of equal values (or of dead inputs, zeroed) keeps a zero in range: no fp16 overflow, no NaN."""
+    w, x, h = _layer()
+    w[:, :16] = 0.03
+    w[:5, 16:32] = -0.2
+    h[40:56, :] = 0.0
+    h[:, 40:56] = 0.0
+    qw, used = spqr_solve(w, h, SpQRConfig())
+    deq = qw.dequantize()
+    assert torch.isfinite(deq).all() and torch.equal(deq, used)
+    assert all(torch.isfinite(getattr(qw, n)).all() for n in ("scale_step", "scale_lo", "zero_step", "zero_lo"))
+    assert qw.n_outliers < 0.05 * w.numel()   # the constant group is not made of outliers
+    assert torch.allclose(deq[:, :16], w[:, :16], atol=1e-3)   # dead inputs round 0 to (round(z) - z) * s: unused
+
+
 def test_outliers_lower_the_output_error():
     w, x, h = _layer()
     with_out, _ = spqr_solve(w, h, SpQRConfig())

@@ -6,7 +6,8 @@ Pure functions on tensors, shared by the SpQR solver (:mod:`lowbit.methods.spqr`
 Layout of an ``(out, in)`` weight:
 
 - **first level**: groups of ``group`` (β1) consecutive input columns per row; each (row, group) has a min-max
-  scale ``s`` and a real-valued zero ``z`` (not rounded): ``w = (q - z) * s`` with ``q`` in ``[0, 2**bits)``;
+  scale ``s`` (the range widened to contain 0) and a real-valued zero ``z`` (not rounded): ``w = (q - z) * s``
+  with ``q`` in ``[0, 2**bits)``;
 - **second level**: the scales (and, separately, the zeros) of one column group are quantized to
   ``stat_bits`` with min-max over runs of ``stat_group`` (β2) consecutive rows: ``s = code * step + lo`` with an
   fp16 ``step`` and ``lo`` per (row run, column group); a short last run is padded with its last row;
@@ -31,8 +32,12 @@ SCALE_FLOOR = 1e-8
 
 
 def minmax_fit(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max asymmetric ``(scale, zero)`` over the last dim of ``w`` (kept as size 1); ``zero = -min / scale``."""
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    """Min-max asymmetric ``(scale, zero)`` over the last dim of ``w`` (kept as size 1); ``zero = -lo / scale``.
+
+    The range ``[lo, hi]`` is widened to contain 0 (as GPTQ's quantizer does), so ``zero`` lies in
+    ``[0, 2**bits - 1]`` even for a constant or one-signed group, and its second-level quantization stays well
+    conditioned (a group of equal values would otherwise get a floor scale and a zero of ~1e8, beyond fp16)."""
+    lo, hi = w.amin(-1, keepdim=True).clamp_max(0), w.amax(-1, keepdim=True).clamp_min(0)
     scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(SCALE_FLOOR)
     return scale, -lo / scale
 
