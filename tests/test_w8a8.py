@@ -9,7 +9,7 @@ from lowbit.config import FormatConfig
 from lowbit.formats import IntFormat, quantize_rtn
 from lowbit.kernels.intmm import int_mm, int_mm_reference, load_intmm
 from lowbit.methods.flattenquant import _plan, act_quant_error, choose_threshold, flatten_map
-from lowbit.methods.smoothquant import smooth_block
+from lowbit.calib.fold import smooth_block
 from lowbit.models.arch import arch_for
 from lowbit.nn.w8a8 import (
     QuantizedActLinear,

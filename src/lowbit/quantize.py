@@ -150,16 +150,19 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     mcfg = from_dict(method.config, recipe.method_config)
     fmt = recipe.fmt.make()
     t0 = time.perf_counter()
+    if method.needs and calib_ids is None:
+        raise ConfigError(f"method {recipe.method!r} needs calibration data (it uses {', '.join(sorted(method.needs))})")
     rotation = None
     if recipe.rotation.rotate != "none":
         from .calib.rotate import rotate_model
 
         rotation = rotate_model(model, recipe.rotation.rotate_seed)
-    if method.needs:
+    method_result = None
+    if method.prepare_model is not None:
+        method_result = method.prepare_model(model, arch, calib_ids, fmt, mcfg, device)
+    if method.stats_needed(mcfg):
         from .calib.engine import run_layerwise
 
-        if calib_ids is None:
-            raise ConfigError(f"method {recipe.method!r} needs calibration data (it uses {', '.join(sorted(method.needs))})")
         run_layerwise(model, arch, method, fmt, mcfg, calib_ids, progress=progress, resume_dir=resume_dir,
                       device=device)
     else:
@@ -177,6 +180,8 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     }
     if rotation is not None:
         summary["rotation"] = rotation   # seed, width, and whether the head was untied from the embedding
+    if method_result is not None:
+        summary["method_result"] = method_result
     model.lowbit_summary = summary
     return summary
 

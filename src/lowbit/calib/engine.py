@@ -62,7 +62,7 @@ from ..utils import atomic_dir
 log = logging.getLogger(__name__)
 
 __all__ = ["BlockData", "GroupStats", "run_layerwise", "capture_inputs", "run_block", "quantize_block",
-           "CalibrationError", "clear_resume_dir", "model_fingerprint"]
+           "CalibrationError", "clear_resume_dir", "model_fingerprint", "float_block_stats"]
 
 
 class CalibrationError(LowbitError):
@@ -238,6 +238,27 @@ def collect_stats(block: nn.Module, groups: tuple[InputGroup, ...], inputs, kwar
     return stats
 
 
+@torch.no_grad()
+def float_block_stats(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, needs: frozenset, *,
+                      batch_size: int = 8, device: torch.device | str | None = None,
+                      offload: torch.device | str = "cpu") -> list[dict[InputGroup, GroupStats]]:
+    """Per block, the statistics of its input groups on the float model (each block fed the float outputs of the
+    one before); the model is not changed. For a whole-model step before quantizing (SmoothQuant+)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    offload = torch.device(offload)
+    blocks = get_module(model, arch.blocks)
+    inputs, block_kwargs = capture_inputs(model, arch, calib_ids, batch_size, offload)
+    out = []
+    for i in range(len(blocks)):
+        block = blocks[i].to(device)
+        outputs: list[torch.Tensor] = []
+        out.append(collect_stats(block, arch.groups, inputs, _to(block_kwargs[i], device), needs, device, offload,
+                                 outputs))
+        inputs = outputs
+        blocks[i] = block.to(offload) if device != offload else block
+    return out
+
+
 def quantize_block(block: nn.Module, arch: ArchSpec, method, fmt, cfg,
                    stats: dict[InputGroup, GroupStats] | None = None) -> None:
     """Swap every linear of ``block`` for its quantized module; data-free methods get no ``stats`` (``{}``)."""
@@ -373,7 +394,7 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     offload = torch.device(offload)
     blocks = get_module(model, arch.blocks)
-    needs = frozenset(method.needs)
+    needs = method.stats_needed(cfg)
     inputs, block_kwargs = capture_inputs(model, arch, calib_ids, batch_size, offload)
     start = 0
     fingerprint = None

@@ -172,6 +172,8 @@ def evaluate_record(model, tokenizer, ev, *, model_name: str, method: str, tag: 
     }
     if nonfinite:
         res["nonfinite"] = nonfinite
+    if summary.get("method_result"):  # what a whole-model step found (SmoothQuant+'s smoothing strength)
+        res["method_result"] = summary["method_result"]
     if summary.get("distill"):  # distilled checkpoints: the training run that produced them
         res["distill"] = {k: summary["distill"][k] for k in DISTILL_RESULT_FIELDS if k in summary["distill"]}
     act = act_linear_summary(model)

@@ -52,18 +52,21 @@ def live_copies(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tens
 
 @torch.no_grad()
 def error_feedback(W: torch.Tensor, H: torch.Tensor, damp: float, block_size: int, act_order: bool,
-                   quantize_column: Callable[[int, torch.Tensor, Callable], torch.Tensor]) -> None:
+                   quantize_column: Callable[[int, torch.Tensor, Callable], torch.Tensor],
+                   U: torch.Tensor | None = None) -> None:
     """Quantize every column of ``W`` ``(rows, cols)`` (not changed) with error feedback through ``H``.
 
     Columns go left to right, or by decreasing ``diag(H)`` with ``act_order``. ``quantize_column(c, w, current)``
     records column ``c``'s codes, given its error-updated values ``w`` ``(rows, 1)``, and returns it dequantized
     ``(rows, 1)``. ``current(cols)`` (a long tensor) gives those columns with every update so far, including
-    the ones the lazy batch still holds back (GPTQ fits a group's parameters on them).
+    the ones the lazy batch still holds back (GPTQ fits a group's parameters on them). ``U``: the factor of
+    :func:`inverse_hessian_factor` in visiting order, when the caller needs it too (SpQR's outlier criterion).
     """
     rows, cols = W.shape
     order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W = W[:, order]
-    U, _ = inverse_hessian_factor(H[order][:, order], damp)
+    if U is None:
+        U, _ = inverse_hessian_factor(H[order][:, order], damp)
     pos_of = torch.empty_like(order)
     pos_of[order] = torch.arange(cols, device=W.device)  # column -> position in visiting order
     order_l = order.tolist()   # Python ints: reading a device tensor per column would sync a GPU each time

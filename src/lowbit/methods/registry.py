@@ -30,6 +30,17 @@ class Method:
     finish_block: Callable | None = None
     #: False for methods that bring their own number format (VQ)
     uses_format: bool = True
+    #: optional whole-model step before any block is quantized (SmoothQuant+'s smoothing-strength search):
+    #: (model, ArchSpec, calib_ids, fmt, cfg, device) -> dict; transforms the float model in place and returns
+    #: what it found (JSON-ready), which the pipeline records in the summary as ``method_result``
+    prepare_model: Callable | None = None
+    #: optional cfg -> the statistics the layer-wise pass needs under that config (default: ``needs``); an
+    #: empty set quantizes the blocks data-free after ``prepare_model`` (SmoothQuant+ with RTN)
+    layer_needs: Callable | None = None
+
+    def stats_needed(self, cfg) -> frozenset:
+        """What the engine collects per block for ``cfg``."""
+        return self.needs if self.layer_needs is None else frozenset(self.layer_needs(cfg))
 
 
 _METHODS: dict[str, Method] = {}
@@ -37,20 +48,23 @@ _METHODS: dict[str, Method] = {}
 
 def register_method(name: str, config: type, needs: set[str] | frozenset = frozenset(),
                     prepare_block: Callable | None = None, finish_block: Callable | None = None,
-                    uses_format: bool = True):
+                    uses_format: bool = True, prepare_model: Callable | None = None,
+                    layer_needs: Callable | None = None):
     """Decorator registering ``fn(weight, stats, fmt, cfg) -> QuantizedWeight``.
 
     ``needs``: statistics the engine collects for the method: ``hessian``,
     ``act_absmean``, ``act_absmax``, ``act_sqmean`` (per-channel mean of x²),
     ``inputs`` (the group inputs themselves), ``block_outputs`` (the float block's outputs, passed to ``finish_block``).
-    Empty = data-free (no calibration pass at all).
+    Empty = data-free (no calibration pass at all). ``prepare_model`` and ``layer_needs``: see :class:`Method`
+    (a method with ``prepare_model`` declares in ``needs`` everything it may use, so it is given calibration data).
     ``uses_format``: False for methods with their own number format (VQ), whose
     recipe tags then leave the scalar format out.
     """
 
     def deco(fn):
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        _METHODS[name] = Method(name, config, fn, frozenset(needs), doc, prepare_block, finish_block, uses_format)
+        _METHODS[name] = Method(name, config, fn, frozenset(needs), doc, prepare_block, finish_block, uses_format,
+                                prepare_model, layer_needs)
         return fn
 
     return deco

@@ -1,6 +1,6 @@
 """SmoothQuant W8A8 and plain per-token W8A8: weight+activation quantization with integer GEMMs.
 
-``smoothquant`` (Xiao et al., 2023): per input group, migrate activation
+``smoothquant`` (Xiao et al., 2023; the fold is :mod:`lowbit.calib.fold`): per input group, migrate activation
 outliers into the weights with ``s_j = max|X_j|**a / max|W_j|**(1-a)``
 (``W_j``: column ``j`` of all the group's linears), fold ``1/s`` into the
 module producing the input (a norm, ``norm_offset`` aware, or the previous
@@ -22,17 +22,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
-from ..calib.fold import can_fold, fold_scale
-from ..models.arch import ArchSpec, get_module
+from ..calib.fold import smooth_block
 from ..nn.w8a8 import act_spec, check_act_format, from_quantized_weight, quantize_weight_pc
 from .registry import register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SmoothQuantConfig", "W8A8Config", "smooth_block", "smooth_scales"]
+__all__ = ["SmoothQuantConfig", "W8A8Config"]
 
 
 @dataclass(frozen=True)
@@ -47,25 +43,6 @@ class SmoothQuantConfig:
 class W8A8Config:
     act_bits: int = 8              # activation bits (8 or 4), symmetric, per-token dynamic
     w_per_tensor: bool = False     # one weight scale per tensor instead of per output channel
-
-
-def smooth_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """SmoothQuant's ``s_j = max|X_j|**a / max|W_j|**(1-a)`` over the weights' shared input columns."""
-    wmax = torch.cat([w.detach().abs().float() for w in weights]).amax(0).clamp_min(1e-5)
-    s = act_absmax.float().clamp_min(1e-5).pow(alpha) / wmax.pow(1 - alpha)
-    return s.clamp_min(1e-5)
-
-
-def smooth_block(block: nn.Module, arch: ArchSpec, stats: dict, alpha: float) -> None:
-    """Smooth every foldable group of ``block`` in place; the groups' ``absmax`` is rescaled to match."""
-    for group in arch.groups:
-        if not can_fold(block, group):
-            continue
-        st = stats[group]
-        linears = [get_module(block, n) for n in group.linears]
-        s = smooth_scales(st.absmax, [lin.weight for lin in linears], alpha).to(linears[0].weight.device)
-        fold_scale(block, arch, group, s)
-        st.absmax = st.absmax / s.to(st.absmax.device)
 
 
 def _sq_prepare(data, arch, stats, fmt, cfg: SmoothQuantConfig) -> None:

@@ -55,8 +55,9 @@ ITEM_KINDS = (
     ("codes", ("codes", "idx", "res_idx", "qweight")),
     ("codebooks", ("codebook", "res_codebook")),
     ("scales", ("scale", "zero", "scale_pos", "scale_neg", "w_scale", "act_scale", "super_scale", "super_min",
-                "sub_scale", "sub_min", "shared_exp", "block_scale", "tensor_scale")),
-    ("outliers", ("outlier_cols", "out_idx", "out_codebook")),
+                "sub_scale", "sub_min", "shared_exp", "block_scale", "tensor_scale", "scale_codes", "zero_codes",
+                "scale_step", "scale_lo", "zero_step", "zero_lo")),
+    ("outliers", ("outlier_cols", "out_idx", "out_codebook", "outlier_values", "outlier_counts")),
     ("norms", ("col_scale", "col_bias")),
 )
 

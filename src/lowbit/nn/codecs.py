@@ -8,7 +8,7 @@ their own.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -83,6 +83,31 @@ def unpack_all(buffers: dict[str, torch.Tensor], layout: Layout) -> dict[str, to
     return {name: one(buffers[name], bits, shape) for name, (bits, shape) in layout.items()}
 
 
+class FieldCodec:
+    """A codec whose buffers are the fields of one weight object, named as ``layout(spec)`` names them (VQ,
+    SpQR): ``encode`` packs those fields, :meth:`unpacked` gives them back; a subclass builds its weight and
+    ``decode`` dequantizes it."""
+
+    def __init__(self, layout: Callable[[dict], Layout]):
+        self.layout = layout
+
+    def buffer_shapes(self, spec):
+        return packed_shapes(self.layout(spec))
+
+    def encode(self, qw, spec):
+        layout = self.layout(spec)
+        return pack_all({name: getattr(qw, name) for name in layout}, layout)
+
+    def unpacked(self, buffers, spec) -> dict[str, torch.Tensor]:
+        return unpack_all(buffers, self.layout(spec))
+
+    def to_weight(self, buffers, spec):
+        raise NotImplementedError
+
+    def decode(self, buffers, spec):
+        return self.to_weight(buffers, spec).dequantize()
+
+
 class ScalarCodec:
     """Group-wise scalar formats.
 
@@ -148,5 +173,5 @@ class ScalarCodec:
 
 register_codec("scalar", ScalarCodec())
 
-__all__ = ["Codec", "Layout", "FP32", "register_codec", "get_codec", "ScalarCodec", "check_dims", "packed_shapes", "pack_all",
+__all__ = ["Codec", "Layout", "FP32", "register_codec", "get_codec", "FieldCodec", "ScalarCodec", "check_dims", "packed_shapes", "pack_all",
            "unpack_all"]

@@ -28,7 +28,7 @@ original column order, so decoding needs no permutation.
 from __future__ import annotations
 
 from ..formats.codebook import VQWeight, code_bits
-from .codecs import Layout, check_dims, pack_all, packed_shapes, register_codec, unpack_all
+from .codecs import FieldCodec, Layout, check_dims, register_codec
 
 __all__ = ["VQCodec"]
 
@@ -55,20 +55,15 @@ def _layout(spec: dict) -> Layout:
     return out
 
 
-class VQCodec:
-    def buffer_shapes(self, spec):
-        return packed_shapes(_layout(spec))
-
-    def encode(self, qw: VQWeight, spec):
-        layout = _layout(spec)
-        return pack_all({name: getattr(qw, name) for name in layout}, layout)
+class VQCodec(FieldCodec):
+    def __init__(self):
+        super().__init__(_layout)
 
     def to_vq_weight(self, buffers, spec) -> VQWeight:
         """Unpacked codes with the stored codebooks (kept as given, so gradients can flow through them)."""
-        return VQWeight(spec["out_features"], spec["in_features"], **unpack_all(buffers, _layout(spec)))
+        return VQWeight(spec["out_features"], spec["in_features"], **self.unpacked(buffers, spec))
 
-    def decode(self, buffers, spec):
-        return self.to_vq_weight(buffers, spec).dequantize()
+    to_weight = to_vq_weight
 
 
 register_codec("vq", VQCodec())
