@@ -16,11 +16,27 @@ def test_rtn_error_bound(bits, sym, gs):
     fmt = IntFormat(bits=bits, group_size=gs, sym=sym)
     qw = quantize_rtn(w, fmt)
     lay = group_layout(100, gs)
-    step = qw.params["scale"][:, lay.column_group()]  # (16, 100)
+    step = qw.params["scale"][:, lay.column_group()].abs()  # (16, 100); a symmetric scale is signed
     err = (qw.dequantize() - w).abs()
     # the fitted scale is rounded to fp16 (relative error <= 2**-11), which moves the level q
     # by up to |q - z| * step * 2**-11 with |q - z| <= 2**bits
-    assert torch.all(err <= 0.5 * step + (2 ** bits) * step * 2.0 ** -11 + 1e-6)
+    slack = (2 ** bits) * step * 2.0 ** -11 + 1e-6
+    if sym:
+        # the grid spans (q - z) * s for q in [0, 2**b): the group's peak sits on its far level -2**(b-1);
+        # a weight beyond the other end is clipped to it, every other weight is within half a step
+        s = qw.params["scale"][:, lay.column_group()]
+        ends = torch.stack([-(2 ** (bits - 1)) * s, (2 ** (bits - 1) - 1) * s])
+        lo, hi = ends.amin(0), ends.amax(0)
+        outside = (w - w.clamp(lo, hi)).abs()
+        assert torch.all(err <= torch.maximum(0.5 * step, outside) + slack)
+        col_group = lay.column_group()
+        for g in col_group.unique().tolist():
+            cols = (col_group == g).nonzero().flatten()
+            peak = cols[w[:, cols].abs().argmax(1)]            # (16,) the column of each row's peak
+            rows = torch.arange(16)
+            assert torch.all(err[rows, peak] <= slack[rows, peak])
+    else:
+        assert torch.all(err <= 0.5 * step + slack)
     assert qw.codes.min() >= 0 and qw.codes.max() < 2 ** bits
 
 

@@ -20,8 +20,10 @@ class IntFormat(Format):
     Asymmetric: ``w = (q - z) * s`` with ``q, z`` in ``[0, 2**b)``; the scale
     is fp16, the zero point is a b-bit integer (packed like the codes). The
     fitted range is widened to contain 0 so the zero point is representable.
-    Symmetric: ``z = 2**(b-1)`` fixed and ``s = 2*absmax / (2**b - 1)``; only
-    the scale is stored.
+    Symmetric: ``z = 2**(b-1)`` fixed and ``s = -p / 2**(b-1)``, ``p`` the group's
+    weight of largest magnitude, which lands exactly on the level ``-2**(b-1)``
+    (llama.cpp's Q4_0/Q8_0 rule): ``s`` is signed, so the grid's extra level serves
+    whichever side the peak is on. Only the scale is stored.
     """
 
     bits: int = 4
@@ -46,9 +48,12 @@ class IntFormat(Format):
         """Range from min/max of each group (``lo``/``hi`` override, for clipping searches)."""
         w = w.float()
         if self.sym:
-            amax = w.abs().amax(dim=-1, keepdim=True) if hi is None else hi
-            scale = (2 * amax / self.maxq).clamp_min(1e-8)
-            return self.round_params({"scale": scale})
+            # the weight of largest magnitude lands exactly on the level -2**(b-1), so the scale takes the
+            # opposite of its sign; with ``hi`` (a clip search's bound) the peak keeps its sign, at magnitude hi
+            peak = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True))
+            mag = peak.abs() if hi is None else hi
+            scale = (torch.where(peak < 0, mag, -mag) / (1 << (self.bits - 1))).to(torch.float16).float()
+            return {"scale": torch.where(scale == 0, torch.full_like(scale, 2.0 ** -14), scale)}  # all-zero group
         # the range always contains 0, so the integer zero point stays in [0, 2**b)
         lo = (w.amin(dim=-1, keepdim=True) if lo is None else lo).clamp_max(0)
         hi = (w.amax(dim=-1, keepdim=True) if hi is None else hi).clamp_min(0)
