@@ -249,7 +249,8 @@ def _plan_recipe(model: nn.Module, arch: ArchSpec, recipe: QuantRecipe, calib_id
     log.info("%s: %.4f %s (target %g), predicted damage %.6g, tensors per format %s, embedding %s, head %s\n%s",
              mix.tag(), plan.achieved, plan.unit, plan.target, plan.damage, plan.counts, plan.embed or "as given",
              plan.head or "as given", format_plan(layers, arch.blocks))
-    return replace(recipe, layers=layers), {**plan.summary(), "scores": scores["path"]}
+    scores_file = scores["path"] and scores["path"].rsplit("/", 1)[-1]   # the cache file's name, not this machine's path
+    return replace(recipe, layers=layers), {**plan.summary(), "scores": scores_file}
 
 def estimate_output_bytes(recipe: QuantRecipe, n_params: int, config: dict) -> tuple[int, str]:
     """``(bytes, how)``: about how much disk a ``quantize --out`` of a model with ``n_params`` parameters and this

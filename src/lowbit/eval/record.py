@@ -173,7 +173,7 @@ def evaluate_record(model, tokenizer, ev, *, model_name: str, method: str, tag: 
     if nonfinite:
         res["nonfinite"] = nonfinite
     if summary.get("mix_plan"):  # a size budget: what its plan takes and predicts
-        res["mix_plan"] = {k: v for k, v in summary["mix_plan"].items() if k != "scores"}   # no local cache path
+        res["mix_plan"] = summary["mix_plan"]
     if summary.get("distill"):  # distilled checkpoints: the training run that produced them
         res["distill"] = {k: summary["distill"][k] for k in DISTILL_RESULT_FIELDS if k in summary["distill"]}
     act = act_linear_summary(model)
