@@ -186,7 +186,8 @@ def test_budget_options_and_recipe_round_trip():
     from lowbit.quantize import QuantRecipe, recipe_from_options
 
     r = recipe_from_options("rtn", {"target_bpw": 3.5, "nsamples": 8})
-    assert r.tag() == "mix=3.5bpw" and r.calib["nsamples"] == 8
+    assert r.tag() == "mix=3.5bpw" and r.calib["nsamples"] == 8 and r.mix.damage == "relative"
+    assert recipe_from_options("rtn", {"target_bpw": 3.5, "mix_damage": "absolute"}).tag() == "mix=3.5bpw-abs"
     assert QuantRecipe.from_dict(r.to_dict()) == r
     assert "mix" not in recipe_from_options("rtn", {}).to_dict()         # plain recipes keep their dict
     assert recipe_from_options("gptq", {"target_mb": 40, "mix_candidates": "int3-g128,int4-g128"}).tag() == \
@@ -194,7 +195,8 @@ def test_budget_options_and_recipe_round_trip():
     for bad, msg in ((("rtn", {"nsamples": 8}), "uses none"), (("rtn", {"all_in": True}), "either --target-bpw"),
                      (("rtn", {"target_bpw": 3, "target_mb": 4}), "not both"),
                      (("rtn", {"target_bpw": 3, "mix_candidates": "int9x"}), "cannot read format"),
-                     (("vptq", {"target_bpw": 3}), "has none"), (("rtn", {"target_bpw": -1}), "positive")):
+                     (("vptq", {"target_bpw": 3}), "has none"),
+                     (("rtn", {"target_bpw": 3, "mix_damage": "loss"}), "relative or absolute"), (("rtn", {"target_bpw": -1}), "positive")):
         with pytest.raises(ConfigError, match=msg):
             recipe_from_options(*bad)
 

@@ -104,7 +104,7 @@ class MixConfig:
     all_in: bool = False                              # target_bpw counts every stored tensor (bpw all-in)
     target_mb: float | None = None                    # MB (10^6 bytes) the stored tensors may take at most
     candidates: tuple[str, ...] = MIX_CANDIDATES      # format tags a tensor may take
-    normalise: bool = False                           # damage relative to the layer's output energy
+    damage: str = "relative"                          # relative: output error over the tensor's output energy | absolute
 
     def __post_init__(self):
         object.__setattr__(self, "candidates", tuple(self.candidates))   # JSON gives a list
@@ -116,6 +116,8 @@ class MixConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
         if self.all_in and self.target_bpw is None:
             raise ConfigError("--all-in says how --target-bpw counts; --target-mb already counts every tensor")
+        if self.damage not in ("relative", "absolute"):
+            raise ConfigError(f"--mix-damage must be relative or absolute, got {self.damage!r}")
         if not self.candidates:
             raise ConfigError("--mix-candidates needs at least one format, e.g. int3-g128,int4-g128")
         for tag in self.candidates:
@@ -131,11 +133,11 @@ class MixConfig:
         return self.all_in or self.target_mb is not None
 
     def tag(self) -> str:
-        """``mix=3.5bpw``, ``mix=3.5bpw-all-in`` or ``mix=40mb`` (``-rel`` when normalised, then the candidates
+        """``mix=3.5bpw``, ``mix=3.5bpw-all-in`` or ``mix=40mb`` (``-abs`` for absolute damage, then the candidates
         when they are not the default ones)."""
         t = f"{self.target_mb:g}mb" if self.target_mb is not None else f"{self.target_bpw:g}bpw"
         cands = "" if self.candidates == MIX_CANDIDATES else "-" + "+".join(self.candidates)
-        return f"mix={t}{'-all-in' if self.all_in else ''}{'-rel' if self.normalise else ''}{cands}"
+        return f"mix={t}{'-all-in' if self.all_in else ''}{'-abs' if self.damage == 'absolute' else ''}{cands}"
 
 
 @dataclass(frozen=True)

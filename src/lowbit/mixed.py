@@ -5,7 +5,7 @@ stored tensor (``--all-in``, ``--target-mb``), the embedding and the head, each 
 dtype. A tied embedding and head are one item: both kept (stored once), or each at its own choice (stored twice).
 A choice costs the exact bits it stores (:func:`lowbit.nn.bpw.codec_bits` of its spec, float32 buffers at the
 storage dtype); everything not chosen (norms, biases, fixed embedding or head) is a fixed cost. Its damage is the
-sensitivity pass's score (:mod:`lowbit.calib.sensitivity`), optionally divided by the tensor's output energy.
+sensitivity pass's score (:mod:`lowbit.calib.sensitivity`), by default divided by the tensor's output energy.
 
 The solver (:func:`solve_mckp`) is a multiple-choice knapsack by dynamic programming over the bits left after every
 item's cheapest choice. Costs are counted in units of ``u`` bits, rounded up, so a plan never exceeds its budget;
@@ -37,7 +37,7 @@ KEEP = "keep"
 
 
 def solve_mckp(costs: list[list[int]], damages: list[list[float]], budget: int,
-               max_cols: int = 1 << 16) -> tuple[list[int], float] | None:
+               max_cols: int = 1 << 18) -> tuple[list[int], float] | None:
     """``(choice index per item, predicted damage)`` minimising the summed damage with summed cost <= ``budget``;
     None when even the cheapest choices exceed it. ``costs[i][c]``, ``damages[i][c]``: item i's choice c."""
     base = sum(min(cs) for cs in costs)
@@ -130,7 +130,7 @@ def _items(model: nn.Module, arch: ArchSpec, mix: MixConfig, scores: dict, stora
         if tag == KEEP:
             return 0.0
         d = dmg[name][tag]
-        return d / scores["energy"][name] if mix.normalise and scores["energy"][name] > 0 else d
+        return d / scores["energy"][name] if mix.damage == "relative" and scores["energy"][name] > 0 else d
 
     def options(name: str, weight: torch.Tensor, keep: bool) -> list[tuple[str, int, float]]:
         opts = [(t, _tensor_bits(weight, f, storage), damage(name, t)) for t, f in fmts.items()]

@@ -302,7 +302,7 @@ def _check_type(key: str, value, typ) -> None:
 
 
 #: size-budget options (:class:`MixConfig`), ``{option: type}``; ``mix_candidates`` is a comma-separated list of tags
-MIX_OPTIONS = {"target_bpw": float, "target_mb": float, "all_in": bool, "mix_candidates": str, "mix_normalise": bool}
+MIX_OPTIONS = {"target_bpw": float, "target_mb": float, "all_in": bool, "mix_candidates": str, "mix_damage": str}
 
 
 def _mix_config(options: dict) -> MixConfig | None:
@@ -312,7 +312,7 @@ def _mix_config(options: dict) -> MixConfig | None:
         return None
     for key, value in given.items():
         _check_type(key, value, MIX_OPTIONS[key])
-    kw = {{"mix_candidates": "candidates", "mix_normalise": "normalise"}.get(k, k): v for k, v in given.items()}
+    kw = {{"mix_candidates": "candidates", "mix_damage": "damage"}.get(k, k): v for k, v in given.items()}
     if "candidates" in kw:
         kw["candidates"] = tuple(t.strip() for t in kw["candidates"].split(",") if t.strip())
     return MixConfig(**kw)
@@ -344,7 +344,7 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
     dataclass default. The CLI and ``lowbit bench`` both build recipes here, so a grid point and the same
     command line give the same results file.
 
-    A size budget (``target_bpw`` or ``target_mb``, with ``all_in``, ``mix_candidates``, ``mix_normalise``) makes a
+    A size budget (``target_bpw`` or ``target_mb``, with ``all_in``, ``mix_candidates``, ``mix_damage``) makes a
     mixed-precision recipe; it scores tensors on calibration windows, so it takes the calibration settings even
     for a data-free method.
 

@@ -37,8 +37,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="MB (10^6 bytes) of every stored tensor at most; the embedding and head are chosen too")
     m.add_argument("--mix-candidates", default=None, metavar="TAGS",
                    help=f"formats a tensor may take, comma-separated (default: {','.join(MIX_CANDIDATES)})")
-    m.add_argument("--mix-normalise", action="store_true", default=None,
-                   help="score each tensor's damage relative to its output energy (default: absolute)")
+    m.add_argument("--mix-damage", choices=["relative", "absolute"], default=None,
+                   help="a tensor's damage: its output error over its output energy, or the error itself "
+                        "(default: relative)")
     add_dataclass_args(p.add_argument_group("rotation (before any method)"), RotationConfig)
     add_dataclass_args(p.add_argument_group("storage"), StorageConfig, prefix="storage_")
     c = p.add_argument_group("calibration (calibrated methods)")
