@@ -160,6 +160,16 @@ def test_pareto_front():
     assert pareto_front([(1, float("inf")), (2, 5.0), (2, 5.0)]) == [1, 2]   # ties both kept; inf never
 
 
+def test_leaderboard_ranks_by_all_in_bpw_beside_blocks_bpw():
+    """A budget that quantizes the embedding (mix=...-all-in) has more block bits but fewer bits in all than int3."""
+    rows = [fake("rtn", "int3-g128", 3.25, 5.9, 60.0), fake("rtn", "mix=4bpw-all-in", 4.4, 4.0, 40.0)]
+    lb = render_leaderboard(rows)
+    assert "| method | config | bpw (blocks) | bpw (all-in) |" in lb
+    lines = [line for line in lb.splitlines() if line.startswith("| rtn |")]
+    assert lines == ["| rtn | int3-g128 | 3.250 | 5.900 | 60.00 | - |  |",
+                     "| rtn | mix=4bpw-all-in | 4.400 | 4.000 | 40.00 | - | yes |"]
+
+
 def test_report_plot_and_leaderboard_are_reproducible(tmp_path):
     res = tmp_path / "docs" / "results"
     for r in SYNTH:

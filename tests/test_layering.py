@@ -28,6 +28,7 @@ LAYERS = (
     "runtime",                                # the lean decode loop
     "calib",                                  # the layer-wise engine, resume, shared transforms
     "methods",                                # one file per method, a registry
+    "mixed",                                  # size budgets: a format per tensor (knapsack over bpw costs)
     "quantize",                               # QuantRecipe and the whole-model pipeline
     "eval",                                   # perplexity, zero-shot, lm-eval bridge, results records
     "export",                                 # checkpoints in serving engines' formats (api.export calls it)

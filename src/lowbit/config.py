@@ -86,6 +86,60 @@ class RotationConfig:
             raise ConfigError("--rotate-seed seeds a rotation: add --rotate hadamard, or drop --rotate-seed")
 
 
+#: the formats a budgeted (mixed-precision) recipe chooses from, by default: RTN-able integer formats
+MIX_CANDIDATES = ("int2-g64", "int2-g128", "int3-g64", "int3-g128", "int4-g64", "int4-g128", "int8-g128")
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """A size budget: one format per tensor, chosen to minimise the summed predicted damage (docs/mixed.md).
+
+    Exactly one of ``target_bpw`` and ``target_mb``. ``target_bpw`` counts the decoder-block linears (the bpw
+    ``blocks`` total), or with ``all_in`` every stored tensor over the parameter count; ``target_mb`` counts every
+    stored tensor in MB (10^6 bytes). With ``all_in`` or ``target_mb`` the embedding and head are chosen too
+    (each candidate or kept at the storage dtype), unless ``--embed``/``--head`` fix them.
+    """
+
+    target_bpw: float | None = None                   # bits per weight the plan may take at most
+    all_in: bool = False                              # target_bpw counts every stored tensor (bpw all-in)
+    target_mb: float | None = None                    # MB (10^6 bytes) the stored tensors may take at most
+    candidates: tuple[str, ...] = MIX_CANDIDATES      # format tags a tensor may take
+    damage: str = "relative"                          # relative: output error over the tensor's output energy | absolute
+
+    def __post_init__(self):
+        object.__setattr__(self, "candidates", tuple(self.candidates))   # JSON gives a list
+        if (self.target_bpw is None) == (self.target_mb is None):
+            raise ConfigError("a size budget is either --target-bpw or --target-mb, not both or neither")
+        for name in ("target_bpw", "target_mb"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+        if self.all_in and self.target_bpw is None:
+            raise ConfigError("--all-in says how --target-bpw counts; --target-mb already counts every tensor")
+        if self.damage not in ("relative", "absolute"):
+            raise ConfigError(f"--mix-damage must be relative or absolute, got {self.damage!r}")
+        if not self.candidates:
+            raise ConfigError("--mix-candidates needs at least one format, e.g. int3-g128,int4-g128")
+        for tag in self.candidates:
+            parse_format_tag(tag).make()   # a bad tag fails here, before any model loads
+
+    def formats(self) -> dict[str, "FormatConfig"]:
+        """``{tag: FormatConfig}`` of the candidates, in the order given."""
+        return {tag: parse_format_tag(tag) for tag in self.candidates}
+
+    @property
+    def counts_all(self) -> bool:
+        """Whether the budget counts every stored tensor (so the embedding and head are chosen too)."""
+        return self.all_in or self.target_mb is not None
+
+    def tag(self) -> str:
+        """``mix=3.5bpw``, ``mix=3.5bpw-all-in`` or ``mix=40mb`` (``-abs`` for absolute damage, then the candidates
+        when they are not the default ones)."""
+        t = f"{self.target_mb:g}mb" if self.target_mb is not None else f"{self.target_bpw:g}bpw"
+        cands = "" if self.candidates == MIX_CANDIDATES else "-" + "+".join(self.candidates)
+        return f"mix={t}{'-all-in' if self.all_in else ''}{'-abs' if self.damage == 'absolute' else ''}{cands}"
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     """Calibration windows for methods that need data (recorded in checkpoints and results as ``calib``)."""

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .config import CalibConfig, FormatConfig, RotationConfig, StorageConfig
+from .config import CalibConfig, FormatConfig, MixConfig, RotationConfig, StorageConfig
 from .errors import CheckpointError, ConfigError
 from .methods import get_method
 from .models.arch import ArchSpec, arch_for, get_module, set_module, untie_word_embeddings
 from .nn import QuantizedEmbedding, scalar_spec, to_module
+from .nn.bpw import count_params
 from .utils import peak_memory_gb
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,17 @@ class QuantRecipe:
     storage: StorageConfig = field(default_factory=StorageConfig)
     calib: dict | None = None           # calibration source/size/seed, for calibrated methods
     rotation: RotationConfig = field(default_factory=RotationConfig)   # rotate the float model first
+    #: per-tensor formats, ``{path: FormatConfig}``: block linears (``model.layers.0.mlp.down_proj``) and the
+    #: embedding and head paths of the architecture row; a block linear not named takes ``fmt``, an embedding or
+    #: head not named ``embed``/``head``. A size budget (``mix``) fills it with its plan when the model is quantized.
+    layers: dict = field(default_factory=dict)
+    mix: MixConfig | None = None        # a size budget: choose a format per tensor (docs/mixed.md)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if self.rotation == RotationConfig():
-            del d["rotation"]   # unrotated recipes keep the dict they had before rotations existed (results caches)
+        for key, empty in (("rotation", RotationConfig()), ("layers", {}), ("mix", None)):
+            if getattr(self, key) == empty:
+                del d[key]   # recipes without them keep the dict they had before they existed (results caches)
         return d
 
     @classmethod
@@ -52,12 +59,15 @@ class QuantRecipe:
         d["rotation"] = from_dict(RotationConfig, d.get("rotation"))   # recipes before rotation existed: none
         for k in ("embed", "head"):
             d[k] = from_dict(FormatConfig, d[k]) if d.get(k) else None
+        d["layers"] = {name: from_dict(FormatConfig, f) for name, f in (d.get("layers") or {}).items()}
+        d["mix"] = from_dict(MixConfig, d["mix"]) if d.get("mix") else None
         return cls(**d)
 
     def tag(self) -> str:
         """Short name for results files: the format tag (or, for methods without a scalar format, the first
-        non-default setting), then the method settings that differ from the defaults, then embed/head formats,
-        then the rotation settings that differ from the defaults (``rotate=hadamard``).
+        non-default setting; a size budget's tag, ``mix=3.5bpw``, instead), then the method settings that differ
+        from the defaults, then embed/head formats, then the rotation settings that differ from the defaults
+        (``rotate=hadamard``), then ``layers=N`` for per-layer formats given by hand.
         """
         from .methods import get_method
 
@@ -65,31 +75,37 @@ class QuantRecipe:
         defaults = asdict(method.config())
         extra = [f"{k}={v}" for k, v in sorted(self.method_config.items()) if defaults.get(k) != v]
         tag = self.fmt.tag() if method.uses_format else (extra.pop(0) if extra else "default")
+        if self.mix is not None:
+            tag = self.mix.tag()
         if self.embed:
             extra.append(f"embed={self.embed.tag()}")
         if self.head:
             extra.append(f"head={self.head.tag()}")
         extra += [f"{k}={v}" for k, v in asdict(self.rotation).items() if getattr(RotationConfig, k) != v]
+        if self.layers and self.mix is None:
+            extra.append(f"layers={len(self.layers)}")
         return "-".join([tag] + extra)
 
 
 def quantize_embed_and_head(model: nn.Module, arch: ArchSpec, recipe: QuantRecipe) -> None:
+    """RTN the embedding and head at their formats (``recipe.layers`` by path, else ``embed``/``head``)."""
     from .formats import quantize_rtn
 
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    if recipe.head is not None:
+    embed, head_fmt = recipe.layers.get(arch.embed, recipe.embed), recipe.layers.get(arch.head, recipe.head)
+    if head_fmt is not None:
         head = get_module(model, arch.head)
-        qw = quantize_rtn(head.weight, recipe.head.make())
+        qw = quantize_rtn(head.weight, head_fmt.make())
         set_module(model, arch.head, to_module(head, qw))
-    if recipe.embed is not None:
+    if embed is not None:
         emb = get_module(model, arch.embed)
-        qw = quantize_rtn(emb.weight, recipe.embed.make())
+        qw = quantize_rtn(emb.weight, embed.make())
         spec = scalar_spec(qw.fmt, emb.weight.shape[0], emb.weight.shape[1])
         scale = getattr(emb, "embed_scale", None)
         scale = float(scale) if scale is not None else None
         q = QuantizedEmbedding.from_quantized(qw, spec, getattr(emb, "padding_idx", None), scale).to(emb.weight.device)
         set_module(model, arch.embed, q)
-    if tied and (recipe.head is not None or recipe.embed is not None):
+    if tied and (head_fmt is not None or embed is not None):
         untie_word_embeddings(model)   # they are now stored separately
 
 
@@ -138,7 +154,8 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     ``calib_ids``: ``(n, seqlen)`` token windows for calibrated methods.
     ``resume_dir``: checkpoint finished blocks there and continue from them (calibrated methods).
     ``device``: compute device for calibration (default: the model's).
-    Returns a summary: quantization time, peak memory, recipe.
+    Returns a summary: quantization time, peak memory, recipe (with a size budget, the recipe with its plan in
+    ``layers``, and the plan's totals as ``mix_plan``).
     A model with a NaN or Inf weight is refused (:func:`check_finite_weights`).
     """
     arch = arch_for(model)
@@ -149,6 +166,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
 
     mcfg = from_dict(method.config, recipe.method_config)
     fmt = recipe.fmt.make()
+    n_params = getattr(model, "lowbit_n_params", None) or count_params(model)   # before a rotation unties the head
     t0 = time.perf_counter()
     if method.needs and calib_ids is None:
         raise ConfigError(f"method {recipe.method!r} needs calibration data (it uses {', '.join(sorted(method.needs))})")
@@ -160,16 +178,21 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     method_result = None
     if method.prepare_model is not None:
         method_result = method.prepare_model(model, arch, calib_ids, fmt, mcfg, device)
+    plan = None
+    if recipe.mix is not None:
+        recipe, plan = _plan_recipe(model, arch, recipe, calib_ids, n_params, progress, device)
+    layer_fmts = _layer_formats(model, arch, recipe)
     if method.stats_needed(mcfg):
         from .calib.engine import run_layerwise
 
         run_layerwise(model, arch, method, fmt, mcfg, calib_ids, progress=progress, resume_dir=resume_dir,
-                      device=device)
+                      device=device, layer_fmts=layer_fmts)
     else:
         from .calib.engine import quantize_block
 
-        for block in tqdm(get_module(model, arch.blocks), desc=f"{recipe.method} blocks", disable=not progress):
-            quantize_block(block, arch, method, fmt, mcfg)
+        for i, block in enumerate(tqdm(get_module(model, arch.blocks), desc=f"{recipe.method} blocks",
+                                       disable=not progress)):
+            quantize_block(block, arch, method, fmt, mcfg, fmts=layer_fmts[i] if layer_fmts else None)
     quantize_embed_and_head(model, arch, recipe)
     finalize_storage(model, recipe.storage)
     summary = {
@@ -182,9 +205,57 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         summary["rotation"] = rotation   # seed, width, and whether the head was untied from the embedding
     if method_result is not None:
         summary["method_result"] = method_result
+    if plan is not None:
+        summary["mix_plan"] = plan
     model.lowbit_summary = summary
     return summary
 
+
+def _layer_formats(model: nn.Module, arch: ArchSpec, recipe: QuantRecipe) -> list[dict] | None:
+    """Per block, ``{linear name: Format}`` of the linears ``recipe.layers`` names; None without any. A name that
+    is no block linear, embedding or head of this model is a ConfigError."""
+    if not recipe.layers:
+        return None
+    n_blocks = len(get_module(model, arch.blocks))
+    paths = {f"{arch.blocks}.{i}.{name}": (i, name) for i in range(n_blocks) for name in arch.linears}
+    unknown = sorted(set(recipe.layers) - set(paths) - {arch.embed, arch.head})
+    if unknown:
+        raise ConfigError(f"recipe layers name {', '.join(unknown[:5])}, which this {arch.name} model does not have; "
+                          f"layers are block linears ({arch.blocks}.0.{arch.linears[0]}), {arch.embed} or {arch.head}")
+    out: list[dict] = [{} for _ in range(n_blocks)]
+    for path, f in recipe.layers.items():
+        if path in paths:
+            i, name = paths[path]
+            out[i][name] = f.make()
+    return out
+
+
+def _plan_recipe(model: nn.Module, arch: ArchSpec, recipe: QuantRecipe, calib_ids, n_params: int, progress: bool,
+                 device) -> tuple[QuantRecipe, dict]:
+    """``recipe`` with its size budget's plan as ``layers`` (docs/mixed.md), and the plan's summary."""
+    from .calib.sensitivity import sensitivity_scores
+    from .mixed import KEEP, format_plan, plan_budget
+
+    mix = recipe.mix
+    if not get_method(recipe.method).uses_format:
+        raise ConfigError(f"a size budget chooses a number format per tensor; --method {recipe.method} has no "
+                          f"number format to choose")
+    if calib_ids is None:
+        raise ConfigError("a size budget (--target-bpw / --target-mb) scores every tensor on calibration windows; "
+                          "pass calib_ids (the CLI samples them from --calib)")
+    cands = mix.formats()
+    eh = mix.counts_all and (recipe.embed is None or recipe.head is None)
+    scores = sensitivity_scores(model, arch, {t: f.make() for t, f in cands.items()}, calib_ids, embed_head=eh,
+                                progress=progress, device=device)
+    plan = plan_budget(model, arch, mix, scores, recipe.storage, recipe.embed, recipe.head, n_params=n_params)
+    layers = {path: cands[tag] for path, tag in plan.layers.items()}
+    layers.update({path: cands[tag] for path, tag in ((arch.embed, plan.embed), (arch.head, plan.head))
+                   if tag not in (None, KEEP)})
+    log.info("%s: %.4f %s (target %g), predicted damage %.6g, tensors per format %s, embedding %s, head %s\n%s",
+             mix.tag(), plan.achieved, plan.unit, plan.target, plan.damage, plan.counts, plan.embed or "as given",
+             plan.head or "as given", format_plan(layers, arch.blocks))
+    scores_file = scores["path"] and scores["path"].rsplit("/", 1)[-1]   # the cache file's name, not this machine's path
+    return replace(recipe, layers=layers), {**plan.summary(), "scores": scores_file}
 
 def estimate_output_bytes(recipe: QuantRecipe, n_params: int, config: dict) -> tuple[int, str]:
     """``(bytes, how)``: about how much disk a ``quantize --out`` of a model with ``n_params`` parameters and this
@@ -207,7 +278,8 @@ def estimate_output_bytes(recipe: QuantRecipe, n_params: int, config: dict) -> t
     def bits(fmt: FormatConfig | None, default: float) -> float:
         return default if fmt is None else fmt.bits + (32 / fmt.group_size if fmt.group_size > 0 else 0)
 
-    block_bytes = blocks * bits(recipe.fmt, storage) / 8
+    widest = recipe.fmt if recipe.mix is None else max(recipe.mix.formats().values(), key=lambda f: bits(f, 0))
+    block_bytes = blocks * bits(widest, storage) / 8   # a budget: its widest candidate, an upper bound
     total = block_bytes + emb * bits(recipe.embed, storage) / 8 + head * bits(recipe.head, storage) / 8
     how = f"{n_params / 1e6:.1f}M parameters at {recipe.fmt.tag()}, embedding and head at {recipe.storage.dtype}"
     if recipe.calib is not None:
@@ -234,6 +306,23 @@ def _check_type(key: str, value, typ) -> None:
         raise ConfigError(f"--{key.replace('_', '-')}: expected {what}, got {value!r}")
 
 
+#: size-budget options (:class:`MixConfig`), ``{option: type}``; ``mix_candidates`` is a comma-separated list of tags
+MIX_OPTIONS = {"target_bpw": float, "target_mb": float, "all_in": bool, "mix_candidates": str, "mix_damage": str}
+
+
+def _mix_config(options: dict) -> MixConfig | None:
+    """The size budget the options ask for (None without one)."""
+    given = {k: v for k, v in options.items() if k in MIX_OPTIONS}
+    if not given:
+        return None
+    for key, value in given.items():
+        _check_type(key, value, MIX_OPTIONS[key])
+    kw = {{"mix_candidates": "candidates", "mix_damage": "damage"}.get(k, k): v for k, v in given.items()}
+    if "candidates" in kw:
+        kw["candidates"] = tuple(t.strip() for t in kw["candidates"].split(",") if t.strip())
+    return MixConfig(**kw)
+
+
 def recipe_option_types() -> dict[str, object]:
     """``{option: type}`` of every option :func:`recipe_from_options` knows, over all methods (the CLI adds one
     flag for each)."""
@@ -242,7 +331,7 @@ def recipe_option_types() -> dict[str, object]:
     tables = [_options_of(FormatConfig), _options_of(CalibConfig), _options_of(RotationConfig),
               {"storage_" + k: v for k, v in _options_of(StorageConfig).items()},
               *(_options_of(get_method(m).config) for m in method_names())]
-    types = {"embed": str, "head": str}
+    types = {"embed": str, "head": str, **MIX_OPTIONS}
     for table in tables:
         for key, (_, typ) in table.items():
             types.setdefault(key, typ)
@@ -260,8 +349,12 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
     dataclass default. The CLI and ``lowbit bench`` both build recipes here, so a grid point and the same
     command line give the same results file.
 
+    A size budget (``target_bpw`` or ``target_mb``, with ``all_in``, ``mix_candidates``, ``mix_damage``) makes a
+    mixed-precision recipe; it scores tensors on calibration windows, so it takes the calibration settings even
+    for a data-free method.
+
     A setting of another method (``--method rtn --act-order``), a calibration setting for a method that uses
-    no data, an unknown key or a value of the wrong type is a ConfigError naming the fix.
+    no data (and no budget), an unknown key or a value of the wrong type is a ConfigError naming the fix.
     """
     from .config import format_fields, parse_format_tag
     from .methods import get_method, method_names
@@ -276,8 +369,14 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
             owners.setdefault(k, []).append(name)
     kw: dict[str, dict] = {"own": {}, "fmt": {}, "calib": {}, "storage": {}, "rotation": {}}
     tags = {}
+    mix = _mix_config(options)
+    if mix is not None and not m.uses_format:
+        raise ConfigError(f"--target-bpw/--target-mb choose a number format per tensor; --method {method} has none")
+    uses_calib = bool(m.needs) or mix is not None
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
+        if key in MIX_OPTIONS:
+            continue
         if key in ("embed", "head"):
             _check_type(key, value, str)
             tags[key] = parse_format_tag(value)
@@ -291,7 +390,7 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
                                   f"drop it or choose that method")
             raise ConfigError(f"unknown setting {key!r}; settings are `lowbit run` flags without dashes, e.g. "
                               "bits, group_size, nsamples, act_order")
-        if part == "calib" and not m.needs:
+        if part == "calib" and not uses_calib:
             raise ConfigError(f"{flag} sets calibration data, but --method {method} uses none; drop it")
         field_name, typ = table[key]
         _check_type(key, value, typ)
@@ -303,8 +402,9 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
         embed=tags.get("embed"),
         head=tags.get("head"),
         storage=StorageConfig(**kw["storage"]),
-        calib=asdict(CalibConfig(**kw["calib"])) if m.needs else None,
+        calib=asdict(CalibConfig(**kw["calib"])) if uses_calib else None,
         rotation=RotationConfig(**kw["rotation"]),
+        mix=mix,
     )
     for f in (recipe.fmt, recipe.embed, recipe.head):
         if f is not None:

@@ -260,12 +260,14 @@ def float_block_stats(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor,
 
 
 def quantize_block(block: nn.Module, arch: ArchSpec, method, fmt, cfg,
-                   stats: dict[InputGroup, GroupStats] | None = None) -> None:
-    """Swap every linear of ``block`` for its quantized module; data-free methods get no ``stats`` (``{}``)."""
+                   stats: dict[InputGroup, GroupStats] | None = None, fmts: dict | None = None) -> None:
+    """Swap every linear of ``block`` for its quantized module; data-free methods get no ``stats`` (``{}``).
+    ``fmts``: ``{linear name: Format}`` of linears quantized with another format than ``fmt``."""
     for g in arch.groups:
         for name in g.linears:
             lin = get_module(block, name)
-            qw = method.quantize_linear(lin.weight, {} if stats is None else stats[g], fmt, cfg)
+            f = fmt if fmts is None else fmts.get(name, fmt)
+            qw = method.quantize_linear(lin.weight, {} if stats is None else stats[g], f, cfg)
             set_module(block, name, to_module(lin, qw))
 
 
@@ -389,8 +391,11 @@ def _resume_inputs(resume_dir: Path, k: int, inputs: list[torch.Tensor], blocks,
 def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids: torch.Tensor, *,
                   batch_size: int = 8, device: torch.device | str | None = None,
                   offload: torch.device | str = "cpu", progress: bool = True,
-                  resume_dir: str | Path | None = None) -> None:
-    """Quantize every decoder block of ``model`` in place with ``method`` (see module doc)."""
+                  resume_dir: str | Path | None = None, layer_fmts: list[dict] | None = None) -> None:
+    """Quantize every decoder block of ``model`` in place with ``method`` (see module doc).
+
+    ``layer_fmts``: per block, ``{linear name: Format}`` of linears quantized with another format than ``fmt``
+    (a block-level step such as AWQ's scale search still uses ``fmt``)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     offload = torch.device(offload)
     blocks = get_module(model, arch.blocks)
@@ -404,6 +409,8 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
         h = hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]
         fingerprint = {"method": method.name, "fmt": fmt.spec(), "cfg": asdict(cfg), "calib": h,
                        "n_blocks": len(blocks), "model": model_fingerprint(model)}
+        if layer_fmts:
+            fingerprint["layers"] = [{n: f.spec() for n, f in sorted(d.items())} for d in layer_fmts]
         start = _restore_prefix(resume_dir, blocks, fingerprint)
         if start:
             inputs = _resume_inputs(resume_dir, start, inputs, blocks, block_kwargs, device, offload)
@@ -417,7 +424,7 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
         stats = collect_stats(block, arch.groups, inputs, kwargs, needs, device, offload, float_outputs)
         if method.prepare_block is not None:
             method.prepare_block(data, arch, stats, fmt, cfg)
-        quantize_block(block, arch, method, fmt, cfg, stats)
+        quantize_block(block, arch, method, fmt, cfg, stats, layer_fmts[i] if layer_fmts else None)
         del stats
         if method.finish_block is not None:
             method.finish_block(data, arch, float_outputs, cfg)

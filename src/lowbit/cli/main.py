@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .._version import __version__
-from ..config import CalibConfig, EvalConfig, FormatConfig, RotationConfig, StorageConfig
+from ..config import MIX_CANDIDATES, CalibConfig, EvalConfig, FormatConfig, RotationConfig, StorageConfig
 from .args import add_dataclass_args, at_least, dataclass_from_args, int_at_least, parse_shape, windows_arg
 from ..errors import ConfigError, LowbitError
 
@@ -28,6 +28,18 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
         add_dataclass_args(g, get_method(name).config, seen=seen)
     g.add_argument("--embed", default=None, metavar="FMT", help="also quantize the token embedding, e.g. int8 or int4-g128")
     g.add_argument("--head", default=None, metavar="FMT", help="also quantize the LM head, e.g. int8 or int4-g128")
+    m = p.add_argument_group("size budget: a format per tensor, least predicted damage (docs/mixed.md)")
+    m.add_argument("--target-bpw", type=at_least(0.0, float), default=None, metavar="X",
+                   help="bits per weight of the decoder-block linears at most (with --all-in: of every stored tensor "
+                        "over the parameter count, the embedding and head chosen too)")
+    m.add_argument("--all-in", action="store_true", default=None, help="--target-bpw counts every stored tensor")
+    m.add_argument("--target-mb", type=at_least(0.0, float), default=None, metavar="Y",
+                   help="MB (10^6 bytes) of every stored tensor at most; the embedding and head are chosen too")
+    m.add_argument("--mix-candidates", default=None, metavar="TAGS",
+                   help=f"formats a tensor may take, comma-separated (default: {','.join(MIX_CANDIDATES)})")
+    m.add_argument("--mix-damage", choices=["relative", "absolute"], default=None,
+                   help="a tensor's damage: its output error over its output energy, or the error itself "
+                        "(default: relative)")
     add_dataclass_args(p.add_argument_group("rotation (before any method)"), RotationConfig)
     add_dataclass_args(p.add_argument_group("storage"), StorageConfig, prefix="storage_")
     c = p.add_argument_group("calibration (calibrated methods)")

@@ -301,13 +301,16 @@ def _verify_files(path: Path, files: dict) -> str | None:
 
 
 def _recipe_formats(meta: dict) -> list[dict] | None:
-    """The formats the recipe names (weights, embedding, head) and their fallbacks, each a ``{field: value}``
-    dict; None without a recipe."""
+    """The formats the recipe names (weights, embedding, head, per-layer ``layers``) and their fallbacks, each a
+    ``{field: value}`` dict; None without a recipe."""
     recipe = meta.get("summary", {}).get("recipe")
     if not isinstance(recipe, dict):
         return None
-    named = [f for f in (recipe.get(k) for k in ("fmt", "embed", "head")) if isinstance(f, dict)]
-    return [g for f in named for g in _layer_formats(f)]
+    layers = recipe.get("layers")
+    per_layer = list(layers.values()) if isinstance(layers, dict) else []
+    named = [f for f in (*(recipe.get(k) for k in ("fmt", "embed", "head")), *per_layer) if isinstance(f, dict)]
+    unique = list({json.dumps(f, sort_keys=True): f for f in named}.values())   # a plan repeats a few formats
+    return [g for f in unique for g in _layer_formats(f)]
 
 
 def _layer_formats(f: dict) -> list[dict]:

@@ -18,7 +18,7 @@ from torch import nn
 from ..models.arch import arch_for, get_module
 from .qlinear import _PackedWeight
 
-__all__ = ["layer_bits", "bpw_report", "count_params", "codec_bits", "ITEM_KINDS", "item_kind"]
+__all__ = ["layer_bits", "bpw_report", "count_params", "stored_bits", "codec_bits", "ITEM_KINDS", "item_kind"]
 
 _DTYPE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
 
@@ -42,11 +42,16 @@ def layer_bits(module: nn.Module, storage_dtype: str = "float16") -> dict:
     return {"items": items, "weights": n, "bpw": sum(items.values()) / n}
 
 
-def codec_bits(codec: str, spec: dict) -> dict[str, int]:
-    """Bits per stored buffer of one layer under ``spec``, from the codec's buffer shapes (no weights needed)."""
+def codec_bits(codec: str, spec: dict, storage_dtype: str | None = None) -> dict[str, int]:
+    """Bits per stored buffer of one layer under ``spec``, from the codec's buffer shapes (no weights needed).
+
+    ``storage_dtype``: count float32 buffers at that width, as a checkpoint stores them (:func:`layer_bits`)."""
     from .codecs import get_codec
 
-    return {name: math.prod(shape) * dtype.itemsize * 8
+    def width(dtype) -> int:
+        return _DTYPE_BITS[storage_dtype] if storage_dtype and dtype == torch.float32 else dtype.itemsize * 8
+
+    return {name: math.prod(shape) * width(dtype)
             for name, (shape, dtype) in get_codec(codec).buffer_shapes(spec).items()}
 
 
@@ -72,7 +77,8 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _stored_bits(model: nn.Module, storage_dtype: str) -> int:
+def stored_bits(model: nn.Module, storage_dtype: str) -> int:
+    """Bits of every tensor ``model`` stores (its state dict at the storage dtype, tied tensors counted once)."""
     seen, total = set(), 0
     for t in model.state_dict().values():
         key = (t.data_ptr(), t.numel(), t.dtype)
@@ -97,7 +103,7 @@ def bpw_report(model: nn.Module, storage_dtype: str = "float16", n_params: int |
                 items[item] = items.get(item, 0) + b
     for path in (arch.embed, arch.head):
         layers[path] = layer_bits(get_module(model, path), storage_dtype)
-    total_bits = _stored_bits(model, storage_dtype)
+    total_bits = stored_bits(model, storage_dtype)
     n_params = n_params or getattr(model, "lowbit_n_params", None) or count_params(model)
     return {
         "blocks": bits / weights,
