@@ -15,10 +15,6 @@ from lowbit.quantize import QuantRecipe, recipe_from_options
 from conftest import reload_same_logits, tiny_model
 
 
-def _weighted_err(q, w, imp):
-    return ((q.dequantize() - w) ** 2 * imp).view(w.shape[0], -1)
-
-
 def _group_err(q, w, imp, gs):
     e = (q.dequantize() - w) ** 2 * imp                        # (out, in)
     cols = w.shape[1]
