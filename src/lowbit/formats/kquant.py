@@ -43,6 +43,7 @@ from .base import Format, ParamSpec
 from .integer import IntFormat
 from .quantize import QuantizedWeight
 from .registry import register_format, register_preset
+from .scale_search import importance_weights, ls_scale_min, range_candidates
 
 __all__ = ["KQuantFormat", "KType", "KTYPES", "SUPER_BLOCK", "FALLBACK_GROUP", "ktag", "search_kquant"]
 
@@ -247,23 +248,6 @@ def _block_view(bp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.unsqueeze(-1) for k, v in bp.items()}
 
 
-def _ls_scale_min(x, q, om, nonneg_min: bool):
-    """Weighted least squares ``x ~ s*q - mn`` per sub-block (sums over the last dim); ``mn >= 0`` when asked,
-    else ``mn = 0`` (the symmetric fit ``x ~ s*q``). Returns ``(s, mn)``, NaN-free (0 where undetermined)."""
-    sw, sq, sqq = om.sum(-1), (om * q).sum(-1), (om * q * q).sum(-1)
-    sx, sqx = (om * x).sum(-1), (om * q * x).sum(-1)
-    only_scale = torch.where(sqq > 0, sqx / sqq.clamp_min(1e-30), torch.zeros_like(sqq))
-    if not nonneg_min:
-        return only_scale, torch.zeros_like(only_scale)
-    det = sw * sqq - sq * sq
-    ok = det > 1e-12 * (sw * sqq).clamp_min(1e-30)
-    s = torch.where(ok, (sw * sqx - sx * sq) / torch.where(ok, det, torch.ones_like(det)), only_scale)
-    off = torch.where(ok, (sqq * sx - sq * sqx) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
-    # x ~ s*q + off with off <= 0 (the min is stored as a non-negative mn = -off)
-    neg = off <= 0
-    return torch.where(neg, s, only_scale), torch.where(neg, -off, torch.zeros_like(off))
-
-
 @torch.no_grad()
 def search_kquant(weight: torch.Tensor, fmt: KQuantFormat, importance: torch.Tensor | None = None,
                   n_grid: int = 20, iters: int = 4) -> QuantizedWeight:
@@ -294,12 +278,7 @@ def search_kquant(weight: torch.Tensor, fmt: KQuantFormat, importance: torch.Ten
                           f"{cols} columns (quantize it with fmt.for_width({cols}) = {fmt.fallback.spec()})")
     n, gs = fmt.fit_span, fmt.group_size
     x = w.reshape(rows, cols // SUPER_BLOCK, n, gs)                  # (rows, S, n, gs)
-    if importance is None:
-        om = torch.ones_like(x)
-    else:
-        imp = importance.detach().float().to(w.device).clamp_min(0)
-        imp = imp / imp.mean().clamp_min(1e-30) + 1e-6               # no column weighs exactly 0
-        om = imp.reshape(1, cols // SUPER_BLOCK, n, gs).expand_as(x)
+    om = importance_weights(importance, w).reshape(1, cols // SUPER_BLOCK, n, gs).expand_as(x)
 
     def error(bp):
         p = _block_view(bp)
@@ -318,27 +297,10 @@ def search_kquant(weight: torch.Tensor, fmt: KQuantFormat, importance: torch.Ten
     best_err, _ = error(best)
 
     # 1. sub-block candidates
-    top_level = float(fmt.q_offset if fmt.sym else fmt.maxq)
-    if fmt.sym:
-        ext = x.gather(-1, x.abs().argmax(-1, keepdim=True))          # (rows, S, n, 1) signed extreme
-        lo = torch.zeros_like(ext)
-        span = -ext
-        steps = [-0.9 + 1.8 * i / n_grid for i in range(n_grid + 1)]
-    else:
-        lo = x.amin(-1, keepdim=True).clamp_max(0)
-        span = x.amax(-1, keepdim=True).clamp_min(0) - lo
-        steps = [-1.0 + 2.0 * i / n_grid for i in range(n_grid + 1)]
     sub_err = torch.full(x.shape[:-1], float("inf"), device=x.device)
     sub_s = torch.zeros(x.shape[:-1], device=x.device)
     sub_mn = torch.zeros(x.shape[:-1], device=x.device)
-    for t in steps:
-        s0 = span / (top_level + t)                                   # (rows, S, n, 1)
-        s0 = torch.where(s0 == 0, torch.ones_like(s0), s0)
-        if fmt.sym:
-            q = torch.round(x / s0).clamp(-fmt.q_offset, fmt.q_offset - 1)
-        else:
-            q = torch.round((x - lo) / s0).clamp(0, fmt.maxq)
-        s, mn = _ls_scale_min(x, q, om, nonneg_min=not fmt.sym)
+    for s, mn, q in range_candidates(x, om, fmt.sym, fmt.q_offset, fmt.maxq, n_grid):
         err = (om * (s.unsqueeze(-1) * q - mn.unsqueeze(-1) - x) ** 2).sum(-1)
         better = err < sub_err
         sub_err = torch.where(better, err, sub_err)
@@ -372,7 +334,7 @@ def search_kquant(weight: torch.Tensor, fmt: KQuantFormat, importance: torch.Ten
             cur = dict(cur, super_scale=_fp16(d).unsqueeze(-1), super_min=_fp16(dmin).unsqueeze(-1))
         best, best_err = keep(best, best_err, cur)
         # integer sub-scales (and mins) given d and the codes
-        s, mn = _ls_scale_min(x, qv, om, nonneg_min=not fmt.sym)
+        s, mn = ls_scale_min(x, qv, om, nonneg_min=not fmt.sym)
         d = cur["super_scale"]
         sc = (_div_round(s, d) + fmt.sc_offset).clamp(0, fmt.sc_max)
         cur = dict(cur, sub_scale=sc)

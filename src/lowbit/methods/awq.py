@@ -12,6 +12,10 @@ algorithm: ``s = mean|x| ** a`` normalised by ``sqrt(max(s) * min(s))``, with
 output MSE on calibration tokens wins. ``a = 0`` gives ``s = 1``, the base
 method itself, so the search can only match or improve on it (on the
 tokens searched).
+
+``--awq-scale-search`` then rounds each linear with the importance-weighted scale search
+(:func:`lowbit.formats.scale_search.search_int_scales`, int format only) instead of plain RTN, the importance
+being the mean square of the group's sampled (rescaled) input tokens per channel.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from torch import nn
 
 from ..calib.fold import can_fold, fold_scale
 from ..formats import quantize_rtn
+from ..formats.scale_search import search_int_scales
 from ..models.arch import ArchSpec, InputGroup, get_module
 from .clipinit import clip_block
 from .registry import register_method
@@ -39,6 +44,7 @@ class AWQConfig:
     awq_clip: bool = True        # AWQ's output-aware clipping search
     clip_tokens: int = 512       # tokens for the clipping search
     clip_grid: int = 20          # shrink ratios tried, from 1.0 down to 0.5
+    awq_scale_search: bool = False  # round with the int scale search weighted by the inputs' mean square
 
 
 def _inspect_fn(block: nn.Module, arch: ArchSpec, group: InputGroup, kwargs: dict, window: int, batch: int):
@@ -118,4 +124,8 @@ def awq_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: AWQConfig) -> None:
 @register_method("awq", config=AWQConfig, needs={"act_absmean", "inputs"}, prepare_block=awq_prepare_block)
 def awq(weight, stats, fmt, cfg: AWQConfig):
     """AWQ: activation-aware scaling and clipping around RTN."""
+    if cfg.awq_scale_search:
+        # the group's inputs are in the folded scale (awq_prepare_block divides them by s)
+        importance = stats.token_sample(cfg.clip_tokens).to(weight.device).pow(2).mean(0)    # (in,)
+        return search_int_scales(weight, fmt, importance)
     return quantize_rtn(weight, fmt)
