@@ -227,13 +227,18 @@ def main() -> None:
     write_report(rows, a.json, a.md)
 
 
-def write_report(rows: list[dict], json_path: Path, md_path: Path) -> None:
+def save_rows(rows: list[dict], json_path: Path, md_path: Path, md_lines: list[str]) -> None:
+    """``{"rows": rows}`` to ``json_path`` and ``md_lines`` to ``md_path``, each written atomically."""
     from lowbit.utils import atomic_write_text
 
-    order = list(CONFIGS)
-    rows = sorted(rows, key=lambda r: (r["model"], order.index(r["config"])))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps({"rows": rows}, indent=1) + "\n")
+    atomic_write_text(md_path, "\n".join(md_lines) + "\n")
+
+
+def write_report(rows: list[dict], json_path: Path, md_path: Path) -> None:
+    order = list(CONFIGS)
+    rows = sorted(rows, key=lambda r: (r["model"], order.index(r["config"])))
     lines = [
         "# GGUF export: llama.cpp against lowbit, same checkpoint, same token windows",
         "",
@@ -268,7 +273,7 @@ def write_report(rows: list[dict], json_path: Path, md_path: Path) -> None:
                      + (f"{act8:.3f} | {r['rel_diff_act8_pct']:+.2f}% | " if act8 is not None else "- | - | ")
                      + (f"{act8_k:.3f} ({100 * (act8_k / r['ppl_lowbit'] - 1):+.2f}%) | " if act8_k else "- | ")
                      + f"{r['gguf_mb']} | {'yes' if r['same_tokenization'] else 'no'} |")
-    atomic_write_text(md_path, "\n".join(lines) + "\n")
+    save_rows(rows, json_path, md_path, lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_ppl_check import block_types, llama_cpp_ppl, plain_blocks  # noqa: E402
+from gguf_ppl_check import block_types, llama_cpp_ppl, plain_blocks, save_rows  # noqa: E402
 
 #: lowbit recipes on the Q4_0 grid (int4, symmetric, groups of 32); calibration: the ``lowbit quantize`` defaults
 LOWBIT = {
@@ -145,10 +145,6 @@ def main() -> None:
 
 
 def write_report(rows: list[dict], json_path: Path, md_path: Path) -> None:
-    from lowbit.utils import atomic_write_text
-
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json_path, json.dumps({"rows": rows}, indent=1) + "\n")
     lines = [
         "# Q4_0 GGUF: lowbit against llama.cpp's llama-quantize, same fp32 model, same windows",
         "",
@@ -165,7 +161,7 @@ def write_report(rows: list[dict], json_path: Path, md_path: Path) -> None:
     for r in sorted(rows, key=lambda r: (r["model"], r["ppl_llama_cpp"])):
         types = ", ".join(f"{k} x{v}" for k, v in r["block_types"].items())
         lines.append(f"| {r['model']} | {r['name']} | {r['ppl_llama_cpp']:.3f} | {r['gguf_mb']:.1f} | {types} |")
-    atomic_write_text(md_path, "\n".join(lines) + "\n")
+    save_rows(rows, json_path, md_path, lines)
 
 
 if __name__ == "__main__":
