@@ -394,3 +394,18 @@ def test_reports_read_only_the_current_protocol_version(tmp_path, caplog):
     assert [r["method"] for r in load_results(res)] == ["fp32"]
     assert "skipped 1 results of an older protocol version" in caplog.text
     assert sorted(r["method"] for r in load_results(res, any_version=True)) == ["fp32", "rtn"]
+
+
+def test_cache_survives_a_method_option_added_at_its_default():
+    from lowbit.bench.grid import same_config
+
+    cur = {"method": "awq", "fmt": {"bits": 4}, "calib": {"nsamples": 128},
+           "method_config": {"n_grid": 20, "awq_scale_search": False}}
+    old = {"method": "awq", "fmt": {"bits": 4}, "calib": {"nsamples": 128}, "method_config": {"n_grid": 20}}
+    assert same_config(old, cur)
+    # the new option away from its default, a changed option, a dropped option, a changed format: not cached
+    assert not same_config(old, {**cur, "method_config": {"n_grid": 20, "awq_scale_search": True}})
+    assert not same_config(old, {**cur, "method_config": {"n_grid": 10, "awq_scale_search": False}})
+    assert not same_config({**old, "method_config": {"n_grid": 20, "gone": 1}}, cur)
+    assert not same_config(old, {**cur, "fmt": {"bits": 3}})
+    assert not same_config(None, cur)

@@ -263,6 +263,27 @@ def expected_result(run: Run, recipe, results_dir: str | Path) -> tuple[Path, di
     return Path(results_dir) / name, json.loads(json.dumps(config))
 
 
+def same_config(stored: dict | None, current: dict) -> bool:
+    """Whether a results file's config is the recipe ``current``: equal, except that a method option the
+    file lacks matches when ``current`` holds that option's default (an option added to the method after the
+    file was written, at its default, changes nothing the file measured)."""
+    if stored == current:
+        return True
+    if not isinstance(stored, dict) or set(stored) != set(current):
+        return False
+    if any(stored[k] != current[k] for k in current if k != "method_config"):
+        return False
+    old, new = stored.get("method_config") or {}, current.get("method_config") or {}
+    if set(old) - set(new) or any(old[k] != new[k] for k in old):
+        return False
+    import dataclasses
+
+    from ..methods.registry import get_method
+
+    defaults = {f.name: f.default for f in dataclasses.fields(get_method(current["method"]).config)}
+    return all(k in defaults and new[k] == defaults[k] for k in set(new) - set(old))
+
+
 def is_cached(run: Run, recipe, ev, results_dir: str | Path) -> bool:
     """Whether the results JSON exists with the same config and covers evaluation ``ev`` (an EvalConfig)."""
     path, config = expected_result(run, recipe, results_dir)
@@ -272,7 +293,7 @@ def is_cached(run: Run, recipe, ev, results_dir: str | Path) -> bool:
         return False
     from ..eval.ppl import PROTOCOL_VERSION
 
-    if res.get("config") != config or res.get("protocol_version", 1) != PROTOCOL_VERSION:
+    if not same_config(res.get("config"), config) or res.get("protocol_version", 1) != PROTOCOL_VERSION:
         return False
     for corpus in ev.ppl:
         p = res.get("protocol", {}).get(corpus)
