@@ -8,7 +8,8 @@ Columns go left to right with GPTQ's error feedback (:mod:`.feedback`, the loop 
 blocks of ``block_size`` columns (128, as in the paper). At the first column of each block, on the block's current
 (error-updated) weights:
 
-1. *salient columns*: each column's salience ``sum_i w_ij^2 / d_j^2`` (the reference code's Hessian metric); the
+1. *salient columns*: each column's salience ``sum_i w_ij^2 / d_j^2`` (the reference code's Hessian metric: the
+   paper writes ``w^2 / [H^-1]_jj^2``, the code divides by the squared diagonal of the factor ``U``); the
    ``n`` most salient columns for each ``n`` in ``0..max_salient`` are residually binarized
    (``a1 * sign(w) + a2 * sign(w - a1 * sign(w))``) and the rest, as a stand-in, too; the ``n`` with the least error
    is kept (the reference code's two-stage search: salient count first, break point second);
@@ -118,6 +119,7 @@ def billm_solve(weight: torch.Tensor, hessian: torch.Tensor, cfg: BiLLMConfig) -
     scales = {k: torch.zeros(rows, n_blocks, device=W.device) for k in ("sal1", "sal2", "dense", "sparse")}
     used = torch.zeros_like(W)
     fit: list[BlockFit] = []
+    sal_of = [False] * cols
 
     def quantize_column(c, w, current):
         b, j = divmod(c, bs)
@@ -126,10 +128,11 @@ def billm_solve(weight: torch.Tensor, hessian: torch.Tensor, cfg: BiLLMConfig) -
             fit[:] = [search_block(current(cs), c_all[cs], cfg.max_salient, cfg.split_grid)]
             f = fit[0]
             salient[cs] = f.salient
+            sal_of[c : c + len(cs)] = f.salient.tolist()   # Python bools: no device sync per column
             for k, v in zip(scales, (f.a1, f.a2, f.a_dense, f.a_sparse)):
                 scales[k][:, b] = v[:, 0]
         f = fit[0]
-        if f.salient[j]:
+        if sal_of[c]:
             s, s2, deq = salient_qdq(w, f.a1, f.a2)
         else:
             s, s2 = sign_bits(w), (w.abs() > f.p).long()
