@@ -91,6 +91,29 @@ def reload_same_logits(model, path):
     return back
 
 
+def codec_round_trip(qw, want_weight):
+    """Pack ``qw`` (a weight with ``layer_spec()``) into a QuantizedLinear, check both decode to ``want_weight`` and
+    that every itemised bpw entry is its buffer's stored bits, as the codec's layout says, and that each stored field
+    (a buffer is the weight's field of its name) comes back equal: codes exactly, float fields as the fp16 values they
+    hold; returns ``(the weight rebuilt from the buffers, layer_bits report)``."""
+    from lowbit.nn import QuantizedLinear
+    from lowbit.nn.bpw import codec_bits, layer_bits
+
+    spec = qw.layer_spec()
+    m = QuantizedLinear.from_quantized(qw, spec)
+    assert torch.equal(qw.dequantize(), want_weight) and torch.equal(m.dequantize_weight(), want_weight)
+    rep = layer_bits(m)
+    stored = {n: t.numel() * t.element_size() * 8 for n, t in m.packed_buffers().items()}
+    assert rep["items"] == stored == codec_bits(spec["codec"], spec)
+    assert rep["bpw"] == sum(stored.values()) / (spec["out_features"] * spec["in_features"])
+    back = m.codec.to_weight(m.packed_buffers(), spec)
+    for name in stored:
+        a, b = getattr(back, name), getattr(qw, name)
+        same = torch.equal(a.float(), b.float()) if b.is_floating_point() else torch.equal(a.long(), b.long())
+        assert same, name
+    return back, rep
+
+
 #: every architecture tiny_config builds; tests taking the ``arch`` fixture run on each
 ARCHS = ("llama", "gemma3", "opt", "opt-postnorm", "qwen2")
 

@@ -1,2 +1,3 @@
 """Importing this module registers every built-in method."""
-from . import awq, clipinit, flattenquant, gptq, isearch, ksearch, rtn, smoothquant, smoothquant_plus, spqr, vptq  # noqa: F401
+from . import (awq, billm, clipinit, flattenquant, gptq, isearch, ksearch, onebit, rtn, smoothquant,  # noqa: F401
+               smoothquant_plus, spqr, vptq)

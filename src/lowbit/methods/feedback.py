@@ -6,14 +6,17 @@ block for the columns after it (lazy batch updates). How a column is quantized i
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable
 
 import torch
 
+from ..utils import cpu_threads
+
 log = logging.getLogger(__name__)
 
-__all__ = ["inverse_hessian_factor", "live_copies", "error_feedback"]
+__all__ = ["inverse_hessian_factor", "live_copies", "error_feedback", "loop_threads"]
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -37,6 +40,12 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_tries: int = 6) -> 
         log.warning("Hessian not positive definite at damp=%g; retrying with %g", d, nxt)
         d = nxt
     raise RuntimeError(f"Hessian stays singular even at damp={d}; the calibration data may be degenerate")
+
+
+def loop_threads(device: torch.device):
+    """The thread setting a column loop runs under: one intra-op thread on a CPU (its thousands of tiny ops lose
+    more to thread synchronisation than they gain, :func:`lowbit.utils.cpu_threads`), unchanged elsewhere."""
+    return cpu_threads(1) if device.type == "cpu" else contextlib.nullcontext()
 
 
 def live_copies(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

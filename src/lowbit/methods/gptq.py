@@ -7,15 +7,13 @@ format (INT, FP, NF, two-scale) works unchanged.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ..formats import Format, QuantizedWeight, group_layout
 from ..formats.quantize import DEFAULT_CLIP_GRID, fit_groups
-from ..utils import cpu_threads
-from .feedback import error_feedback, live_copies
+from .feedback import error_feedback, live_copies, loop_threads
 from .registry import register_method
 
 __all__ = ["GPTQConfig", "gptq_quantize"]
@@ -72,6 +70,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp
 @register_method("gptq", config=GPTQConfig, needs={"hessian"})
 def gptq(weight, stats, fmt, cfg: GPTQConfig):
     """GPTQ with lazy batch updates, group-wise parameters and optional act-order."""
-    with cpu_threads(1) if weight.device.type == "cpu" else contextlib.nullcontext():
+    with loop_threads(weight.device):
         return gptq_quantize(weight, stats.hessian, fmt, cfg.damp, cfg.block_size, cfg.act_order,
                              DEFAULT_CLIP_GRID if cfg.clip else None)

@@ -23,7 +23,6 @@ row-run sharing of outlier row pointers in the GPU kernel; groups are contiguous
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -32,8 +31,7 @@ import torch
 from ..errors import ConfigError
 from ..formats import group_layout
 from ..formats.spqr import SCALE_FLOOR, SpQRWeight, dequantize_stats, minmax_fit, minmax_qdq, quantize_stats
-from ..utils import cpu_threads
-from .feedback import error_feedback, inverse_hessian_factor, live_copies
+from .feedback import error_feedback, inverse_hessian_factor, live_copies, loop_threads
 from .registry import register_method
 
 __all__ = ["SpQRConfig", "spqr_quantize", "outlier_threshold", "loo_error_drop"]
@@ -142,5 +140,5 @@ def spqr_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: SpQRConfig) 
 def spqr(weight, stats, fmt, cfg: SpQRConfig):
     """SpQR: GPTQ with 16-column groups, 3-bit quantized statistics and fp16 outliers stored sparse."""
     # a method with its own storage: the scalar ``fmt`` the engine passes is not used
-    with cpu_threads(1) if weight.device.type == "cpu" else contextlib.nullcontext():
+    with loop_threads(weight.device):
         return spqr_quantize(weight, stats.hessian, cfg)

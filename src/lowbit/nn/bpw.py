@@ -57,12 +57,13 @@ def codec_bits(codec: str, spec: dict, storage_dtype: str | None = None) -> dict
 
 #: what each stored buffer is, for itemised reports: (kind, buffer names)
 ITEM_KINDS = (
-    ("codes", ("codes", "idx", "res_idx", "qweight")),
+    ("codes", ("codes", "idx", "res_idx", "qweight", "signs", "res_signs", "split")),
     ("codebooks", ("codebook", "res_codebook")),
     ("scales", ("scale", "zero", "scale_pos", "scale_neg", "w_scale", "act_scale", "super_scale", "super_min",
                 "sub_scale", "sub_min", "shared_exp", "block_scale", "tensor_scale", "scale_codes", "zero_codes",
-                "scale_step", "scale_lo", "zero_step", "zero_lo")),
-    ("outliers", ("outlier_cols", "out_idx", "out_codebook", "outlier_values", "outlier_counts")),
+                "scale_step", "scale_lo", "zero_step", "zero_lo", "scale_sal1", "scale_sal2", "scale_dense",
+                "scale_sparse", "out_scale", "in_scale")),
+    ("outliers", ("outlier_cols", "out_idx", "out_codebook", "outlier_values", "outlier_counts", "salient_cols")),
     ("norms", ("col_scale", "col_bias")),
 )
 
