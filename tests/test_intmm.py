@@ -57,8 +57,9 @@ def test_auto_measures_once_per_bucket(monkeypatch):
     for m in (5, 6, 8, 5, 1, 1, 2000, 1024):
         a, b, ref = _codes(m, 64, 24)
         assert torch.equal(int_mm(a, b), ref)
-    assert calls == [("cpu", 8, 64, 24), ("cpu", 1, 64, 24), ("cpu", intmm.MAX_TIMED_M, 64, 24)]
-    best, times = dispatcher.decisions[("cpu", 8, 64, 24)]
+    nt = torch.get_num_threads()
+    assert calls == [("cpu", nt, 8, 64, 24), ("cpu", nt, 1, 64, 24), ("cpu", nt, intmm.MAX_TIMED_M, 64, 24)]
+    best, times = dispatcher.decisions[("cpu", nt, 8, 64, 24)]
     assert set(times) == {"torch", "lowbit"} and best == min(times, key=times.get)
 
 

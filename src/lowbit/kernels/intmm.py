@@ -148,10 +148,9 @@ def _time_once(fn, repeats: int = 3) -> float:
 
 
 class IntMMDispatcher:
-    """The backend per ``(device type, M bucket, K, N)``: forced by ``LOWBIT_INTMM`` or measured once.
+    """The backend per ``(device type, threads, M bucket, K, N)``: forced by ``LOWBIT_INTMM`` or measured once.
 
-    ``decisions`` maps each key to ``(backend, {backend: seconds})`` for the measured ones; ``clear()``
-    forgets them (tests, or after changing the thread count).
+    ``decisions`` maps each measured key to ``(backend, {backend: seconds})``; ``clear()`` forgets them.
     """
 
     def __init__(self):
@@ -176,7 +175,7 @@ class IntMMDispatcher:
 
     def choose(self, m: int, k: int, n: int, device: torch.device | str = "cpu") -> str:
         dt = device.type if isinstance(device, torch.device) else torch.device(device).type
-        key = (os.environ.get("LOWBIT_INTMM"), dt, _bucket(m), k, n)
+        key = (os.environ.get("LOWBIT_INTMM"), torch.get_num_threads(), dt, _bucket(m), k, n)
         hit = self._chosen.get(key)
         if hit is None:
             hit = self._chosen[key] = self._resolve(m, k, n, dt)
@@ -199,7 +198,7 @@ class IntMMDispatcher:
             self._fallback_note("torch", dt, fast[0] if fast else "reference")
         if len(fast) < 2:
             return fast[0] if fast else "reference"
-        key = (dt, _bucket(m), k, n)
+        key = (dt, torch.get_num_threads(), _bucket(m), k, n)
         hit = self.decisions.get(key)
         if hit is None:
             with self._lock:
@@ -210,7 +209,7 @@ class IntMMDispatcher:
 
     @staticmethod
     def _measure(key: tuple, backends: list[str]) -> tuple[str, dict[str, float]]:
-        dt, m, k, n = key
+        dt, _, m, k, n = key
         g = torch.Generator().manual_seed(0)
         a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g).to(dt)
         b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g).to(dt)
