@@ -2,14 +2,23 @@
 
     python scripts/bench_w8a8.py --layers smollm2-135m gemma3-270m            # per-layer, synthetic weights
     python scripts/bench_w8a8.py --model smollm2-135m --method w8a8          # + end to end (2048-token prefill)
+    python scripts/bench_w8a8.py --gemm smollm2-135m gemma3-270m --gemm-tokens 1024 \
+        --model smollm2-135m --method w8a8 --tokens 1024 --repeats 7 --no-bf16   # GEMMs per shape + end to end
 
 Medians over ``--repeats`` runs after one warm-up; 2048 tokens (batch x seq = 4 x 512). End to end,
 the fp32 and the quantized model run alternately and ``int_vs_fp32`` is the median of the per-pair
 ratios.
+``--gemm``: each zoo linear shape at ``--gemm-tokens`` tokens, the candidates timed round-robin (a slow
+spell of a shared machine hits all alike): fp32 ``F.linear``, the library ``int_mm`` (the backend its
+dispatcher picks, named), each int8 backend forced (``torch._int_mm`` on the stored ``(N, K)`` layout,
+the hand-written kernel), ``torch._int_mm`` on a contiguous ``(K, N)`` copy (is a pre-transposed layout
+worth keeping?) and the whole W8A8 module forward; median, min and max of each.
 Writes ``docs/results/flatquant_speed.json`` (merged with what is already there) and the
-end-to-end table between the ``prefill`` markers of ``docs/flattenquant.md``.
+end-to-end table between the ``prefill`` markers of ``docs/flattenquant.md`` (``prefill-gemm``: the GEMM table).
 Model memory: the stored tensors (codes, scales, flattening maps; float tensors at fp16, or fp32
-for the float model), from :func:`lowbit.nn.bpw.bpw_report`.
+for the float model), from :func:`lowbit.nn.bpw.bpw_report`; end to end also the tensors held in memory
+per dtype, the resident set after loading and at the end, and the process's peak (which includes the fp32
+model it times against).
 """
 from __future__ import annotations
 
@@ -39,6 +48,82 @@ def _median_s(fn, repeats: int) -> float:
     return median_time(fn, repeats, warmup=1)
 
 
+def _shape_inputs(model: str, tokens: int):
+    """``(name, in, out, x (tokens, in), w (out, in))`` per zoo shape: random inputs and weights."""
+    for name, k, n in SHAPES[model]:
+        yield name, k, n, torch.randn(tokens, k), torch.randn(n, k) * 0.05
+
+
+def _spread_ms(fns: dict, repeats: int) -> dict:
+    """``{name: {"median_ms", "min_ms", "max_ms"}}``, the functions timed round-robin after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    ts = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"median_ms": round(statistics.median(v), 4), "min_ms": round(min(v), 4), "max_ms": round(max(v), 4)}
+            for k, v in ts.items()}
+
+
+@torch.no_grad()
+def bench_gemm(model: str, tokens: int, repeats: int) -> list[dict]:
+    """Per zoo shape: fp32 vs the library int8 GEMM vs each backend, plus the whole W8A8 forward."""
+    from lowbit.kernels.intmm import available_backends, int_mm, int_mm_backend, int_mm_on
+
+    rows = []
+    for name, k, n, x, w in _shape_inputs(model, tokens):
+        mod = _act_layer(w, 8, x)
+        qa, _ = mod.quantize_input(x)
+        a, b = qa.to(torch.int8), mod.int_weight()
+        fns = {"fp32": lambda: F.linear(x, w), "library": lambda: int_mm(a, b)}
+        for backend in available_backends("cpu"):
+            if backend != "reference":
+                fns[backend] = lambda backend=backend: int_mm_on(backend, a, b)
+        if "torch" in fns:
+            bt = b.T.contiguous()                                              # (K, N) row-major copy
+            fns["torch_kn_contiguous"] = lambda: torch._int_mm(a, bt)
+        fns["w8a8_module"] = lambda: mod(x)
+        row = {"model": model, "layer": name, "in": k, "out": n, "tokens": tokens,
+               "library_backend": int_mm_backend(a, b), "times": _spread_ms(fns, repeats)}
+        row["fp32_over_library"] = round(row["times"]["fp32"]["median_ms"] / row["times"]["library"]["median_ms"], 3)
+        print(row)
+        rows.append(row)
+    return rows
+
+
+def _cpu_flags() -> dict:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    return {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
+
+
+def _rss_mib(field: str = "VmRSS") -> float | None:
+    """This process's resident set (``VmRSS``) or its peak (``VmHWM``) in MiB, from /proc (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _tensor_mib(model) -> dict:
+    """MiB of the tensors a model holds (parameters and buffers, shared storage once) per dtype."""
+    seen, out = set(), {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            out[str(t.dtype).replace("torch.", "")] = out.get(str(t.dtype).replace("torch.", ""), 0) + st.nbytes()
+    return {k: round(v / 2**20, 1) for k, v in sorted(out.items())}
+
+
 def _act_layer(w: torch.Tensor, bits: int, x: torch.Tensor) -> QuantizedActLinear:
     qw = quantize_rtn(w, IntFormat(bits, -1, sym=True))
     spec = act_spec(w.shape[1], w.shape[0], bits, bits)
@@ -48,9 +133,7 @@ def _act_layer(w: torch.Tensor, bits: int, x: torch.Tensor) -> QuantizedActLinea
 @torch.no_grad()
 def bench_layers(model: str, tokens: int, repeats: int) -> list[dict]:
     rows = []
-    for name, k, n in SHAPES[model]:
-        x = torch.randn(tokens, k)
-        w = torch.randn(n, k) * 0.05
+    for name, k, n, x, w in _shape_inputs(model, tokens):
         xb, wb = x.bfloat16(), w.bfloat16()
         row = {"model": model, "layer": name, "in": k, "out": n, "tokens": tokens,
                "fp32_ms": _median_s(lambda: F.linear(x, w), repeats) * 1e3,
@@ -79,6 +162,7 @@ def bench_model(model_name: str, method: str, method_config: dict, tokens: int, 
     from lowbit.quantize import QuantRecipe
 
     model, tok = load_model(model_name)
+    rss_loaded = _rss_mib()
     seq = 512
     ids = torch.randint(10, model.config.vocab_size, (tokens // seq, seq))
     from lowbit.nn.bpw import bpw_report
@@ -115,6 +199,18 @@ def bench_model(model_name: str, method: str, method_config: dict, tokens: int, 
 
     res["act_linears"] = act_linear_summary(model)
     res["int_mib"] = round(bpw_report(model, "float16")["total_bits"] / 8 / 2**20, 1)
+    from lowbit.kernels.intmm import dispatcher
+
+    # what the models hold in memory (the float model: fp32; the quantized one: int8 codes, fp16 scales and
+    # what stayed float, such as a tied embedding), the int8 block weights against their fp32 bytes
+    int8_mib = sum(m.int_weight().numel() for m in model.modules() if isinstance(m, QuantizedActLinear)) / 2**20
+    fp32_lin_mib = sum(4 * m.in_features * m.out_features for m in model.modules()
+                       if isinstance(m, QuantizedActLinear)) / 2**20
+    res["memory"] = {"fp32_tensors_mib": _tensor_mib(fp32), "int_tensors_mib": _tensor_mib(model),
+                     "int8_gemm_weights_mib": round(int8_mib, 1), "fp32_weights_of_those_mib": round(fp32_lin_mib, 1),
+                     "rss_after_load_mib": rss_loaded, "rss_end_mib": _rss_mib(), "peak_rss_mib": _rss_mib("VmHWM")}
+    res["int8_gemm_decisions"] = {f"M{m}xK{k}xN{n}": {"backend": b, "ms": {kk: round(v * 1e3, 3) for kk, v in t.items()}}
+                                  for (_, _, m, k, n), (b, t) in sorted(dispatcher.decisions.items())}
     res["loadavg_1m"] = round(os.getloadavg()[0], 2)
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
     res["threads"] = torch.get_num_threads()
@@ -125,6 +221,9 @@ def bench_model(model_name: str, method: str, method_config: dict, tokens: int, 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", nargs="*", default=[], choices=sorted(SHAPES))
+    p.add_argument("--gemm", nargs="*", default=[], choices=sorted(SHAPES),
+                   help="int8 GEMM per zoo shape: fp32 vs library vs each backend")
+    p.add_argument("--gemm-tokens", type=int, default=1024)
     p.add_argument("--model", default=None)
     p.add_argument("--method", default="w8a8")
     p.add_argument("--method-config", default="{}", help="JSON method config")
@@ -138,7 +237,13 @@ def main():
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {}
     data["env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                   "cpu": platform.processor(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+                   "cpu": platform.processor(), "loadavg_1m": round(os.getloadavg()[0], 2),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": _cpu_flags(),
+                   "intmm_mode": os.environ.get("LOWBIT_INTMM", "auto")}
+    for m in args.gemm:
+        data.setdefault("gemm", {})[m] = bench_gemm(m, args.gemm_tokens, args.repeats)
+    if args.gemm:
+        data["gemm_env"] = dict(data["env"], date=time.strftime("%Y-%m-%d %H:%M"))
     for m in args.layers:
         data.setdefault("layers", {})[m] = bench_layers(m, args.tokens, args.repeats)
     if args.layers:
@@ -157,6 +262,38 @@ def main():
     if args.layers and args.md:
         write_layer_table(data["layers"], data["layers_env"], Path(args.md))
         print(f"wrote the per-layer table in {args.md}")
+    if args.gemm and args.md:
+        write_gemm_table(data["gemm"], data["gemm_env"], Path(args.md))
+        print(f"wrote the int8 GEMM table in {args.md}")
+
+
+def _cell(t: dict | None) -> str:
+    return f"{t['median_ms']:.2f} ({t['min_ms']:.2f}-{t['max_ms']:.2f})" if t else "-"
+
+
+def write_gemm_table(gemm: dict, env: dict, md_path: Path) -> None:
+    """Markdown table of the per-shape int8 GEMM timings between the ``prefill-gemm`` markers."""
+    from lowbit.utils import write_between_markers
+
+    flags = ", ".join(f for f, on in (env.get("cpu_flags") or {}).items() if on) or "?"
+    lines = [(f"Generated by `scripts/bench_w8a8.py --gemm ...` from `docs/results/flatquant_speed.json`: "
+              f"{env.get('date', '?')}, torch {env.get('torch')}, {env.get('threads')} threads, CPU capability "
+              f"{env.get('cpu_capability')} ({flags}), load average {env.get('loadavg_1m')} at the start; random "
+              "weights and codes; ms as median (min-max). library = `int_mm` with the backend its dispatcher "
+              "picked; torch = `torch._int_mm` on the stored (N, K) rows read as a (K, N) view; hand = the "
+              "C++ kernel; torch (K,N) copy = `torch._int_mm` on a contiguous transpose; W8A8 module = "
+              "activation codes + GEMM + rescale."), "",
+             ("| model | layer | in x out | tokens | fp32 ms | library ms (backend) | torch ms | hand ms "
+              "| torch (K,N) copy ms | W8A8 module ms | fp32 / library |"),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for model, rows in gemm.items():
+        for r in rows:
+            t = r["times"]
+            lines.append(f"| {model} | {r['layer']} | {r['in']}x{r['out']} | {r['tokens']} | {_cell(t.get('fp32'))} | "
+                         f"{_cell(t.get('library'))} ({r['library_backend']}) | {_cell(t.get('torch'))} | "
+                         f"{_cell(t.get('lowbit'))} | {_cell(t.get('torch_kn_contiguous'))} | "
+                         f"{_cell(t.get('w8a8_module'))} | {r['fp32_over_library']:.2f}x |")
+    write_between_markers(md_path, "\n".join(lines), tag="prefill-gemm")
 
 
 def write_layer_table(layers: dict, env: dict, md_path: Path) -> None:
@@ -186,16 +323,22 @@ def write_prefill_table(rows: dict, md_path: Path) -> None:
               "batch x 512 random tokens; fp32 and the integer path timed alternately in the same process "
               "(medians; integer / fp32 = median of the per-pair ratios); model MiB: stored tensors."), "",
              ("| model | config | tokens | fp32 tok/s | integer path tok/s | integer / fp32 | INT4 share of MACs "
-              "| flattened columns | fp32 MiB | quantized MiB | threads | load avg |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| flattened columns | fp32 MiB | quantized MiB | int8 GEMM weights / fp32 | peak RSS MiB | threads "
+              "| load avg |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in sorted(rows):
         r = rows[key]
         act = r.get("act_linears") or {}
         cfg = key.split("/", 1)[1]
         mib = [f"{r[k]:.1f}" if k in r else "-" for k in ("fp32_mib", "int_mib")]
+        mem = r.get("memory") or {}
+        w_ratio = (f"{mem['int8_gemm_weights_mib'] / mem['fp32_weights_of_those_mib']:.2f}x"
+                   if mem.get("fp32_weights_of_those_mib") else "-")
+        peak = mem.get("peak_rss_mib") or "-"
         lines.append(f"| {r['model']} | {cfg} | {r['tokens']} | {r['fp32_tok_s']:.1f} | {r['int_tok_s']:.1f} | "
                      f"{r['int_vs_fp32']:.2f}x | {100 * act.get('int4_share', 0):.1f}% | "
-                     f"+{100 * act.get('flatten_overhead', 0):.1f}% | {mib[0]} | {mib[1]} | {r.get('threads', '-')} | "
+                     f"+{100 * act.get('flatten_overhead', 0):.1f}% | {mib[0]} | {mib[1]} | {w_ratio} | {peak} | "
+                     f"{r.get('threads', '-')} | "
                      f"{r.get('loadavg_1m', '-')} |")
     write_between_markers(md_path, "\n".join(lines), tag="prefill")
 

@@ -101,3 +101,17 @@ def test_generate_kernel_act_on_the_gpu_warns(tmp_path, tiny_dir, caplog, capsys
                      "--device", "cuda"]) == 0
     assert capsys.readouterr().out.strip()
     assert any("--kernel-act" in r.getMessage() and "no effect" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 40, 5), (16, 64, 8), (33, 96, 19), (1024, 576, 1536)])
+def test_int_mm_on_cuda_is_exact(monkeypatch, m, k, n):
+    from lowbit.kernels.intmm import dispatcher, int_mm, int_mm_backend
+
+    monkeypatch.setenv("LOWBIT_INTMM", "torch")   # cuBLASLt's _int_mm, padded where its shape rules need it
+    dispatcher.clear()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    ref = (a.long() @ b.long().T).int()
+    assert int_mm_backend(a.cuda(), b.cuda()) == "torch"
+    assert torch.equal(int_mm(a.cuda(), b.cuda()).cpu(), ref)

@@ -173,3 +173,20 @@ def test_act_methods_reject_grouped_formats():
 
 def test_cpp_kernel_built():
     assert load_intmm() is not None  # the machine has a compiler; elsewhere the float reference takes over
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_module_keeps_no_float_weight(w_bits):
+    mod, x, _ = _act_linear(w_bits, 8, False, True)
+    y = mod(x)
+    assert torch.equal(mod(x), y)
+    op = mod.int_weight()
+    assert op.dtype == torch.int8 and op.is_contiguous() and op is mod.int_weight()   # made once, reused
+    if w_bits == 8:
+        assert op.data_ptr() == mod.qweight.data_ptr()                                 # the buffer itself
+    held = [t for t in list(mod.buffers()) + [v for v in vars(mod).values() if isinstance(v, torch.Tensor)]]
+    big = [t for t in held if t.is_floating_point() and t.numel() >= mod.out_features * mod.in_features]
+    assert not big and mod._wcache is None
+    # new buffers drop what was derived from the old ones
+    mod.set_packed({"qweight": mod.qweight.clone()})
+    assert mod._w8 is None and mod._gather is None

@@ -7,7 +7,8 @@
 - :mod:`.ops`: the scalar kernel layout and the kernel switches (``LOWBIT_KERNELS=0`` disables them all);
   :mod:`lowbit.nn.kernel_layouts` builds layouts from packed modules, and :class:`lowbit.nn.QuantizedLinear`
   calls them transparently (``module.use_kernels = False`` opts one module out).
-- :mod:`.intmm`: exact INT8 x INT8 -> INT32 GEMM for the weight+activation methods.
+- :mod:`.intmm`: exact INT8 x INT8 -> INT32 GEMM for the weight+activation methods (torch._int_mm or the
+  hand-written kernel, chosen per shape by a timing at first use; ``LOWBIT_INTMM`` forces one).
 - :mod:`.reference`: the plain-torch references.
 
 ``LOWBIT_KERNEL_ACT=q8`` makes the INT2/3/4 and FP4 GEMV kernels quantize their input to int8

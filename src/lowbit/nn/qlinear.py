@@ -45,7 +45,7 @@ class _PackedWeight(nn.Module):
     def set_packed(self, buffers: dict[str, torch.Tensor]) -> None:
         for n, t in buffers.items():
             setattr(self, n, t.to(getattr(self, n).device))
-        self._wcache = None
+        self._drop_caches()
 
     def set_weight_cache(self, enabled: bool) -> None:
         """Cache the dequantized weight or not (not while buffers are being tuned); drops what it holds."""

@@ -8,6 +8,11 @@
     acc = qa @ qw^T                                 INT8 x INT8 -> INT32, exact
     y  = acc * (s * w_scale) + b
 
+The first three lines are :func:`quantize_activations`: one gather (``index_select``, which also pads K)
+into a fresh buffer, then in-place multiply, divide, round, clamp and one cast to int8; no loop over
+channels. The GEMM is :func:`lowbit.kernels.intmm.int_mm` (its backend chosen per shape), reading the
+stored ``(out, Kp)`` int8 codes in place: the module keeps no float copy of its weight.
+
 Weights are symmetric per output channel (lowbit's ``IntFormat(bits, -1,
 sym=True)``), stored as signed codes ``qw`` in ``[-2**(b-1), 2**(b-1))``:
 int8 ``(out, Kp)`` for 8 bits, packed nibbles uint8 ``(out, Kp/2)`` for 4
@@ -36,7 +41,7 @@ from ..formats import QuantizedWeight, quantize_rtn
 from .codecs import register_codec
 from .qlinear import _PackedWeight
 
-__all__ = ["QuantizedActLinear", "act_codes", "act_linear_summary", "act_spec", "check_act_format", "from_quantized_weight", "pack_int4", "padded_k", "quantize_weight_pc", "unpack_int4"]
+__all__ = ["QuantizedActLinear", "act_codes", "act_linear_summary", "act_spec", "check_act_format", "from_quantized_weight", "pack_int4", "padded_k", "quantize_activations", "quantize_weight_pc", "unpack_int4"]
 
 
 def padded_k(k: int) -> int:
@@ -75,6 +80,31 @@ def act_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """
     q = (1 << (bits - 1)) - 1
     return torch.round(x / scale).clamp_(-q, q)
+
+
+def quantize_activations(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
+                         idx: torch.Tensor | None = None, inv_k: torch.Tensor | None = None,
+                         dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation codes of float32 ``x`` ``(M, K)`` and their scale, bit for bit
+    ``act_codes(x[:, idx] * inv_k, s, bits)``.
+
+    ``idx`` ``(K',)`` long / ``inv_k`` ``(K',)`` float32: the flattening gather (source channel, 1 / split
+    factor; padding columns read channel 0 times 0), or None for none. ``scale``: the static ``(1,)`` scale,
+    or None for one per token, ``max|x'_t| / Q`` (at least 1e-8), returned ``(M, 1)``. Codes are ``dtype``
+    ``(M, K')``; only ``x / s`` (no gather) or the gathered buffer is allocated, the rest is in place.
+    """
+    q = (1 << (bits - 1)) - 1
+    t = None
+    if idx is not None:
+        t = torch.index_select(x, 1, idx)                          # (M, K') flattened, zero-padded
+        t.mul_(inv_k)
+    src = x if t is None else t
+    if scale is None:
+        # max|x'| per token without an |x'| copy (amax and amin: faster here than aminmax or abs().amax)
+        scale = torch.maximum(src.amax(-1, keepdim=True), src.amin(-1, keepdim=True).neg_()).div_(q).clamp_min_(1e-8)
+    t = x / scale if t is None else t.div_(scale)
+    t.round_().clamp_(-q, q)
+    return (t if dtype == t.dtype else t.to(dtype)), scale
 
 
 class _ActLinearCodec:
@@ -117,12 +147,22 @@ class QuantizedActLinear(_PackedWeight):
         #: "int" (integer GEMM) or "fake" (same codes, float matmul)
         self.mode = "int"
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._w8: torch.Tensor | None = None   # 4-bit weights: the unpacked int8 operand, made once
 
     # ------------------------------------------------------------ views
 
     def int_weight(self) -> torch.Tensor:
-        """Signed int8 weight codes ``(out, Kp)`` (nibbles unpacked for 4 bits)."""
-        return self.qweight if self.spec["w_bits"] == 8 else unpack_int4(self.qweight)
+        """Signed int8 weight codes ``(out, Kp)``, row-major: the GEMM's operand, never re-packed per call.
+
+        8 bits: ``qweight`` itself (no copy). 4 bits: the nibbles unpacked once and kept (not saved; dropped
+        when the buffers change), so a W4 layer holds 1.5 bytes per weight at run time on CPU.
+        """
+        if self.spec["w_bits"] == 8:
+            return self.qweight
+        w = self._w8
+        if w is None or w.device != self.qweight.device:
+            w = self._w8 = unpack_int4(self.qweight)
+        return w
 
     def _gather_map(self, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(idx, inv_k)`` of length ``Kp`` (padding columns read channel 0 times 0), or None if no gather is needed."""
@@ -142,40 +182,38 @@ class QuantizedActLinear(_PackedWeight):
     def _drop_caches(self) -> None:
         super()._drop_caches()
         self._gather = None
+        self._w8 = None
 
     # ------------------------------------------------------------ compute
 
-    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Activation codes ``(M, Kp)`` (float, integer-valued) and their scale (``(1,)`` or ``(M, 1)``)."""
+    def _quantize(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.reshape(-1, x.shape[-1]).float()
         g = self._gather_map(x.device)
-        if g is not None:
-            x = x[:, g[0]] * g[1]                      # (M, Kp): flattened channels, zero padding
-        if self.spec["dynamic"]:
-            q = (1 << (self.spec["a_bits"] - 1)) - 1
-            s = (x.abs().amax(-1, keepdim=True) / q).clamp_min(1e-8)
-        else:
-            s = self.act_scale.float()
-        return act_codes(x, s, self.spec["a_bits"]), s
+        scale = None if self.spec["dynamic"] else self.act_scale.float()
+        return quantize_activations(x, self.spec["a_bits"], scale, *(g or (None, None)), dtype=dtype)
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activation codes ``(M, Kp)`` (float, integer-valued) and their scale (``(1,)`` or ``(M, 1)``)."""
+        return self._quantize(x, torch.float32)
 
     def int_accumulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact int32 accumulation ``qa @ qw^T`` ``(M, out)`` and the activation scale."""
         from ..kernels.intmm import int_mm
 
-        qa, s = self.quantize_input(x)
-        return int_mm(qa.to(torch.int8), self.int_weight()), s
+        qa, s = self._quantize(x, torch.int8)
+        return int_mm(qa, self.int_weight()), s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         if self.mode == "int":
             acc, s = self.int_accumulate(x)
-            y = acc.float() * (s * self.w_scale.float())
+            y = acc.float().mul_(s * self.w_scale.float())
         else:
             qa, s = self.quantize_input(x)
             w = self.int_weight().float() * self.w_scale.float()[:, None]    # (out, Kp)
             y = (qa * s) @ w.T
         if self.bias is not None:
-            y = y + self.bias.float()
+            y = y.add_(self.bias.float())
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
