@@ -51,7 +51,9 @@ def run(cmd: list[str], log: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
-    ap.add_argument("--lowbit", nargs="*", default=["awq", "gptq", "rtn"], choices=list(LOWBIT))
+    ap.add_argument("--lowbit", nargs="*", default=[], choices=list(LOWBIT),
+                    help="quantize these lowbit recipes (int4 sym g32) and score them (default: none; each takes "
+                         "minutes to tens of minutes on a CPU)")
     ap.add_argument("--ckpt", nargs="*", default=[], metavar="NAME=PATH",
                     help="also export and score these existing lowbit checkpoints (int4 sym groups of 32)")
     ap.add_argument("--work", type=Path, required=True, help="folder for checkpoints, GGUF files and logs")
