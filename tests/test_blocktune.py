@@ -115,3 +115,15 @@ def test_a_method_with_its_own_modules_is_refused_at_the_first_block():
                          block_tune=BlockTuneConfig("lwc"))
     with pytest.raises(ConfigError, match="scalar-format layers"):
         quantize_model(m, recipe, _ids(), progress=False)
+
+
+def test_resume_restores_the_tuned_blocks_and_their_records(tmp_path):
+    ids, fc = _ids(), FormatConfig("int", 3, 32)
+    recipe = QuantRecipe(method="rtn", fmt=fc, block_tune=BlockTuneConfig("lwc+scale", block_tune_epochs=2))
+    first = tiny_model("llama")
+    want = quantize_model(first, recipe, ids, progress=False, resume_dir=tmp_path / "r")
+    again = tiny_model("llama")   # every block restored from the folder: no tuning runs, same records and weights
+    got = quantize_model(again, recipe, ids, progress=False, resume_dir=tmp_path / "r")
+    assert got["block_tune"] == want["block_tune"]
+    with torch.no_grad():
+        assert torch.equal(again(ids[:1]).logits, first(ids[:1]).logits)
