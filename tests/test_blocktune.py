@@ -109,6 +109,12 @@ def test_flags_reach_the_recipe_and_a_data_free_method_gets_calibration():
     assert "block_tune" not in recipe_from_options("rtn", {}).to_dict()   # older results files keep their recipe
 
 
+def test_a_batch_larger_than_the_engine_batch_is_refused_before_any_block():
+    recipe = QuantRecipe(method="rtn", block_tune=BlockTuneConfig("lwc", block_tune_batch=16))
+    with pytest.raises(ConfigError, match="engine's batch of 8"):
+        quantize_model(tiny_model("llama"), recipe, _ids(), progress=False)
+
+
 def test_a_method_with_its_own_modules_is_refused_at_the_first_block():
     m = tiny_model("llama")
     recipe = QuantRecipe(method="smoothquant", fmt=FormatConfig("int", 8, -1, sym=True),

@@ -117,14 +117,14 @@ class TunableLinear(nn.Module):
         w = self.lay.to_groups(weight.detach().float().to(dev))
         dq = fmt.dequantize(codes, p0)
         latent = torch.where(fmt.quantize(w, p0) == codes, w, dq)
+        #: whether the layer starts at the solver's codes exactly (tune_block leaves a layer that does not alone)
         self.exact = bool(torch.equal(fmt.quantize(latent, p0), codes))
-        learn_params = mode in ("lwc+scale", "ap") and self.exact
-        self.latent = nn.Parameter(latent, requires_grad=mode == "ap" and self.exact)
-        self.base = nn.ParameterDict({k: nn.Parameter(v.clone(), requires_grad=learn_params) for k, v in p0.items()})
-        n_strengths = 0 if mode == "ap" else 1 if (fmt.sym and isinstance(fmt, IntFormat)) or len(p0) == 1 else 2
+        self.latent = nn.Parameter(latent, requires_grad=mode == "ap")
+        self.base = nn.ParameterDict({k: nn.Parameter(v.clone(), requires_grad=mode in ("lwc+scale", "ap"))
+                                      for k, v in p0.items()})
+        n_strengths = 0 if mode == "ap" else len(p0)   # int: upper and lower bound (one if sym); table: per scale
         g = torch.full_like(next(iter(p0.values())), LWC_INIT)
-        self.strength = nn.ParameterList([nn.Parameter(g.clone(), requires_grad=self.exact)
-                                          for _ in range(n_strengths)])
+        self.strength = nn.ParameterList([nn.Parameter(g.clone()) for _ in range(n_strengths)])
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
     def _factors(self) -> list[torch.Tensor]:
@@ -178,8 +178,7 @@ class TunableLinear(nn.Module):
         return QuantizedLinear.from_quantized(qw, spec, self.bias).to(self.latent.device)
 
     def param_groups(self, cfg: BlockTuneConfig) -> list[dict]:
-        """Adam parameter groups with their step sizes; empty when nothing trains (a layer not reproduced exactly
-        keeps the solver's result)."""
+        """Adam parameter groups of what trains in this mode, with their step sizes."""
         groups = [{"params": [g for g in self.strength if g.requires_grad], "lr": cfg.block_tune_lr},
                   {"params": [v for v in self.base.values() if v.requires_grad], "lr": cfg.block_tune_scale_lr},
                   {"params": [self.latent] if self.latent.requires_grad else [], "lr": cfg.block_tune_weight_lr}]
@@ -234,9 +233,6 @@ def tune_block(block: nn.Module, index: int, floats: dict[str, torch.Tensor], in
     from ..models.arch import set_module
 
     solver = _scalar_linears(block, floats, method_name)
-    if cfg.block_tune_batch > inputs[0].shape[0]:
-        raise ConfigError(f"--block-tune-batch {cfg.block_tune_batch} is more than the engine's batch of "
-                          f"{inputs[0].shape[0]} windows")
     before = block_mse(block, inputs, targets, kwargs, device)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
@@ -244,8 +240,13 @@ def tune_block(block: nn.Module, index: int, floats: dict[str, torch.Tensor], in
     tunable = {}
     for name, q in solver.items():
         qw = q.codec.to_quantized_weight(q.packed_buffers(), q.spec)
-        tunable[name] = TunableLinear(floats[name], qw, q.bias, cfg.block_tune).to(device)
-        set_module(block, name, tunable[name])
+        t = TunableLinear(floats[name], qw, q.bias, cfg.block_tune).to(device)
+        if not t.exact:   # not expected (tests cover every format); the layer then keeps the solver's result
+            log.warning("block %d: %s cannot start from the solver's codes exactly; left as the solver made it",
+                        index, name)
+            continue
+        tunable[name] = t
+        set_module(block, name, t)
     groups = [g for t in tunable.values() for g in t.param_groups(cfg)]
     xs, ys = torch.cat(inputs), torch.cat(targets)   # (windows, T, hidden), on the offload device
     n, bw = xs.shape[0], cfg.block_tune_batch

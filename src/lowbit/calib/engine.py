@@ -408,6 +408,9 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
     against the float block (:mod:`lowbit.calib.blocktune`). Returns, per block tuned, its output MSE before and
     after tuning and which result it kept (empty without ``block_tune``)."""
     tune = block_tune is not None and block_tune.enabled
+    if tune and block_tune.block_tune_batch > batch_size:
+        raise ConfigError(f"--block-tune-batch {block_tune.block_tune_batch} is more than the engine's batch of "
+                          f"{batch_size} windows (the blocks' call arguments are captured for that size)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     offload = torch.device(offload)
     blocks = get_module(model, arch.blocks)
