@@ -220,13 +220,13 @@ def test_generated_flags_carry_their_config_comment_as_help(capsys, cmd, flag, w
 
 def test_every_config_flag_has_a_description():
     from lowbit.cli.args import field_docs
-    from lowbit.config import FormatConfig
+    from lowbit.config import BlockTuneConfig, FormatConfig
     from lowbit.distill.train import DistillConfig
     from lowbit.methods.vptq import VPTQConfig
     from lowbit.methods import get_method, method_names
     from dataclasses import fields, is_dataclass
     method_cfgs = [get_method(n).config for n in method_names() if is_dataclass(get_method(n).config)]
-    for cls in (FormatConfig, DistillConfig, VPTQConfig, *method_cfgs):
+    for cls in (FormatConfig, BlockTuneConfig, DistillConfig, VPTQConfig, *method_cfgs):
         undocumented = [f.name for f in fields(cls) if f.init and f.name not in field_docs(cls)]
         assert undocumented == [], f"{cls.__name__}: add a trailing comment to {undocumented}"
 

@@ -115,3 +115,15 @@ def test_int_mm_on_cuda_is_exact(monkeypatch, m, k, n):
     ref = (a.long() @ b.long().T).int()
     assert int_mm_backend(a.cuda(), b.cuda()) == "torch"
     assert torch.equal(int_mm(a.cuda(), b.cuda()).cpu(), ref)
+
+
+@pytest.mark.parametrize("mode", ["lwc", "ap"])
+def test_block_tune_on_the_gpu(mode):
+    """--block-tune runs where the engine puts the block (the GPU) and never raises a block's output error."""
+    from lowbit.config import BlockTuneConfig
+
+    ids = torch.randint(0, 320, (8, 48), generator=torch.Generator().manual_seed(0))
+    m = tiny_model("llama")
+    recipe = QuantRecipe(method="gptq", fmt=FormatConfig("nf", 3, 32), block_tune=BlockTuneConfig(mode))
+    s = lowbit.quantize(m, recipe, ids, progress=False, device="cuda")
+    assert all(r["kept"] == "solver" or r["mse_after"] < r["mse_before"] for r in s["block_tune"])

@@ -86,6 +86,52 @@ class RotationConfig:
             raise ConfigError("--rotate-seed seeds a rotation: add --rotate hadamard, or drop --rotate-seed")
 
 
+BLOCK_TUNE_MODES = ("none", "lwc", "lwc+scale", "ap")
+#: the step sizes each block-tuning mode uses
+_BLOCK_TUNE_LRS = {"none": (), "lwc": ("block_tune_lr",), "lwc+scale": ("block_tune_lr", "block_tune_scale_lr"),
+                   "ap": ("block_tune_scale_lr", "block_tune_weight_lr")}
+
+
+@dataclass(frozen=True)
+class BlockTuneConfig:
+    """Block-wise reconstruction after the solver: each decoder block's quantizer tuned against the float block's
+    outputs on the calibration windows (docs/methods.md). Defaults: OmniQuant (clipping step size), EfficientQAT's
+    Block-AP (epochs, batch, scale and weight step sizes)."""
+
+    block_tune: str = "none"                                                # none | lwc (learnable clipping) | lwc+scale (also scales and zeros) | ap (weights, scales and zeros)
+    block_tune_epochs: int = field(default=2, metadata={"min": 1})          # passes over the calibration windows per block
+    block_tune_batch: int = field(default=2, metadata={"min": 1})           # calibration windows per step (at most 8)
+    block_tune_lr: float = 1e-2                                             # Adam step size of the clipping strengths (lwc, lwc+scale)
+    block_tune_scale_lr: float = 1e-4                                       # Adam step size of the scales and zero points (lwc+scale, ap)
+    block_tune_weight_lr: float = 1e-5                                      # Adam step size of the weights (ap)
+
+    def __post_init__(self):
+        if self.block_tune not in BLOCK_TUNE_MODES:
+            raise ConfigError(f"--block-tune must be one of {', '.join(BLOCK_TUNE_MODES)}, got {self.block_tune!r}")
+        for name in ("block_tune_epochs", "block_tune_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        for name in ("block_tune_lr", "block_tune_scale_lr", "block_tune_weight_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+        # a setting the chosen mode does not use is an error, not silently ignored
+        used = _BLOCK_TUNE_LRS[self.block_tune]
+        common = ("block_tune_epochs", "block_tune_batch") if self.block_tune != "none" else ()
+        for f in fields(self):
+            if f.name != "block_tune" and f.name not in used + common and getattr(self, f.name) != f.default:
+                flag = "--" + f.name.replace("_", "-")
+                if self.block_tune == "none":
+                    raise ConfigError(f"{flag} sets block tuning: add --block-tune lwc|lwc+scale|ap, or drop {flag}")
+                raise ConfigError(f"{flag} is not used by --block-tune {self.block_tune} (it is used by "
+                                  f"{', '.join(m for m in BLOCK_TUNE_MODES if f.name in _BLOCK_TUNE_LRS[m])}); drop it")
+
+    @property
+    def enabled(self) -> bool:
+        return self.block_tune != "none"
+
+
 #: the formats a budgeted (mixed-precision) recipe chooses from, by default: RTN-able integer formats
 MIX_CANDIDATES = ("int2-g64", "int2-g128", "int3-g64", "int3-g128", "int4-g64", "int4-g128", "int8-g128")
 

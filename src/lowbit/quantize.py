@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .config import CalibConfig, FormatConfig, MixConfig, RotationConfig, StorageConfig
+from .config import BlockTuneConfig, CalibConfig, FormatConfig, MixConfig, RotationConfig, StorageConfig
 from .errors import CheckpointError, ConfigError
 from .methods import get_method
 from .models.arch import ArchSpec, arch_for, get_module, set_module, untie_word_embeddings
@@ -20,7 +20,7 @@ from .utils import peak_memory_gb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["QuantRecipe", "check_finite_weights", "estimate_output_bytes", "finalize_storage", "quantize_embed_and_head", "quantize_model", "recipe_from_options",
+__all__ = ["QuantRecipe", "check_block_tune", "check_finite_weights", "estimate_output_bytes", "finalize_storage", "quantize_embed_and_head", "quantize_model", "recipe_from_options",
            "recipe_option_names", "recipe_option_types"]
 
 
@@ -41,10 +41,13 @@ class QuantRecipe:
     #: head not named ``embed``/``head``. A size budget (``mix``) fills it with its plan when the model is quantized.
     layers: dict = field(default_factory=dict)
     mix: MixConfig | None = None        # a size budget: choose a format per tensor (docs/mixed.md)
+    #: block-wise reconstruction after the solver (docs/methods.md)
+    block_tune: BlockTuneConfig = field(default_factory=BlockTuneConfig)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for key, empty in (("rotation", RotationConfig()), ("layers", {}), ("mix", None)):
+        for key, empty in (("rotation", RotationConfig()), ("layers", {}), ("mix", None),
+                           ("block_tune", BlockTuneConfig())):
             if getattr(self, key) == empty:
                 del d[key]   # recipes without them keep the dict they had before they existed (results caches)
         return d
@@ -61,13 +64,14 @@ class QuantRecipe:
             d[k] = from_dict(FormatConfig, d[k]) if d.get(k) else None
         d["layers"] = {name: from_dict(FormatConfig, f) for name, f in (d.get("layers") or {}).items()}
         d["mix"] = from_dict(MixConfig, d["mix"]) if d.get("mix") else None
+        d["block_tune"] = from_dict(BlockTuneConfig, d.get("block_tune"))   # recipes before it existed: none
         return cls(**d)
 
     def tag(self) -> str:
         """Short name for results files: the format tag (or, for methods without a scalar format, the first
         non-default setting; a size budget's tag, ``mix=3.5bpw``, instead), then the method settings that differ
-        from the defaults, then embed/head formats, then the rotation settings that differ from the defaults
-        (``rotate=hadamard``), then ``layers=N`` for per-layer formats given by hand.
+        from the defaults, then embed/head formats, then the rotation and block-tuning settings that differ from
+        the defaults (``rotate=hadamard``, ``block_tune=lwc``), then ``layers=N`` for per-layer formats given by hand.
         """
         from .methods import get_method
 
@@ -81,7 +85,8 @@ class QuantRecipe:
             extra.append(f"embed={self.embed.tag()}")
         if self.head:
             extra.append(f"head={self.head.tag()}")
-        extra += [f"{k}={v}" for k, v in asdict(self.rotation).items() if getattr(RotationConfig, k) != v]
+        for stage in (self.rotation, self.block_tune):
+            extra += [f"{k}={v}" for k, v in asdict(stage).items() if getattr(type(stage), k) != v]
         if self.layers and self.mix is None:
             extra.append(f"layers={len(self.layers)}")
         return "-".join([tag] + extra)
@@ -170,6 +175,12 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     t0 = time.perf_counter()
     if method.needs and calib_ids is None:
         raise ConfigError(f"method {recipe.method!r} needs calibration data (it uses {', '.join(sorted(method.needs))})")
+    tune = recipe.block_tune if recipe.block_tune.enabled else None
+    if tune is not None:
+        check_block_tune(recipe)
+        if calib_ids is None:
+            raise ConfigError("--block-tune tunes each block on calibration windows; pass calib_ids (the CLI samples "
+                              "them from --calib)")
     rotation = None
     if recipe.rotation.rotate != "none":
         from .calib.rotate import rotate_model
@@ -182,11 +193,12 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
     if recipe.mix is not None:
         recipe, plan = _plan_recipe(model, arch, recipe, calib_ids, n_params, progress, device)
     layer_fmts = _layer_formats(model, arch, recipe)
-    if method.stats_needed(mcfg):
+    tuned = None
+    if method.stats_needed(mcfg) or tune is not None:
         from .calib.engine import run_layerwise
 
-        run_layerwise(model, arch, method, fmt, mcfg, calib_ids, progress=progress, resume_dir=resume_dir,
-                      device=device, layer_fmts=layer_fmts)
+        tuned = run_layerwise(model, arch, method, fmt, mcfg, calib_ids, progress=progress, resume_dir=resume_dir,
+                              device=device, layer_fmts=layer_fmts, block_tune=tune)
     else:
         from .calib.engine import quantize_block
 
@@ -207,8 +219,23 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         summary["method_result"] = method_result
     if plan is not None:
         summary["mix_plan"] = plan
+    if tune is not None:
+        summary["block_tune"] = tuned   # per block: output MSE before and after tuning, and which result it kept
     model.lowbit_summary = summary
     return summary
+
+
+def check_block_tune(recipe: QuantRecipe) -> None:
+    """ConfigError when ``recipe`` asks for block tuning that its method or formats cannot take: a method with its
+    own storage (VQ) or a format other than int, fp and nf (the K-quant and block formats)."""
+    from .calib.blocktune import check_tunable_format
+
+    if not get_method(recipe.method).uses_format:
+        raise ConfigError(f"--block-tune tunes the scalar formats' clipping, scales and weights; --method "
+                          f"{recipe.method} has its own storage: drop --block-tune or choose rtn, gptq or awq")
+    cands = recipe.mix.formats().values() if recipe.mix is not None else ()
+    for f in (recipe.fmt, *recipe.layers.values(), *cands):
+        check_tunable_format(f.make())
 
 
 def _layer_formats(model: nn.Module, arch: ArchSpec, recipe: QuantRecipe) -> list[dict] | None:
@@ -329,6 +356,7 @@ def recipe_option_types() -> dict[str, object]:
     from .methods import get_method, method_names
 
     tables = [_options_of(FormatConfig), _options_of(CalibConfig), _options_of(RotationConfig),
+              _options_of(BlockTuneConfig),
               {"storage_" + k: v for k, v in _options_of(StorageConfig).items()},
               *(_options_of(get_method(m).config) for m in method_names())]
     types = {"embed": str, "head": str, **MIX_OPTIONS}
@@ -361,18 +389,19 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
 
     m = get_method(method)
     own, fmt, calib = _options_of(m.config), _options_of(FormatConfig), _options_of(CalibConfig)
-    rotation = _options_of(RotationConfig)
+    rotation, tuning = _options_of(RotationConfig), _options_of(BlockTuneConfig)
     storage = {"storage_" + k: v for k, v in _options_of(StorageConfig).items()}
     owners: dict[str, list[str]] = {}
     for name in method_names():
         for k in _options_of(get_method(name).config):
             owners.setdefault(k, []).append(name)
-    kw: dict[str, dict] = {"own": {}, "fmt": {}, "calib": {}, "storage": {}, "rotation": {}}
+    kw: dict[str, dict] = {"own": {}, "fmt": {}, "calib": {}, "storage": {}, "rotation": {}, "block_tune": {}}
     tags = {}
     mix = _mix_config(options)
     if mix is not None and not m.uses_format:
         raise ConfigError(f"--target-bpw/--target-mb choose a number format per tensor; --method {method} has none")
-    uses_calib = bool(m.needs) or mix is not None
+    tunes = options.get("block_tune", BlockTuneConfig.block_tune) != "none"   # block tuning runs on calibration data
+    uses_calib = bool(m.needs) or mix is not None or tunes
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if key in MIX_OPTIONS:
@@ -381,7 +410,8 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
             _check_type(key, value, str)
             tags[key] = parse_format_tag(value)
             continue
-        for part, table in (("own", own), ("fmt", fmt), ("calib", calib), ("storage", storage), ("rotation", rotation)):
+        for part, table in (("own", own), ("fmt", fmt), ("calib", calib), ("storage", storage), ("rotation", rotation),
+                            ("block_tune", tuning)):
             if key in table:
                 break
         else:
@@ -405,8 +435,11 @@ def recipe_from_options(method: str, options: dict) -> QuantRecipe:
         calib=asdict(CalibConfig(**kw["calib"])) if uses_calib else None,
         rotation=RotationConfig(**kw["rotation"]),
         mix=mix,
+        block_tune=BlockTuneConfig(**kw["block_tune"]),
     )
     for f in (recipe.fmt, recipe.embed, recipe.head):
         if f is not None:
             f.make()  # a bad format fails here, before any model loads
+    if recipe.block_tune.enabled:
+        check_block_tune(recipe)
     return recipe

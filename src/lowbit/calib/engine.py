@@ -24,7 +24,10 @@ Flow (document of record for the order of operations):
       at a small cost in quality versus "true sequential" GPTQ. Methods
       with a ``finish_block`` step (VPTQ fine-tuning) then tune the
       quantized block, given the float block's outputs from pass a. when
-      they ask for ``block_outputs``;
+      they ask for ``block_outputs``. With ``block_tune`` (any method of
+      the scalar formats), the block is then tuned against the float
+      block's outputs (:mod:`lowbit.calib.blocktune`), keeping the result
+      only when it lowers the block's output MSE;
    d. the quantized block re-runs on the calibration inputs, and its
       outputs become the next block's inputs.
 3. **Resume.** With ``resume_dir``, each finished block's state and the next
@@ -53,6 +56,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import BlockTuneConfig
 from ..errors import ConfigError, LowbitError
 from ..models.arch import ArchSpec, InputGroup, get_module, set_module
 from ..nn import to_module
@@ -271,12 +275,16 @@ def quantize_block(block: nn.Module, arch: ArchSpec, method, fmt, cfg,
             set_module(block, name, to_module(lin, qw))
 
 
-def _save_resume(resume_dir: Path, i: int, block: nn.Module, next_inputs: list[torch.Tensor], fingerprint: dict) -> None:
+def _save_resume(resume_dir: Path, i: int, block: nn.Module, next_inputs: list[torch.Tensor], fingerprint: dict,
+                 tuned: dict | None = None) -> None:
     modules = module_entries(block)  # every quantized module type, as checkpoints record them
+    meta = {"modules": modules, "fingerprint": fingerprint}
+    if tuned is not None:
+        meta["block_tune"] = tuned   # the block's output MSE before and after tuning, for the run summary
     with atomic_dir(resume_dir / f"block{i:04d}") as tmp:
         save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp / "block.safetensors"))
         save_file({f"x{j}": x.contiguous() for j, x in enumerate(next_inputs)}, str(tmp / "inputs.safetensors"))
-        (tmp / "block.json").write_text(json.dumps({"modules": modules, "fingerprint": fingerprint}))
+        (tmp / "block.json").write_text(json.dumps(meta))
 
 
 def clear_resume_dir(resume_dir: Path) -> None:
@@ -391,18 +399,26 @@ def _resume_inputs(resume_dir: Path, k: int, inputs: list[torch.Tensor], blocks,
 def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids: torch.Tensor, *,
                   batch_size: int = 8, device: torch.device | str | None = None,
                   offload: torch.device | str = "cpu", progress: bool = True,
-                  resume_dir: str | Path | None = None, layer_fmts: list[dict] | None = None) -> None:
+                  resume_dir: str | Path | None = None, layer_fmts: list[dict] | None = None,
+                  block_tune: BlockTuneConfig | None = None) -> list[dict]:
     """Quantize every decoder block of ``model`` in place with ``method`` (see module doc).
 
     ``layer_fmts``: per block, ``{linear name: Format}`` of linears quantized with another format than ``fmt``
-    (a block-level step such as AWQ's scale search still uses ``fmt``)."""
+    (a block-level step such as AWQ's scale search still uses ``fmt``). ``block_tune``: tune each quantized block
+    against the float block (:mod:`lowbit.calib.blocktune`). Returns, per block tuned, its output MSE before and
+    after tuning and which result it kept (empty without ``block_tune``)."""
+    tune = block_tune is not None and block_tune.enabled
+    if tune and block_tune.block_tune_batch > batch_size:
+        raise ConfigError(f"--block-tune-batch {block_tune.block_tune_batch} is more than the engine's batch of "
+                          f"{batch_size} windows (the blocks' call arguments are captured for that size)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     offload = torch.device(offload)
     blocks = get_module(model, arch.blocks)
-    needs = method.stats_needed(cfg)
+    needs = method.stats_needed(cfg) | ({"block_outputs"} if tune else set())
     inputs, block_kwargs = capture_inputs(model, arch, calib_ids, batch_size, offload)
     start = 0
     fingerprint = None
+    records: list = []
     if resume_dir is not None:
         resume_dir = Path(resume_dir)
         resume_dir.mkdir(parents=True, exist_ok=True)
@@ -411,7 +427,10 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
                        "n_blocks": len(blocks), "model": model_fingerprint(model)}
         if layer_fmts:
             fingerprint["layers"] = [{n: f.spec() for n, f in sorted(d.items())} for d in layer_fmts]
+        if tune:
+            fingerprint["block_tune"] = asdict(block_tune)
         start = _restore_prefix(resume_dir, blocks, fingerprint)
+        records = [_tune_record(resume_dir, i) for i in range(start)] if tune else []
         if start:
             inputs = _resume_inputs(resume_dir, start, inputs, blocks, block_kwargs, device, offload)
             log.info("resuming after block %d from %s", start - 1, resume_dir)
@@ -424,14 +443,30 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
         stats = collect_stats(block, arch.groups, inputs, kwargs, needs, device, offload, float_outputs)
         if method.prepare_block is not None:
             method.prepare_block(data, arch, stats, fmt, cfg)
+        floats = {n: get_module(block, n).weight.detach().clone() for g in arch.groups for n in g.linears} if tune \
+            else None   # the float weights the solver quantizes (after prepare_block): where block tuning starts
         quantize_block(block, arch, method, fmt, cfg, stats, layer_fmts[i] if layer_fmts else None)
         del stats
         if method.finish_block is not None:
             method.finish_block(data, arch, float_outputs, cfg)
-        del float_outputs
+        if tune:
+            from .blocktune import tune_block
+
+            records.append(tune_block(block, i, floats, inputs, float_outputs, kwargs, device, block_tune,
+                                      method.name, progress))
+        del float_outputs, floats
         inputs = run_block(block, inputs, kwargs, device, offload)
         blocks[i] = block.to(offload) if device != offload else block
         if resume_dir is not None:
-            _save_resume(Path(resume_dir), i, block, inputs, fingerprint)
+            _save_resume(Path(resume_dir), i, block, inputs, fingerprint, records[-1] if tune else None)
             prev = Path(resume_dir) / f"block{i - 1:04d}" / "inputs.safetensors"
             prev.unlink(missing_ok=True)  # only the newest block's outputs are needed to resume
+    return records
+
+
+def _tune_record(resume_dir: Path, i: int) -> dict | None:
+    """The block-tuning record saved with restored block ``i`` (None if its block.json has none)."""
+    try:
+        return json.loads((_block_dir(resume_dir, i) / "block.json").read_text()).get("block_tune")
+    except (OSError, ValueError):
+        return None

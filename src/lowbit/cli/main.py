@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .._version import __version__
-from ..config import MIX_CANDIDATES, CalibConfig, EvalConfig, FormatConfig, RotationConfig, StorageConfig
+from ..config import MIX_CANDIDATES, BlockTuneConfig, CalibConfig, EvalConfig, FormatConfig, RotationConfig, StorageConfig
 from .args import add_dataclass_args, at_least, dataclass_from_args, int_at_least, parse_shape, windows_arg
 from ..errors import ConfigError, LowbitError
 
@@ -41,6 +41,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="a tensor's damage: its output error over its output energy, or the error itself "
                         "(default: relative)")
     add_dataclass_args(p.add_argument_group("rotation (before any method)"), RotationConfig)
+    add_dataclass_args(p.add_argument_group("block-wise reconstruction (after the method; calibrated)"), BlockTuneConfig)
     add_dataclass_args(p.add_argument_group("storage"), StorageConfig, prefix="storage_")
     c = p.add_argument_group("calibration (calibrated methods)")
     add_dataclass_args(c, CalibConfig)

@@ -176,6 +176,8 @@ def evaluate_record(model, tokenizer, ev, *, model_name: str, method: str, tag: 
         res["method_result"] = summary["method_result"]
     if summary.get("mix_plan"):  # a size budget: what its plan takes and predicts
         res["mix_plan"] = summary["mix_plan"]
+    if summary.get("block_tune"):  # block-wise reconstruction: each block's output MSE before and after
+        res["block_tune"] = summary["block_tune"]
     if summary.get("distill"):  # distilled checkpoints: the training run that produced them
         res["distill"] = {k: summary["distill"][k] for k in DISTILL_RESULT_FIELDS if k in summary["distill"]}
     act = act_linear_summary(model)
