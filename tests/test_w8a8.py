@@ -1,4 +1,6 @@
 """Weight+activation quantization: flattening, integer GEMM, SmoothQuant folding, checkpoints."""
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -7,10 +9,20 @@ import lowbit
 from lowbit.calib.engine import capture_inputs, collect_stats, run_block
 from lowbit.config import FormatConfig
 from lowbit.formats import IntFormat, quantize_rtn
-from lowbit.kernels.intmm import int_mm, int_mm_reference, load_intmm
+from lowbit.kernels.intmm import (
+    act_quant,
+    act_quant_reference,
+    epilogue_kernels,
+    int_mm,
+    int_mm_reference,
+    load_intmm,
+    rescale,
+    rescale_reference,
+)
 from lowbit.methods.flattenquant import _plan, act_quant_error, choose_threshold, flatten_map
 from lowbit.calib.fold import smooth_block
 from lowbit.models.arch import arch_for
+from lowbit.nn.bpw import stored_bits
 from lowbit.nn.w8a8 import (
     QuantizedActLinear,
     act_linear_summary,
@@ -127,6 +139,7 @@ def test_smoothquant_folding_keeps_float_output(arch):
 
 @pytest.mark.parametrize("method,cfg", [
     ("w8a8", {}),                                                           # data-free, dynamic activations
+    ("w8a8", {"int8_head": True}),                                          # + the tied head W8A8
     ("smoothquant", {}),
     ("flattenquant", {"fq_weight_method": "rtn", "fq_search_tokens": 256}),
     ("flattenquant", {"fq_int4_budget": 1.0, "fq_search_tokens": 256}),   # every layer passes: all W4A4
@@ -190,3 +203,71 @@ def test_module_keeps_no_float_weight(w_bits):
     # new buffers drop what was derived from the old ones
     mod.set_packed({"qweight": mod.qweight.clone()})
     assert mod._w8 is None and mod._gather is None
+
+
+@pytest.mark.parametrize("m,k,kp", [(1024, 576, 576), (7, 100, 128), (1, 640, 640), (33, 17, 32)])
+def test_act_quant_matches_reference(m, k, kp):
+    g = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0] = 0                                         # a zero row: the scale's 1e-8 floor
+    x[-1, :5] = torch.tensor([0.5, 1.5, -2.5, 127.0, -127.0]) * (x[-1].abs().max() / 127)   # ties to even
+    for scale in (None, torch.tensor([0.05])):
+        q, s = act_quant(x, kp, 8, scale)
+        q_ref, s_ref = act_quant_reference(x, kp, 8, scale)
+        assert q.dtype == torch.int8 and q.shape == (m, kp) and torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    # and the reference is the module doc's formula
+    q_ref, s_ref = act_quant_reference(x, kp, 8)
+    assert torch.equal(q_ref[:, :k].float(), torch.round(x / s_ref).clamp(-127, 127)) and not q_ref[:, k:].any()
+
+
+@pytest.mark.parametrize("n", [576, 19])
+def test_rescale_matches_reference(n):
+    g = torch.Generator().manual_seed(n)
+    acc = torch.randint(-2 ** 20, 2 ** 20, (37, n), dtype=torch.int32, generator=g)
+    ws, bias = torch.rand(n, generator=g), torch.randn(n, generator=g)
+    for s in (torch.rand(37, 1, generator=g), torch.tensor([0.03])):
+        for b in (None, bias):
+            ref = rescale_reference(acc, s, ws, b)
+            assert torch.equal(rescale(acc.clone(), s, ws, b), ref)     # same products, same order: bit for bit
+
+
+def test_epilogue_kernels_used_where_avx512():
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512bw" in flags and " avx512vl" in flags and load_intmm() is not None:
+        assert epilogue_kernels() is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_int8_head_equals_integer_reference(arch):
+    m = tiny_model(arch)
+    spec = arch_for(m)
+    emb_w = m.get_input_embeddings().weight.detach().clone()
+    ids = _calib(2, 16, seed=3)
+    lowbit.quantize(m, QuantRecipe(method="w8a8", fmt=W8, method_config={"int8_head": True}), progress=False)
+    head = m.get_submodule(spec.head)
+    assert isinstance(head, QuantizedActLinear) and head.spec["w_bits"] == head.spec["a_bits"] == 8
+    assert head.spec["dynamic"] and not m.config.get_text_config().tie_word_embeddings
+    emb = m.get_input_embeddings()
+    assert emb.weight.is_floating_point() and torch.equal(emb.weight, emb_w.half().float())   # the lookup stays float
+    # the head's output is the exact integer product of its codes, rescaled by the plain-torch reference
+    h = torch.randn(2, 16, head.in_features, generator=torch.Generator().manual_seed(1))
+    qa, s = act_quant_reference(h.reshape(-1, head.in_features), head.int_weight().shape[1], 8)
+    acc = int_mm_reference(qa, head.int_weight())
+    ref = rescale_reference(acc, s, head.w_scale.float()).reshape(2, 16, -1)
+    with torch.no_grad():
+        assert torch.equal(head(h), ref)
+        assert torch.isfinite(m(input_ids=ids).logits).all()
+    # the head's int8 copy is counted: stored bits grow by 8 per head weight over the float-head recipe
+    m0 = tiny_model(arch)
+    lowbit.quantize(m0, QuantRecipe(method="w8a8", fmt=W8), progress=False)
+    extra = stored_bits(m, "float16") - stored_bits(m0, "float16")
+    out_f, in_f = head.out_features, head.in_features
+    assert extra == out_f * head.int_weight().shape[1] * 8 + out_f * 16
+
+
+def test_int8_head_refuses_a_head_format_too():
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="int8_head"):
+        lowbit.quantize(tiny_model("llama"), QuantRecipe(method="w8a8", fmt=W8, method_config={"int8_head": True},
+                                                         head=FormatConfig(bits=8)), progress=False)

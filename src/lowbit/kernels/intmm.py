@@ -46,8 +46,9 @@ import torch.nn.functional as F
 
 from .build import build_once
 
-__all__ = ["BACKENDS", "IntMMDispatcher", "available_backends", "dispatcher", "int_mm", "int_mm_backend", "int_mm_on",
-           "int_mm_reference", "intmm_mode", "load_intmm", "pad_k"]
+__all__ = ["BACKENDS", "IntMMDispatcher", "act_quant", "act_quant_reference", "available_backends", "dispatcher",
+           "epilogue_kernels", "int_mm", "int_mm_backend", "int_mm_on", "int_mm_reference", "intmm_mode", "load_intmm",
+           "pad_k", "rescale", "rescale_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -246,3 +247,53 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     of 32, as :class:`lowbit.nn.w8a8.QuantizedActLinear` stores it: no backend copies or re-packs it then.
     """
     return _RUN[int_mm_backend(a, b)](a, b)
+
+
+# ---- the work around the GEMM of a W8A8 linear ----
+
+
+def epilogue_kernels():
+    """The extension when its activation-code and rescale ops run here (AVX-512), else None (plain torch)."""
+    mod = load_intmm()
+    return mod if mod is not None and mod.epilogue_available() else None
+
+
+def act_quant_reference(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric activation codes of float32 ``x`` ``(M, K)``: int8 ``(M, kp)`` (zero columns from ``K`` on) and the
+    scale, ``clamp(round(x / s), -Q, Q)`` with ``Q = 2**(bits-1) - 1`` and ``s`` the static ``(1,)`` ``scale`` or,
+    when None, ``max(max|x_m| / Q, 1e-8)`` per row, returned ``(M, 1)``."""
+    q = (1 << (bits - 1)) - 1
+    if scale is None:
+        scale = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_()).div_(q).clamp_min_(1e-8)
+    t = (x / scale).round_().clamp_(-q, q)
+    return F.pad(t.to(torch.int8), (0, kp - x.shape[1])), scale
+
+
+def act_quant(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`act_quant_reference`, bit for bit, in one pass per row on an AVX-512 CPU (the C++ ``quant_rows``:
+    row max, divide, round half to even, clamp, narrow to int8, zero padding), else by the reference."""
+    mod = epilogue_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if mod is None:
+        return act_quant_reference(x, kp, bits, scale)
+    q, s = mod.quant_rows(x, kp, bits, scale)
+    return q, s
+
+
+def rescale_reference(acc: torch.Tensor, s: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """float32 ``acc * (s * ws) + bias`` for int32 ``acc`` ``(M, N)``, ``s`` ``(M, 1)`` or ``(1,)``, ``ws`` ``(N,)``."""
+    y = acc.float().mul_(s * ws)
+    return y.add_(bias) if bias is not None else y
+
+
+def rescale(acc: torch.Tensor, s: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`rescale_reference`, bit for bit (same products, same order, no FMA), in one pass that writes the
+    float result into ``acc``'s own storage (consumed) on an AVX-512 CPU; else the reference."""
+    fast = (acc.device.type == "cpu" and acc.is_contiguous() and s.dtype == ws.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32))
+    mod = epilogue_kernels() if fast else None
+    if mod is None:
+        return rescale_reference(acc, s, ws, bias)
+    return mod.rescale_(acc, s, ws.contiguous(), bias)

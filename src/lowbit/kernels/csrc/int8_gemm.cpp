@@ -134,7 +134,129 @@ torch::Tensor gemm_s8s8s32(torch::Tensor a, torch::Tensor b, bool use_simd) {
 
 bool simd_available() { return has_avx2(); }
 
+// ---- the work around the GEMM of a W8A8 linear: activation codes before it, the float rescale after it ----
+
+namespace {
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
+// codes of one row: q[k] = clamp(nearbyint(x[k] / s), -Q, Q) for k < K, 0 for K <= k < Kp. The division (not a
+// multiplication by 1/s) and round-half-to-even match torch's ``round(x / s).clamp(-Q, Q)`` bit for bit.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void quant_row_avx512(const float* x, int8_t* q, int64_t K, int64_t Kp, float s, float Q) {
+  const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-Q), hi = _mm512_set1_ps(Q);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + k), vs);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  if (k < K) {
+    const __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
+    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + k), vs);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+    k += 16;
+  }
+  for (int64_t j = K; j < Kp; ++j) q[j] = 0;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+float absmax_avx512(const float* x, int64_t K) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  if (k < K) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << (K - k)) - 1), x + k)));
+  return _mm512_reduce_max_ps(m);
+}
+
+// y[n] = float(acc[n]) * (s * ws[n]) + b[n], in place (acc's int32 storage becomes the float output); the
+// product s * ws[n] first, then a separate multiply and add: the plain-torch reference's order. GCC would contract
+// the multiply and add into an FMA (its default -ffp-contract=fast applies to intrinsics too), so not here.
+__attribute__((target("avx512f"), optimize("fp-contract=off")))
+void rescale_row_avx512(int32_t* acc, const float* ws, const float* b, float s, int64_t N) {
+  float* y = reinterpret_cast<float*>(acc);
+  const __m512 vs = _mm512_set1_ps(s);
+  int64_t n = 0;
+  for (; n < N; n += 16) {
+    const __mmask16 m = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+    __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, acc + n));
+    v = _mm512_mul_ps(v, _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(m, ws + n)));
+    if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + n));
+    _mm512_mask_storeu_ps(y + n, m, v);
+  }
+}
+
+}  // namespace
+
+// x (M, K) float32 -> (codes int8 (M, Kp), scale float32 (M, 1) or the given one). Per-token dynamic scale
+// max(max|x_m| / Q, 1e-8) when ``scale`` is None, else the static (1,) scale; Q = 2**(bits-1) - 1.
+std::vector<torch::Tensor> quant_rows(torch::Tensor x, int64_t Kp, int64_t bits, c10::optional<torch::Tensor> scale) {
+  TORCH_CHECK(has_avx512(), "quant_rows needs AVX-512");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) <= Kp, "float32 (M, K <= Kp) expected");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  const float Q = float((1 << (bits - 1)) - 1);
+  auto q = torch::empty({M, Kp}, torch::dtype(torch::kInt8));
+  const bool dyn = !scale.has_value();
+  torch::Tensor s = dyn ? torch::empty({M, 1}, torch::dtype(torch::kFloat32)) : scale->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(dyn || s.numel() == 1, "a static scale has one element");
+  const float* X = x.data_ptr<float>();
+  int8_t* Qp = q.data_ptr<int8_t>();
+  float* S = s.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      float sm;
+      if (dyn) {
+        sm = absmax_avx512(X + m * K, K) / Q;
+        sm = sm < 1e-8f ? 1e-8f : sm;
+        S[m] = sm;
+      } else {
+        sm = S[0];
+      }
+      quant_row_avx512(X + m * K, Qp + m * Kp, K, Kp, sm, Q);
+    }
+  });
+  return {q, s};
+}
+
+// acc (M, N) int32 (consumed) -> float32 (M, N) = acc * (s (M or 1) outer ws (N,)) + bias (N,), in acc's storage
+torch::Tensor rescale_(torch::Tensor acc, torch::Tensor s, torch::Tensor ws, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(has_avx512(), "rescale_ needs AVX-512");
+  TORCH_CHECK(acc.dtype() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(), "contiguous int32 (M, N) expected");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(s.dtype() == torch::kFloat32 && (s.numel() == M || s.numel() == 1), "float32 scale of M or 1 values");
+  TORCH_CHECK(ws.dtype() == torch::kFloat32 && ws.numel() == N && ws.is_contiguous(), "float32 (N,) weight scale");
+  s = s.contiguous();
+  const float* B = nullptr;
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.dtype() == torch::kFloat32 && b.numel() == N, "float32 (N,) bias");
+    B = b.data_ptr<float>();
+  }
+  int32_t* A = acc.data_ptr<int32_t>();
+  const float* S = s.data_ptr<float>();
+  const float* W = ws.data_ptr<float>();
+  const bool per_row = s.numel() == M && M > 1;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) rescale_row_avx512(A + m * N, W, B, per_row ? S[m] : S[0], N);
+  });
+  return acc.view(torch::kFloat32);
+}
+
+bool epilogue_available() { return has_avx512(); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_s8s8s32", &gemm_s8s8s32, "int8 x int8 -> int32 GEMM, C = A B^T");
   m.def("simd_available", &simd_available, "whether the AVX2 path runs on this CPU");
+  m.def("quant_rows", &quant_rows, "per-row (or static) symmetric int8 activation codes, zero-padded to Kp");
+  m.def("rescale_", &rescale_, "int32 GEMM result -> float acc * (s outer ws) + bias, in place");
+  m.def("epilogue_available", &epilogue_available, "whether quant_rows / rescale_ run on this CPU");
 }
