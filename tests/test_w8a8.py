@@ -229,6 +229,46 @@ def test_rescale_matches_reference(n):
         for b in (None, bias):
             ref = rescale_reference(acc, s, ws, b)
             assert torch.equal(rescale(acc.clone(), s, ws, b), ref)     # same products, same order: bit for bit
+            out = torch.full((37, n + 5), float("nan"))
+            rescale(acc, s, ws, b, out=out[:, 2:n + 2])                   # into a column block of a wider output
+            assert torch.equal(out[:, 2:n + 2], ref) and out[:, :2].isnan().all() and out[:, n + 2:].isnan().all()
+
+
+def test_int_linear_column_blocks(monkeypatch):
+    import lowbit.kernels.intmm as im
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (9, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (50, 64), dtype=torch.int8, generator=g)
+    s, ws, bias = torch.rand(9, 1, generator=g), torch.rand(50, generator=g), torch.randn(50, generator=g)
+    ref = rescale_reference(int_mm_reference(a, b), s, ws, bias)
+    assert torch.equal(im.int_linear(a, b, s, ws, bias), ref)
+    monkeypatch.setattr(im, "N_BLOCK", 16)                        # 50 columns: blocks of 16, 16, 16 and 2
+    assert torch.equal(im.int_linear(a, b, s, ws, bias), ref)
+
+
+def test_onednn_path_is_exact(monkeypatch):
+    import lowbit.kernels.intmm as im
+
+    if not im.onednn_works():
+        pytest.skip("no oneDNN quantized linear in this torch build")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (40, 1536), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (24, 1536), dtype=torch.int8, generator=g)
+    a[:3], b[:2] = 127, -128                                     # products past 2**24: the float conversion rounds
+    assert torch.equal(im.onednn_linear_mm(a, im.onednn_prepack(b, 40), 24), int_mm_reference(a, b).float())
+    s, ws, bias = torch.rand(40, 1, generator=g), torch.rand(24, generator=g), torch.randn(24, generator=g)
+    ref = rescale_reference(int_mm_reference(a, b), s, ws, bias)
+    monkeypatch.setenv("LOWBIT_INTMM", "auto")
+    assert im.dispatcher.choose_linear(40, 1536, 24) in ("onednn", "int_mm")     # measured (int_mm inside: no deadlock)
+    assert (torch.get_num_threads(), 64, 1536, 24) in im.dispatcher.linear_decisions
+    monkeypatch.setattr(im.dispatcher, "choose_linear", lambda *args: "onednn")
+    assert torch.equal(im.int_linear(a, b, s, ws, bias, packed=lambda: im.onednn_prepack(b, 40)), ref)
+    # a module takes whichever path its shape measured faster, with the same output
+    mod, x, _ = _act_linear(8, 8, True, False)
+    y = mod(x)
+    monkeypatch.setattr(im.dispatcher, "choose_linear", lambda *args: "int_mm")
+    assert torch.equal(mod(x), y)
 
 
 def test_epilogue_kernels_used_where_avx512():

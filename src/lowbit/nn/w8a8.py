@@ -13,8 +13,9 @@ The integer path: the flattening gather (``index_select``, flattened layers only
 padding to ``Kp``, in one pass on an AVX-512 CPU), the GEMM :func:`lowbit.kernels.intmm.int_mm` (its backend
 chosen per shape, reading the stored ``(out, Kp)`` int8 codes in place: the module keeps no float copy of its
 weight) and :func:`lowbit.kernels.intmm.rescale` (``acc * (s outer w_scale) + b`` in one pass, written into the
-int32 result's own storage). Each of the two float steps equals its plain-torch reference bit for bit. The
-simulated path's codes come from :func:`quantize_activations` (the same codes, as float).
+int32 result's own storage), both in :func:`lowbit.kernels.intmm.int_linear` (column blocks for a wide head).
+Each of the two float steps equals its plain-torch reference bit for bit. The simulated path's codes come from
+:func:`quantize_activations` (the same codes, as float).
 
 :func:`act_head` makes the LM head such a layer too (W8A8, per-token dynamic), the W8A8 methods' ``int8_head``.
 
@@ -153,6 +154,7 @@ class QuantizedActLinear(_PackedWeight):
         self.mode = "int"
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
         self._w8: torch.Tensor | None = None   # 4-bit weights: the unpacked int8 operand, made once
+        self._packed = None                     # the int8 operand in oneDNN's layout, where that path is chosen
 
     # ------------------------------------------------------------ views
 
@@ -184,10 +186,20 @@ class QuantizedActLinear(_PackedWeight):
             g = self._gather = (idx, inv_k)
         return g
 
+    def _onednn_weight(self, m: int):
+        """The int8 weight in oneDNN's blocked layout (made on first use, kept, not saved: a second int8 copy)."""
+        p = self._packed
+        if p is None:
+            from ..kernels.intmm import onednn_prepack
+
+            p = self._packed = onednn_prepack(self.int_weight(), m)
+        return p
+
     def _drop_caches(self) -> None:
         super()._drop_caches()
         self._gather = None
         self._w8 = None
+        self._packed = None
 
     # ------------------------------------------------------------ compute
 
@@ -220,10 +232,11 @@ class QuantizedActLinear(_PackedWeight):
         lead = x.shape[:-1]
         bias = None if self.bias is None else self.bias.float()
         if self.mode == "int":
-            from ..kernels.intmm import rescale
+            from ..kernels.intmm import int_linear
 
-            acc, s = self.int_accumulate(x)
-            y = rescale(acc, s, self.w_scale.float(), bias)   # acc * (s outer w_scale) + bias, one pass, in place
+            qa, s = self._quantize(x, torch.int8)
+            y = int_linear(qa, self.int_weight(), s, self.w_scale.float(), bias,   # exact GEMM, one-pass rescale
+                           packed=lambda: self._onednn_weight(qa.shape[0]))
         else:
             qa, s = self.quantize_input(x)
             w = self.int_weight().float() * self.w_scale.float()[:, None]    # (out, Kp)

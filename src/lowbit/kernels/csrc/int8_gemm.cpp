@@ -176,17 +176,18 @@ float absmax_avx512(const float* x, int64_t K) {
   return _mm512_reduce_max_ps(m);
 }
 
-// y[n] = float(acc[n]) * (s * ws[n]) + b[n], in place (acc's int32 storage becomes the float output); the
-// product s * ws[n] first, then a separate multiply and add: the plain-torch reference's order. GCC would contract
-// the multiply and add into an FMA (its default -ffp-contract=fast applies to intrinsics too), so not here.
+// y[n] = float(acc[n]) * (s * ws[n]) + b[n] (y may be acc's own storage); the product s * ws[n] first, then a
+// separate multiply and add: the plain-torch reference's order. GCC would contract the multiply and add into an
+// FMA (its default -ffp-contract=fast applies to intrinsics too), so not here.
 __attribute__((target("avx512f"), optimize("fp-contract=off")))
-void rescale_row_avx512(int32_t* acc, const float* ws, const float* b, float s, int64_t N) {
-  float* y = reinterpret_cast<float*>(acc);
+void rescale_row_avx512(const void* acc, bool acc_float, float* y, const float* ws, const float* b, float s,
+                        int64_t N) {
   const __m512 vs = _mm512_set1_ps(s);
-  int64_t n = 0;
-  for (; n < N; n += 16) {
+  const int32_t* ai = static_cast<const int32_t*>(acc);
+  const float* af = static_cast<const float*>(acc);
+  for (int64_t n = 0; n < N; n += 16) {
     const __mmask16 m = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-    __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, acc + n));
+    __m512 v = acc_float ? _mm512_maskz_loadu_ps(m, af + n) : _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, ai + n));
     v = _mm512_mul_ps(v, _mm512_mul_ps(vs, _mm512_maskz_loadu_ps(m, ws + n)));
     if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + n));
     _mm512_mask_storeu_ps(y + n, m, v);
@@ -226,13 +227,20 @@ std::vector<torch::Tensor> quant_rows(torch::Tensor x, int64_t Kp, int64_t bits,
   return {q, s};
 }
 
-// acc (M, N) int32 (consumed) -> float32 (M, N) = acc * (s (M or 1) outer ws (N,)) + bias (N,), in acc's storage
-torch::Tensor rescale_(torch::Tensor acc, torch::Tensor s, torch::Tensor ws, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(has_avx512(), "rescale_ needs AVX-512");
-  TORCH_CHECK(acc.dtype() == torch::kInt32 && acc.dim() == 2 && acc.is_contiguous(), "contiguous int32 (M, N) expected");
+// acc (M, N) int32 (or its float32 conversion) -> out (M, N) float32 = acc * (s (M or 1) outer ws (N,)) + bias (N,). ``out``: rows with unit
+// column stride (a column block of a wider output, say), or None for acc's own storage (acc is consumed).
+torch::Tensor rescale(torch::Tensor acc, torch::Tensor s, torch::Tensor ws, c10::optional<torch::Tensor> bias,
+                      c10::optional<torch::Tensor> out) {
+  TORCH_CHECK(has_avx512(), "rescale needs AVX-512");
+  const bool acc_float = acc.dtype() == torch::kFloat32;
+  TORCH_CHECK((acc_float || acc.dtype() == torch::kInt32) && acc.dim() == 2 && acc.is_contiguous(),
+              "contiguous int32 or float32 (M, N) expected");
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(s.dtype() == torch::kFloat32 && (s.numel() == M || s.numel() == 1), "float32 scale of M or 1 values");
   TORCH_CHECK(ws.dtype() == torch::kFloat32 && ws.numel() == N && ws.is_contiguous(), "float32 (N,) weight scale");
+  torch::Tensor y = out.has_value() ? *out : (acc_float ? acc : acc.view(torch::kFloat32));
+  TORCH_CHECK(y.dtype() == torch::kFloat32 && y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.stride(1) == 1,
+              "float32 (M, N) output with unit column stride");
   s = s.contiguous();
   const float* B = nullptr;
   torch::Tensor b;
@@ -241,14 +249,16 @@ torch::Tensor rescale_(torch::Tensor acc, torch::Tensor s, torch::Tensor ws, c10
     TORCH_CHECK(b.dtype() == torch::kFloat32 && b.numel() == N, "float32 (N,) bias");
     B = b.data_ptr<float>();
   }
-  int32_t* A = acc.data_ptr<int32_t>();
+  const char* A = static_cast<const char*>(acc.data_ptr());   // 4-byte elements either way
+  float* Y = y.data_ptr<float>();
+  const int64_t ldy = y.stride(0);
   const float* S = s.data_ptr<float>();
   const float* W = ws.data_ptr<float>();
   const bool per_row = s.numel() == M && M > 1;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) rescale_row_avx512(A + m * N, W, B, per_row ? S[m] : S[0], N);
+    for (int64_t m = m0; m < m1; ++m) rescale_row_avx512(A + 4 * m * N, acc_float, Y + m * ldy, W, B, per_row ? S[m] : S[0], N);
   });
-  return acc.view(torch::kFloat32);
+  return y;
 }
 
 bool epilogue_available() { return has_avx512(); }
@@ -257,6 +267,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_s8s8s32", &gemm_s8s8s32, "int8 x int8 -> int32 GEMM, C = A B^T");
   m.def("simd_available", &simd_available, "whether the AVX2 path runs on this CPU");
   m.def("quant_rows", &quant_rows, "per-row (or static) symmetric int8 activation codes, zero-padded to Kp");
-  m.def("rescale_", &rescale_, "int32 GEMM result -> float acc * (s outer ws) + bias, in place");
+  m.def("rescale", &rescale, "int32 GEMM result -> float acc * (s outer ws) + bias, into out or in place");
   m.def("epilogue_available", &epilogue_available, "whether quant_rows / rescale_ run on this CPU");
 }
