@@ -29,6 +29,7 @@ from lowbit.nn.w8a8 import (
     act_spec,
     from_quantized_weight,
     pack_int4,
+    quantize_activations,
     unpack_int4,
 )
 from lowbit.quantize import QuantRecipe
@@ -215,6 +216,15 @@ def test_act_quant_matches_reference(m, k, kp):
         q, s = act_quant(x, kp, 8, scale)
         q_ref, s_ref = act_quant_reference(x, kp, 8, scale)
         assert q.dtype == torch.int8 and q.shape == (m, kp) and torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    # with the flattening gather (padding columns read channel 0 times 0)
+    idx = torch.cat([torch.randint(0, k, (kp - 3,), generator=g), torch.zeros(3, dtype=torch.long)])
+    inv_k = torch.cat([1.0 / torch.randint(1, 4, (kp - 3,), generator=g).float(), torch.zeros(3)])
+    for scale in (None, torch.tensor([0.05])):
+        q, s = act_quant(x, kp, 8, scale, idx, inv_k)
+        q_ref, s_ref = act_quant_reference(x, kp, 8, scale, idx, inv_k)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and not q[:, -3:].any()
+        q_mod, s_mod = quantize_activations(x, 8, scale, idx, inv_k)
+        assert torch.equal(q, q_mod) and torch.equal(s, s_mod)               # the fake path's codes, bit for bit
     # and the reference is the module doc's formula
     q_ref, s_ref = act_quant_reference(x, kp, 8)
     assert torch.equal(q_ref[:, :k].float(), torch.round(x / s_ref).clamp(-127, 127)) and not q_ref[:, k:].any()

@@ -325,11 +325,15 @@ def epilogue_kernels():
     return mod if mod is not None and mod.epilogue_available() else None
 
 
-def act_quant_reference(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor | None = None
+def act_quant_reference(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor | None = None,
+                        idx: torch.Tensor | None = None, inv_k: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric activation codes of float32 ``x`` ``(M, K)``: int8 ``(M, kp)`` (zero columns from ``K`` on) and the
     scale, ``clamp(round(x / s), -Q, Q)`` with ``Q = 2**(bits-1) - 1`` and ``s`` the static ``(1,)`` ``scale`` or,
-    when None, ``max(max|x_m| / Q, 1e-8)`` per row, returned ``(M, 1)``."""
+    when None, ``max(max|x_m| / Q, 1e-8)`` per row, returned ``(M, 1)``. With ``idx`` (long ``(kp,)``) and ``inv_k``
+    (float32 ``(kp,)``) the codes are those of ``x[:, idx] * inv_k`` (the flattening gather, padding included)."""
+    if idx is not None:
+        x = torch.index_select(x, 1, idx).mul_(inv_k)                # (M, kp) flattened, zero-padded
     q = (1 << (bits - 1)) - 1
     if scale is None:
         scale = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_()).div_(q).clamp_min_(1e-8)
@@ -337,14 +341,15 @@ def act_quant_reference(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor
     return F.pad(t.to(torch.int8), (0, kp - x.shape[1])), scale
 
 
-def act_quant(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor | None = None,
+              idx: torch.Tensor | None = None, inv_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`act_quant_reference`, bit for bit, in one pass per row on an AVX-512 CPU (the C++ ``quant_rows``:
-    row max, divide, round half to even, clamp, narrow to int8, zero padding), else by the reference."""
+    the gather if any, row max, divide, round half to even, clamp, narrow to int8, zero padding), else by the
+    reference."""
     mod = epilogue_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     if mod is None:
-        return act_quant_reference(x, kp, bits, scale)
-    q, s = mod.quant_rows(x, kp, bits, scale)
+        return act_quant_reference(x, kp, bits, scale, idx, inv_k)
+    q, s = mod.quant_rows(x, kp, bits, scale, idx, inv_k)
     return q, s
 
 

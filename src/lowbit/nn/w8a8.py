@@ -8,9 +8,8 @@
     acc = qa @ qw^T                                 INT8 x INT8 -> INT32, exact
     y  = acc * (s * w_scale) + b
 
-The integer path: the flattening gather (``index_select``, flattened layers only), then
-:func:`lowbit.kernels.intmm.act_quant` (per row: max, divide, round half to even, clamp, int8 and the zero
-padding to ``Kp``, in one pass on an AVX-512 CPU), the GEMM :func:`lowbit.kernels.intmm.int_mm` (its backend
+The integer path: :func:`lowbit.kernels.intmm.act_quant` (per row: the flattening gather of flattened layers,
+max, divide, round half to even, clamp, int8 and the zero padding to ``Kp``, in one pass on an AVX-512 CPU), the GEMM :func:`lowbit.kernels.intmm.int_mm` (its backend
 chosen per shape, reading the stored ``(out, Kp)`` int8 codes in place: the module keeps no float copy of its
 weight) and :func:`lowbit.kernels.intmm.rescale` (``acc * (s outer w_scale) + b`` in one pass, written into the
 int32 result's own storage), both in :func:`lowbit.kernels.intmm.int_linear` (column blocks for a wide head).
@@ -210,10 +209,8 @@ class QuantizedActLinear(_PackedWeight):
             # the GEMM operand: the flattening gather (if any), then codes and zero padding in one pass per row
             from ..kernels.intmm import act_quant
 
-            if self.spec["flatten"]:
-                idx, inv_k = self._gather_map(x.device)
-                x = torch.index_select(x, 1, idx).mul_(inv_k)              # (M, Kp) flattened, zero-padded
-            return act_quant(x, padded_k(self.spec["flat_features"]), self.spec["a_bits"], scale)
+            g = self._gather_map(x.device) if self.spec["flatten"] else None   # padding alone needs no gather
+            return act_quant(x, padded_k(self.spec["flat_features"]), self.spec["a_bits"], scale, *(g or (None, None)))
         g = self._gather_map(x.device)
         return quantize_activations(x, self.spec["a_bits"], scale, *(g or (None, None)), dtype=dtype)
 

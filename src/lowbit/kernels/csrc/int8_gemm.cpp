@@ -197,31 +197,54 @@ void rescale_row_avx512(const void* acc, bool acc_float, float* y, const float* 
 }  // namespace
 
 // x (M, K) float32 -> (codes int8 (M, Kp), scale float32 (M, 1) or the given one). Per-token dynamic scale
-// max(max|x_m| / Q, 1e-8) when ``scale`` is None, else the static (1,) scale; Q = 2**(bits-1) - 1.
-std::vector<torch::Tensor> quant_rows(torch::Tensor x, int64_t Kp, int64_t bits, c10::optional<torch::Tensor> scale) {
+// max(max|x'_m| / Q, 1e-8) when ``scale`` is None, else the static (1,) scale; Q = 2**(bits-1) - 1. With ``idx``
+// (Kp,) int64 and ``inv_k`` (Kp,) float32, x' = x[:, idx] * inv_k (the flattening gather, padding included: one
+// float multiply per element, as torch's ``index_select(...).mul_(inv_k)``), gathered a row at a time; else x' = x.
+std::vector<torch::Tensor> quant_rows(torch::Tensor x, int64_t Kp, int64_t bits, c10::optional<torch::Tensor> scale,
+                                      c10::optional<torch::Tensor> idx, c10::optional<torch::Tensor> inv_k) {
   TORCH_CHECK(has_avx512(), "quant_rows needs AVX-512");
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) <= Kp, "float32 (M, K <= Kp) expected");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "float32 (M, K) expected");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
+  const bool gather = idx.has_value();
+  torch::Tensor ix, ik;
+  if (gather) {
+    ix = idx->to(torch::kInt64).contiguous();
+    ik = inv_k->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(ix.numel() == Kp && ik.numel() == Kp, "idx and inv_k have Kp entries");
+    TORCH_CHECK(ix.numel() == 0 || (ix.min().item<int64_t>() >= 0 && ix.max().item<int64_t>() < K), "idx out of range");
+  } else {
+    TORCH_CHECK(K <= Kp, "K <= Kp expected");
+  }
   const float Q = float((1 << (bits - 1)) - 1);
   auto q = torch::empty({M, Kp}, torch::dtype(torch::kInt8));
   const bool dyn = !scale.has_value();
   torch::Tensor s = dyn ? torch::empty({M, 1}, torch::dtype(torch::kFloat32)) : scale->to(torch::kFloat32).contiguous();
   TORCH_CHECK(dyn || s.numel() == 1, "a static scale has one element");
   const float* X = x.data_ptr<float>();
+  const int64_t* IX = gather ? ix.data_ptr<int64_t>() : nullptr;
+  const float* IK = gather ? ik.data_ptr<float>() : nullptr;
   int8_t* Qp = q.data_ptr<int8_t>();
   float* S = s.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<float> buf(gather ? Kp : 0);
     for (int64_t m = m0; m < m1; ++m) {
+      const float* row = X + m * K;
+      int64_t n = K;
+      if (gather) {
+        for (int64_t k = 0; k < Kp; ++k) buf[k] = row[IX[k]] * IK[k];
+        row = buf.data();
+        n = Kp;
+      }
       float sm;
       if (dyn) {
-        sm = absmax_avx512(X + m * K, K) / Q;
+        sm = absmax_avx512(row, n) / Q;
         sm = sm < 1e-8f ? 1e-8f : sm;
         S[m] = sm;
       } else {
         sm = S[0];
       }
-      quant_row_avx512(X + m * K, Qp + m * Kp, K, Kp, sm, Q);
+      quant_row_avx512(row, Qp + m * Kp, n, Kp, sm, Q);
     }
   });
   return {q, s};
@@ -266,7 +289,8 @@ bool epilogue_available() { return has_avx512(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_s8s8s32", &gemm_s8s8s32, "int8 x int8 -> int32 GEMM, C = A B^T");
   m.def("simd_available", &simd_available, "whether the AVX2 path runs on this CPU");
-  m.def("quant_rows", &quant_rows, "per-row (or static) symmetric int8 activation codes, zero-padded to Kp");
+  m.def("quant_rows", &quant_rows, "per-row (or static) symmetric int8 activation codes, zero-padded to Kp, "
+        "optionally of a gathered and scaled x[:, idx] * inv_k");
   m.def("rescale", &rescale, "int32 GEMM result -> float acc * (s outer ws) + bias, into out or in place");
   m.def("epilogue_available", &epilogue_available, "whether quant_rows / rescale_ run on this CPU");
 }
