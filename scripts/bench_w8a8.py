@@ -211,6 +211,9 @@ def bench_model(model_name: str, method: str, method_config: dict, tokens: int, 
                      "rss_after_load_mib": rss_loaded, "rss_end_mib": _rss_mib(), "peak_rss_mib": _rss_mib("VmHWM")}
     res["int8_gemm_decisions"] = {f"M{m}xK{k}xN{n}": {"backend": b, "ms": {kk: round(v * 1e3, 3) for kk, v in t.items()}}
                                   for (_, _, m, k, n), (b, t) in sorted(dispatcher.decisions.items())}
+    # per shape, oneDNN's prepacked s8 linear or int_mm (each with its rescale), as measured once
+    res["int8_linear_decisions"] = {f"M{m}xK{k}xN{n}": {"path": b, "ms": {kk: round(v * 1e3, 3) for kk, v in t.items()}}
+                                    for (_, m, k, n), (b, t) in sorted(dispatcher.linear_decisions.items())}
     res["loadavg_1m"] = round(os.getloadavg()[0], 2)
     res["date"] = time.strftime("%Y-%m-%d %H:%M")
     res["threads"] = torch.get_num_threads()

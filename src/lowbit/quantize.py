@@ -96,10 +96,13 @@ def quantize_embed_and_head(model: nn.Module, arch: ArchSpec, recipe: QuantRecip
     """RTN the embedding and head at their formats (``recipe.layers`` by path, else ``embed``/``head``)."""
     from .formats import quantize_rtn
 
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tied = getattr(model.get_output_embeddings(), "weight", None) is model.get_input_embeddings().weight
     embed, head_fmt = recipe.layers.get(arch.embed, recipe.embed), recipe.layers.get(arch.head, recipe.head)
     if head_fmt is not None:
         head = get_module(model, arch.head)
+        if not isinstance(head, nn.Linear):
+            raise ConfigError(f"the head is already quantized by the method ({type(head).__name__}, e.g. its "
+                              f"int8_head option): drop --head {head_fmt.tag()} or that option")
         qw = quantize_rtn(head.weight, head_fmt.make())
         set_module(model, arch.head, to_module(head, qw))
     if embed is not None:
@@ -205,6 +208,8 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         for i, block in enumerate(tqdm(get_module(model, arch.blocks), desc=f"{recipe.method} blocks",
                                        disable=not progress)):
             quantize_block(block, arch, method, fmt, mcfg, fmts=layer_fmts[i] if layer_fmts else None)
+    if method.finish_model is not None:
+        method.finish_model(model, arch, fmt, mcfg)
     quantize_embed_and_head(model, arch, recipe)
     finalize_storage(model, recipe.storage)
     summary = {

@@ -46,8 +46,10 @@ import torch.nn.functional as F
 
 from .build import build_once
 
-__all__ = ["BACKENDS", "IntMMDispatcher", "available_backends", "dispatcher", "int_mm", "int_mm_backend", "int_mm_on",
-           "int_mm_reference", "intmm_mode", "load_intmm", "pad_k"]
+__all__ = ["BACKENDS", "IntMMDispatcher", "N_BLOCK", "act_quant", "act_quant_reference", "available_backends",
+           "dispatcher", "epilogue_kernels", "int_linear", "int_mm", "int_mm_backend", "int_mm_on", "int_mm_reference",
+           "intmm_mode", "load_intmm", "onednn_linear_mm", "onednn_prepack", "onednn_works", "pad_k", "rescale",
+           "rescale_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,38 @@ def _torch_works(device_type: str) -> bool:
     return torch.equal(got, (a.long() @ b.long().T).int())
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_works() -> bool:
+    """Whether oneDNN's quantized linear (``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise``, CPU) runs
+    here and returns exactly ``float(a @ b.T)`` (a 33x64x24 probe with products past 2**24, once)."""
+    if os.environ.get("LOWBIT_ONEDNN", "1").strip() == "0" or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (33, 1152), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (24, 1152), dtype=torch.int8, generator=g)
+    a[0], b[0] = 127, -128                                   # |acc| = 1152 * 127 * 128 > 2**24: float rounding
+    try:
+        got = onednn_linear_mm(a, onednn_prepack(b, 33), 24)
+    except (RuntimeError, AttributeError) as e:
+        log.debug("oneDNN qlinear unavailable: %s", e)
+        return False
+    return torch.equal(got, int_mm_reference(a, b).float())
+
+
+def onednn_prepack(b: torch.Tensor, m: int):
+    """int8 ``(N, K)`` weight codes in oneDNN's blocked layout for ``m``-row inputs (a copy: as many bytes again)."""
+    return torch.ops.onednn.qlinear_prepack(b, [m, b.shape[1]])
+
+
+def onednn_linear_mm(a: torch.Tensor, packed, n: int) -> torch.Tensor:
+    """``float(a @ b.T)`` float32 ``(M, n)`` from int8 ``a`` and :func:`onednn_prepack`'s ``b``: oneDNN's s8 x s8
+    matmul (int32 accumulation) with unit scales and zero points, converted once to float32 (as
+    :func:`rescale_reference`'s ``acc.float()`` converts the exact int32 result: the same floats)."""
+    one = torch.ones(n)
+    zero = torch.zeros(n, dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, one, zero, None, 1.0, 0, torch.float32, "none", [], "")
+
+
 def available_backends(device: torch.device | str = "cpu") -> tuple[str, ...]:
     """The backends that run on ``device``, in :data:`BACKENDS` order (``reference`` always)."""
     dt = torch.device(device).type
@@ -156,16 +190,50 @@ class IntMMDispatcher:
     def __init__(self):
         self.decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
         self._chosen: dict[tuple, str] = {}     # every resolved call key -> backend (the per-call fast path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()   # choose_linear measures under it, and int_mm takes it again
         self._warned: set[str] = set()
+        #: :meth:`choose_linear`'s measured keys -> ``(path, {path: seconds})``
+        self.linear_decisions: dict[tuple, tuple[str, dict[str, float]]] = {}
 
     def clear(self) -> None:
-        """Forget the decisions, the logged fallbacks and whether ``torch._int_mm`` works."""
+        """Forget the decisions, the logged fallbacks and whether ``torch._int_mm`` / oneDNN's qlinear work."""
         with self._lock:
             self.decisions.clear()
             self._chosen.clear()
             self._warned.clear()
+            self.linear_decisions.clear()
             _torch_works.cache_clear()
+            onednn_works.cache_clear()
+
+    def choose_linear(self, m: int, k: int, n: int, device: torch.device | str = "cpu") -> str:
+        """``"onednn"`` (prepacked weight, :func:`onednn_linear_mm`) or ``"int_mm"`` for an :func:`int_linear` of
+        this shape: measured once per (threads, M bucket, K, N) in ``auto`` mode on CPU for ``n <= N_BLOCK``
+        (each path with its rescale, the weight packed outside the timing); ``int_mm`` otherwise."""
+        dt = device.type if isinstance(device, torch.device) else torch.device(device).type
+        if dt != "cpu" or n > N_BLOCK or intmm_mode() != "auto" or not onednn_works():
+            return "int_mm"
+        key = (torch.get_num_threads(), _bucket(m), k, n)
+        hit = self.linear_decisions.get(key)
+        if hit is None:
+            with self._lock:
+                hit = self.linear_decisions.get(key)
+                if hit is None:
+                    hit = self.linear_decisions[key] = self._measure_linear(key)
+        return hit[0]
+
+    def _measure_linear(self, key: tuple) -> tuple[str, dict[str, float]]:
+        _, m, k, n = key
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        s, ws = torch.rand(m, 1, generator=g), torch.rand(n, generator=g)
+        packed = onednn_prepack(b, m)
+        times = {"int_mm": _time_once(lambda: rescale(int_mm(a, b), s, ws)),
+                 "onednn": _time_once(lambda: rescale(onednn_linear_mm(a, packed, n), s, ws))}
+        best = min(times, key=times.get)
+        log.debug("int8 linear M~%d K=%d N=%d: %s (%s)", m, k, n, best,
+                  ", ".join(f"{b} {t * 1e3:.3f} ms" for b, t in times.items()))
+        return best, times
 
     def _fallback_note(self, wanted: str, device_type: str, used: str) -> None:
         key = f"{wanted}/{device_type}"
@@ -246,3 +314,92 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     of 32, as :class:`lowbit.nn.w8a8.QuantizedActLinear` stores it: no backend copies or re-packs it then.
     """
     return _RUN[int_mm_backend(a, b)](a, b)
+
+
+# ---- the work around the GEMM of a W8A8 linear ----
+
+
+def epilogue_kernels():
+    """The extension when its activation-code and rescale ops run here (AVX-512), else None (plain torch)."""
+    mod = load_intmm()
+    return mod if mod is not None and mod.epilogue_available() else None
+
+
+def act_quant_reference(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor | None = None,
+                        idx: torch.Tensor | None = None, inv_k: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric activation codes of float32 ``x`` ``(M, K)``: int8 ``(M, kp)`` (zero columns from ``K`` on) and the
+    scale, ``clamp(round(x / s), -Q, Q)`` with ``Q = 2**(bits-1) - 1`` and ``s`` the static ``(1,)`` ``scale`` or,
+    when None, ``max(max|x_m| / Q, 1e-8)`` per row, returned ``(M, 1)``. With ``idx`` (long ``(kp,)``) and ``inv_k``
+    (float32 ``(kp,)``) the codes are those of ``x[:, idx] * inv_k`` (the flattening gather, padding included)."""
+    if idx is not None:
+        x = torch.index_select(x, 1, idx).mul_(inv_k)                # (M, kp) flattened, zero-padded
+    q = (1 << (bits - 1)) - 1
+    if scale is None:
+        scale = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_()).div_(q).clamp_min_(1e-8)
+    t = (x / scale).round_().clamp_(-q, q)
+    return F.pad(t.to(torch.int8), (0, kp - x.shape[1])), scale
+
+
+def act_quant(x: torch.Tensor, kp: int, bits: int, scale: torch.Tensor | None = None,
+              idx: torch.Tensor | None = None, inv_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`act_quant_reference`, bit for bit, in one pass per row on an AVX-512 CPU (the C++ ``quant_rows``:
+    the gather if any, row max, divide, round half to even, clamp, narrow to int8, zero padding), else by the
+    reference."""
+    mod = epilogue_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if mod is None:
+        return act_quant_reference(x, kp, bits, scale, idx, inv_k)
+    q, s = mod.quant_rows(x, kp, bits, scale, idx, inv_k)
+    return q, s
+
+
+def rescale_reference(acc: torch.Tensor, s: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """float32 ``acc * (s * ws) + bias`` for int32 ``acc`` ``(M, N)`` (or its exact float32 conversion), ``s``
+    ``(M, 1)`` or ``(1,)``, ``ws`` ``(N,)``."""
+    y = acc.float().mul_(s * ws)
+    return y.add_(bias) if bias is not None else y
+
+
+def rescale(acc: torch.Tensor, s: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`rescale_reference`, bit for bit (same products, same order, no FMA), in one pass on an AVX-512 CPU,
+    into ``out`` (float32 ``(M, N)`` with unit column stride, e.g. a column block of a wider output) or, when None,
+    into ``acc``'s own storage (``acc`` is consumed); else the reference (copied into ``out`` if given)."""
+    fast = (acc.device.type == "cpu" and acc.is_contiguous() and s.dtype == ws.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32))
+    mod = epilogue_kernels() if fast else None
+    if mod is None:
+        y = rescale_reference(acc, s, ws, bias)
+        return y if out is None else out.copy_(y)
+    return mod.rescale(acc, s, ws.contiguous(), bias, out)
+
+
+#: the widest column block of one int8 GEMM call in :func:`int_linear`
+N_BLOCK = 4096
+
+
+def int_linear(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, ws: torch.Tensor,
+               bias: torch.Tensor | None = None, packed=None) -> torch.Tensor:
+    """``int_mm(a, b) * (s outer ws) + bias`` as float32 ``(M, N)``: :func:`int_mm` then :func:`rescale`.
+
+    ``packed``: a callable returning ``b`` in oneDNN's layout (:func:`onednn_prepack`, made once by the caller
+    and kept), offered where :meth:`IntMMDispatcher.choose_linear` measured oneDNN's prepacked s8 matmul the
+    faster for this shape; its float output is the same floats as ``int_mm``'s converted, so the result is too.
+
+    A layer wider than :data:`N_BLOCK` output channels (an LM head) runs as column blocks of ``N_BLOCK`` weight
+    rows, each rescaled into its columns of one preallocated output. oneDNN's ``_int_mm`` slows down sharply on
+    such wide operands: on the project machine (AMX, 2 threads, quiet) 1024 tokens x 576 x 49152 took 114 ms in
+    one call and 29 ms as 4096-wide blocks (16384-wide: 115 ms; 1024-wide: 33 ms), 1024 x 640 x 262144 601 ms
+    and 171 ms (fp32 ``F.linear``: 242 ms and 1622 ms). The integers are the same either way.
+    """
+    n = b.shape[0]
+    if packed is not None and dispatcher.choose_linear(a.shape[0], a.shape[1], n, a.device) == "onednn":
+        return rescale(onednn_linear_mm(a, packed(), n), s, ws, bias)
+    if n <= N_BLOCK:
+        return rescale(int_mm(a, b), s, ws, bias)
+    y = torch.empty(a.shape[0], n, dtype=torch.float32, device=a.device)
+    for n0 in range(0, n, N_BLOCK):
+        n1 = min(n, n0 + N_BLOCK)
+        rescale(int_mm(a, b[n0:n1]), s, ws[n0:n1], None if bias is None else bias[n0:n1], out=y[:, n0:n1])
+    return y

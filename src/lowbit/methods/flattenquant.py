@@ -41,7 +41,7 @@ import torch
 from ..calib.engine import GroupStats
 from ..errors import ConfigError
 from ..models.arch import get_module
-from ..nn.w8a8 import act_codes, act_spec, check_act_format, from_quantized_weight, quantize_weight_pc
+from ..nn.w8a8 import act_codes, act_head_step, act_spec, check_act_format, from_quantized_weight, quantize_weight_pc
 from .registry import get_method, register_method
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class FlattenQuantConfig:
     fq_weight_method: str = "gptq"   # base weight quantizer: gptq | rtn
     fq_int4_budget: float = 0.0      # W4A4 where its relative output error <= this; 0 = W8A8 everywhere
     w_per_tensor: bool = False       # one weight scale per tensor (rtn only)
+    int8_head: bool = False          # the LM head W8A8 too (int8 per channel, per-token int8 activations)
 
 
 @dataclass
@@ -165,7 +166,8 @@ def _rel_error(mod, weight: torch.Tensor, x: torch.Tensor) -> float:
 _NEEDS = {"act_absmax", "hessian", "inputs"}
 
 
-@register_method("flattenquant", config=FlattenQuantConfig, needs=_NEEDS, prepare_block=_fq_prepare)
+@register_method("flattenquant", config=FlattenQuantConfig, needs=_NEEDS, prepare_block=_fq_prepare,
+                 finish_model=act_head_step)
 def flattenquant(weight, stats, fmt, cfg: FlattenQuantConfig):
     """FlattenQuant: outlier channels flattened, per-tensor static INT8/INT4 activations, GPTQ weights."""
     if cfg.fq_int4_budget > 0:

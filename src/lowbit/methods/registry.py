@@ -37,6 +37,9 @@ class Method:
     #: optional cfg -> the statistics the layer-wise pass needs under that config (default: ``needs``); an
     #: empty set quantizes the blocks data-free after ``prepare_model`` (SmoothQuant+ with RTN)
     layer_needs: Callable | None = None
+    #: optional whole-model step after every block is quantized, before the embedding and head formats apply
+    #: (the W8A8 family's int8 LM head): (model, ArchSpec, fmt, cfg) -> None, swaps modules in place
+    finish_model: Callable | None = None
 
     def stats_needed(self, cfg) -> frozenset:
         """What the engine collects per block for ``cfg``."""
@@ -49,13 +52,13 @@ _METHODS: dict[str, Method] = {}
 def register_method(name: str, config: type, needs: set[str] | frozenset = frozenset(),
                     prepare_block: Callable | None = None, finish_block: Callable | None = None,
                     uses_format: bool = True, prepare_model: Callable | None = None,
-                    layer_needs: Callable | None = None):
+                    layer_needs: Callable | None = None, finish_model: Callable | None = None):
     """Decorator registering ``fn(weight, stats, fmt, cfg) -> QuantizedWeight``.
 
     ``needs``: statistics the engine collects for the method: ``hessian``,
     ``act_absmean``, ``act_absmax``, ``act_sqmean`` (per-channel mean of x²),
     ``inputs`` (the group inputs themselves), ``block_outputs`` (the float block's outputs, passed to ``finish_block``).
-    Empty = data-free (no calibration pass at all). ``prepare_model`` and ``layer_needs``: see :class:`Method`
+    Empty = data-free (no calibration pass at all). ``prepare_model``, ``layer_needs``, ``finish_model``: see :class:`Method`
     (a method with ``prepare_model`` declares in ``needs`` everything it may use, so it is given calibration data).
     ``uses_format``: False for methods with their own number format (VQ), whose
     recipe tags then leave the scalar format out.
@@ -64,7 +67,7 @@ def register_method(name: str, config: type, needs: set[str] | frozenset = froze
     def deco(fn):
         doc = (fn.__doc__ or "").strip().split("\n")[0]
         _METHODS[name] = Method(name, config, fn, frozenset(needs), doc, prepare_block, finish_block, uses_format,
-                                prepare_model, layer_needs)
+                                prepare_model, layer_needs, finish_model)
         return fn
 
     return deco

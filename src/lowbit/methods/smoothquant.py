@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 
 from ..calib.fold import smooth_block
-from ..nn.w8a8 import act_spec, check_act_format, from_quantized_weight, quantize_weight_pc
+from ..nn.w8a8 import act_head_step, act_spec, check_act_format, from_quantized_weight, quantize_weight_pc
 from .registry import register_method
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,14 @@ class SmoothQuantConfig:
     act_bits: int = 8              # activation bits (8 or 4), symmetric
     sq_act_dynamic: bool = False   # per-token dynamic activation scales instead of one static per-tensor scale
     w_per_tensor: bool = False     # one weight scale per tensor instead of per output channel
+    int8_head: bool = False        # the LM head W8A8 too (int8 per channel, per-token int8 activations)
 
 
 @dataclass(frozen=True)
 class W8A8Config:
     act_bits: int = 8              # activation bits (8 or 4), symmetric, per-token dynamic
     w_per_tensor: bool = False     # one weight scale per tensor instead of per output channel
+    int8_head: bool = False        # the LM head W8A8 too (int8 per channel, per-token int8 activations)
 
 
 def _sq_prepare(data, arch, stats, fmt, cfg: SmoothQuantConfig) -> None:
@@ -50,7 +52,8 @@ def _sq_prepare(data, arch, stats, fmt, cfg: SmoothQuantConfig) -> None:
     smooth_block(data.block, arch, stats, cfg.sq_alpha)
 
 
-@register_method("smoothquant", config=SmoothQuantConfig, needs={"act_absmax"}, prepare_block=_sq_prepare)
+@register_method("smoothquant", config=SmoothQuantConfig, needs={"act_absmax"}, prepare_block=_sq_prepare,
+                 finish_model=act_head_step)
 def smoothquant(weight, stats, fmt, cfg: SmoothQuantConfig):
     """SmoothQuant W8A8: outlier migration into weights, static per-tensor (or per-token) INT8 activations."""
     out_f, in_f = weight.shape
@@ -61,7 +64,7 @@ def smoothquant(weight, stats, fmt, cfg: SmoothQuantConfig):
     return from_quantized_weight(quantize_weight_pc(weight, fmt, cfg.w_per_tensor), spec, act_scale)
 
 
-@register_method("w8a8", config=W8A8Config)
+@register_method("w8a8", config=W8A8Config, finish_model=act_head_step)
 def w8a8(weight, stats, fmt, cfg: W8A8Config):
     """Plain W8A8: per-channel int weights, per-token dynamic int activations, no calibration."""
     check_act_format(fmt, "w8a8")

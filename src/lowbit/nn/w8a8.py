@@ -8,10 +8,15 @@
     acc = qa @ qw^T                                 INT8 x INT8 -> INT32, exact
     y  = acc * (s * w_scale) + b
 
-The first three lines are :func:`quantize_activations`: one gather (``index_select``, which also pads K)
-into a fresh buffer, then in-place multiply, divide, round, clamp and one cast to int8; no loop over
-channels. The GEMM is :func:`lowbit.kernels.intmm.int_mm` (its backend chosen per shape), reading the
-stored ``(out, Kp)`` int8 codes in place: the module keeps no float copy of its weight.
+The integer path: :func:`lowbit.kernels.intmm.act_quant` (per row: the flattening gather of flattened layers,
+max, divide, round half to even, clamp, int8 and the zero padding to ``Kp``, in one pass on an AVX-512 CPU), the GEMM :func:`lowbit.kernels.intmm.int_mm` (its backend
+chosen per shape, reading the stored ``(out, Kp)`` int8 codes in place: the module keeps no float copy of its
+weight) and :func:`lowbit.kernels.intmm.rescale` (``acc * (s outer w_scale) + b`` in one pass, written into the
+int32 result's own storage), both in :func:`lowbit.kernels.intmm.int_linear` (column blocks for a wide head).
+Each of the two float steps equals its plain-torch reference bit for bit. The simulated path's codes come from
+:func:`quantize_activations` (the same codes, as float).
+
+:func:`act_head` makes the LM head such a layer too (W8A8, per-token dynamic), the W8A8 methods' ``int8_head``.
 
 Weights are symmetric per output channel (lowbit's ``IntFormat(bits, -1,
 sym=True)``), stored as signed codes ``qw`` in ``[-2**(b-1), 2**(b-1))``:
@@ -37,11 +42,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..formats import QuantizedWeight, quantize_rtn
+from ..formats import IntFormat, QuantizedWeight, quantize_rtn
 from .codecs import register_codec
 from .qlinear import _PackedWeight
 
-__all__ = ["QuantizedActLinear", "act_codes", "act_linear_summary", "act_spec", "check_act_format", "from_quantized_weight", "pack_int4", "padded_k", "quantize_activations", "quantize_weight_pc", "unpack_int4"]
+__all__ = ["QuantizedActLinear", "act_codes", "act_head", "act_head_step", "act_linear_summary", "act_spec", "check_act_format", "from_quantized_weight", "pack_int4", "padded_k", "quantize_activations", "quantize_weight_pc", "unpack_int4"]
 
 
 def padded_k(k: int) -> int:
@@ -148,6 +153,7 @@ class QuantizedActLinear(_PackedWeight):
         self.mode = "int"
         self._gather: tuple[torch.Tensor, torch.Tensor] | None = None
         self._w8: torch.Tensor | None = None   # 4-bit weights: the unpacked int8 operand, made once
+        self._packed = None                     # the int8 operand in oneDNN's layout, where that path is chosen
 
     # ------------------------------------------------------------ views
 
@@ -179,17 +185,33 @@ class QuantizedActLinear(_PackedWeight):
             g = self._gather = (idx, inv_k)
         return g
 
+    def _onednn_weight(self, m: int):
+        """The int8 weight in oneDNN's blocked layout (made on first use, kept, not saved: a second int8 copy)."""
+        p = self._packed
+        if p is None:
+            from ..kernels.intmm import onednn_prepack
+
+            p = self._packed = onednn_prepack(self.int_weight(), m)
+        return p
+
     def _drop_caches(self) -> None:
         super()._drop_caches()
         self._gather = None
         self._w8 = None
+        self._packed = None
 
     # ------------------------------------------------------------ compute
 
     def _quantize(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.reshape(-1, x.shape[-1]).float()
-        g = self._gather_map(x.device)
         scale = None if self.spec["dynamic"] else self.act_scale.float()
+        if dtype == torch.int8:
+            # the GEMM operand: the flattening gather (if any), then codes and zero padding in one pass per row
+            from ..kernels.intmm import act_quant
+
+            g = self._gather_map(x.device) if self.spec["flatten"] else None   # padding alone needs no gather
+            return act_quant(x, padded_k(self.spec["flat_features"]), self.spec["a_bits"], scale, *(g or (None, None)))
+        g = self._gather_map(x.device)
         return quantize_activations(x, self.spec["a_bits"], scale, *(g or (None, None)), dtype=dtype)
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,15 +227,19 @@ class QuantizedActLinear(_PackedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        bias = None if self.bias is None else self.bias.float()
         if self.mode == "int":
-            acc, s = self.int_accumulate(x)
-            y = acc.float().mul_(s * self.w_scale.float())
+            from ..kernels.intmm import int_linear
+
+            qa, s = self._quantize(x, torch.int8)
+            y = int_linear(qa, self.int_weight(), s, self.w_scale.float(), bias,   # exact GEMM, one-pass rescale
+                           packed=lambda: self._onednn_weight(qa.shape[0]))
         else:
             qa, s = self.quantize_input(x)
             w = self.int_weight().float() * self.w_scale.float()[:, None]    # (out, Kp)
             y = (qa * s) @ w.T
-        if self.bias is not None:
-            y = y.add_(self.bias.float())
+            if bias is not None:
+                y = y.add_(bias)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -246,6 +272,35 @@ def from_quantized_weight(qw, spec: dict, act_scale: float | None = None, flat_i
         m.flat_idx = flat_idx.to(torch.int32).clone()
         m.flat_k = flat_k.to(torch.int16).clone()
     return m
+
+
+def act_head(model: nn.Module, arch) -> QuantizedActLinear:
+    """Swap ``model``'s LM head (``arch.head``) for a W8A8 :class:`QuantizedActLinear`: symmetric int8 per output
+    channel (RTN), per-token dynamic int8 activations; returns it.
+
+    A head tied to the embedding is untied first: the embedding keeps its float weight (the lookup reads it)
+    and the head holds its own int8 copy, so the checkpoint stores both (bpw and memory count both) and its
+    config says ``tie_word_embeddings: false``.
+    """
+    from ..models.arch import get_module, set_module, untie_word_embeddings
+
+    head = get_module(model, arch.head)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"int8 head: {arch.head} is a {type(head).__name__}, not a float linear")
+    w = head.weight.detach()
+    m = from_quantized_weight(quantize_rtn(w, IntFormat(8, -1, sym=True)), act_spec(w.shape[1], w.shape[0], 8, 8,
+                                                                                     dynamic=True))
+    if head.bias is not None:
+        m.bias = nn.Parameter(head.bias.detach().float().clone(), requires_grad=False)
+    set_module(model, arch.head, m.to(w.device))
+    untie_word_embeddings(model)   # after the swap, so nothing copies the embedding: only the config says untied
+    return m
+
+
+def act_head_step(model: nn.Module, arch, fmt, cfg) -> None:
+    """The W8A8 methods' ``finish_model`` step: :func:`act_head` when their config's ``int8_head`` is set."""
+    if cfg.int8_head:
+        act_head(model, arch)
 
 
 def check_act_format(fmt, method: str) -> None:
