@@ -86,11 +86,19 @@ class GroupStats:
     absmax: torch.Tensor | None = None    # (in,)
     sqmean: torch.Tensor | None = None    # (in,) mean of x^2 per channel
     n: int = 0
+    #: weight of each window's first position in the Hessian (its rows count this many times; 1 = plain XᵀX).
+    #: A method's config asks for it with a ``first_position_weight`` field (GPTQ: the attention-sink position)
+    first_weight: float = 1.0
     inputs: list[torch.Tensor] = field(default_factory=list)  # kept only when a method asks ("inputs")
     #: what a method's ``prepare_block`` derives per group for its ``quantize_linear``, which gets this object
     extra: dict = field(default_factory=dict)
 
     def add(self, x: torch.Tensor, needs: frozenset) -> None:
+        xh = None
+        if "hessian" in needs and self.first_weight != 1.0 and x.dim() == 3:
+            xh = x.detach().float().clone()
+            xh[:, 0] *= self.first_weight ** 0.5
+            xh = xh.reshape(-1, x.shape[-1])
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if not torch.isfinite(x).all():
             raise CalibrationError(
@@ -100,7 +108,7 @@ class GroupStats:
         m = x.shape[0]
         tot = self.n + m
         if "hessian" in needs:
-            h = x.T @ x
+            h = x.T @ x if xh is None else xh.T @ xh
             self.hessian = h * (2.0 / tot) if self.hessian is None else self.hessian * (self.n / tot) + h * (2.0 / tot)
         if "act_absmean" in needs or "act_absmax" in needs:
             a = x.abs()
@@ -222,12 +230,14 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, groups: tuple[InputGroup, ...], inputs, kwargs, needs: frozenset,
-                  device, offload, outputs: list | None = None) -> dict[InputGroup, GroupStats]:
+                  device, offload, outputs: list | None = None, first_weight: float = 1.0
+                  ) -> dict[InputGroup, GroupStats]:
     """One pass of ``block`` over the inputs with hooks on each group's first linear.
 
-    ``outputs``: if a list, the block's outputs of this pass are appended to it.
+    ``outputs``: if a list, the block's outputs of this pass are appended to it. ``first_weight``: see
+    :attr:`GroupStats.first_weight`.
     """
-    stats = {g: GroupStats() for g in groups}
+    stats = {g: GroupStats(first_weight=first_weight) for g in groups}
     handles = []
     for g in groups:
         lin = get_module(block, g.linears[0])
@@ -440,7 +450,8 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
         kwargs = _to(block_kwargs[i], device)
         data = BlockData(block, i, inputs, kwargs, device)
         float_outputs = [] if "block_outputs" in needs else None
-        stats = collect_stats(block, arch.groups, inputs, kwargs, needs, device, offload, float_outputs)
+        stats = collect_stats(block, arch.groups, inputs, kwargs, needs, device, offload, float_outputs,
+                              getattr(cfg, "first_position_weight", 1.0))
         if method.prepare_block is not None:
             method.prepare_block(data, arch, stats, fmt, cfg)
         floats = {n: get_module(block, n).weight.detach().clone() for g in arch.groups for n in g.linears} if tune \
