@@ -88,3 +88,54 @@ def test_gptq_beats_rtn_with_every_format(fmt_name, bits, sym):
     q = gptq_quantize(W, H, fmt, block_size=32)
     r = quantize_rtn(W, fmt)
     assert _out_err(X, W, q.dequantize()) < 0.9 * _out_err(X, W, r.dequantize())
+
+
+@pytest.mark.parametrize("gs,sym", [(32, True), (24, False)])
+def test_scale_search_with_a_diagonal_hessian_is_the_weighted_search(gs, sym):
+    """With a diagonal H nothing feeds back between columns, so GPTQ with --gptq-scale-search must equal the
+    diag(H)-weighted int scale search on the original weights (codes and parameters), ragged last group included."""
+    from lowbit.formats.scale_search import search_int_scales
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 70, generator=g)
+    d = torch.rand(70, generator=g) * 4 + 0.1
+    fmt = IntFormat(bits=4, group_size=gs, sym=sym)
+    got = gptq_quantize(w, torch.diag(d), fmt, damp=0.0, scale_search=True)
+    ref = search_int_scales(w, fmt, d)
+    assert torch.equal(got.codes, ref.codes)
+    assert got.params.keys() == ref.params.keys()
+    for k in ref.params:
+        assert torch.equal(got.params[k], ref.params[k]), k
+
+
+def test_scale_search_refusals():
+    from lowbit.errors import ConfigError
+    from lowbit.formats import make_format
+    from lowbit.methods.gptq import GPTQConfig
+
+    with pytest.raises(ConfigError, match="--format int"):
+        gptq_quantize(torch.randn(4, 32), torch.eye(32), make_format({"format": "nf", "bits": 4, "group_size": 32}),
+                      scale_search=True)
+    with pytest.raises(ConfigError, match="pick one"):
+        GPTQConfig(clip=True, gptq_scale_search=True)
+    with pytest.raises(ConfigError, match=">= 0"):
+        GPTQConfig(first_position_weight=-1.0)
+
+
+def test_first_position_weight_in_the_hessian():
+    """GroupStats(first_weight=w) accumulates H as if each window's first row were sqrt(w) times larger; the
+    other statistics are unchanged."""
+    from lowbit.calib.engine import GroupStats
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    needs = frozenset({"hessian", "act_sqmean"})
+    st, plain = GroupStats(first_weight=9.0), GroupStats()
+    for x in xs:
+        st.add(x, needs)
+        plain.add(x, needs)
+    ref = torch.cat([x.clone() for x in xs])
+    ref[:, 0] *= 3.0
+    ref = ref.reshape(-1, 8)
+    torch.testing.assert_close(st.hessian, 2 * ref.T @ ref / ref.shape[0])
+    assert torch.equal(st.sqmean, plain.sqmean)
