@@ -115,7 +115,8 @@ def main() -> None:
                            + " F32 Q4_0")
         ckpts = {f"lowbit {key.upper()} int4 sym g32 -> Q4_0": (a.work / f"{model_name}-lowbit-{key}", LOWBIT[key])
                  for key in a.lowbit}
-        ckpts.update({f"lowbit {name} -> Q4_0": (Path(path), None) for name, path in (c.split("=", 1) for c in a.ckpt)})
+        ckpts.update({f"{name if name.startswith('lowbit ') else 'lowbit ' + name} -> Q4_0": (Path(path), None)
+                      for name, path in (c.split("=", 1) for c in a.ckpt)})
         for name, (ckpt, flags) in ckpts.items():
             if not (ckpt / "lowbit.json").is_file():
                 if flags is None:
