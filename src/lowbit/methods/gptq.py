@@ -71,17 +71,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: Format, damp
             g0 = g - g % span
             wg = current(torch.arange(g0 * lay.group_size, min((g0 + span) * lay.group_size, cols), device=W.device))
             k = -(-wg.shape[1] // lay.group_size) if span > 1 else 1
-            if imp is not None:
+            if imp is not None:   # span 1: the one group, searched with its columns' diag(H) as importance
                 cols_g = slice(g * lay.group_size, g * lay.group_size + wg.shape[1])
                 p = search_int_scales(wg, replace(fmt, group_size=wg.shape[1]), imp[cols_g]).params
-                group_params[g] = {name: v[:, :1] for name, v in p.items()}
-                q = fmt.quantize(w, group_params[g])
-                codes[:, c] = q[:, 0]
-                return fmt.dequantize(q, group_params[g])
-            wg = wg.view(rows, k, -1)  # (rows, groups fitted together, group columns)
-            gp = fit_groups(fmt, wg, torch.ones(k, wg.shape[-1], dtype=torch.bool, device=W.device), clip_grid)
-            for j in range(k):
-                group_params[g0 + j] = {name: v[:, j] for name, v in gp.items()}  # (rows, 1)
+                group_params[g] = {name: v[:, :1] for name, v in p.items()}   # (rows, 1)
+            else:
+                wg = wg.view(rows, k, -1)  # (rows, groups fitted together, group columns)
+                gp = fit_groups(fmt, wg, torch.ones(k, wg.shape[-1], dtype=torch.bool, device=W.device), clip_grid)
+                for j in range(k):
+                    group_params[g0 + j] = {name: v[:, j] for name, v in gp.items()}  # (rows, 1)
         q = fmt.quantize(w, group_params[g])
         codes[:, c] = q[:, 0]
         return fmt.dequantize(q, group_params[g])
