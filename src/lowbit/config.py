@@ -26,7 +26,7 @@ def from_dict(cls, d: dict | None):
 class FormatConfig:
     """Number format of the quantized weights."""
 
-    format: str = "int"       # int | fp | nf (asymmetric = two scales for fp/nf) | a K-quant: q2_k q3_k q4_k q5_k q6_k | a block format: mxfp4 mxfp6_e2m3 mxfp6_e3m2 mxfp8_e4m3 mxfp8_e5m2 mxint8 nvfp4
+    format: str = "int"       # int | fp | nf (asymmetric = two scales for fp/nf) | a K-quant: q2_k q3_k q4_k q5_k q6_k | a block format: mxfp4 mxfp6_e2m3 mxfp6_e3m2 mxfp8_e4m3 mxfp8_e5m2 mxint8 nvfp4 | e8p (lattice, --sym, bits 2-4)
     bits: int = 4             # bits per weight code
     group_size: int = 128     # columns per group; -1 = one group per output channel
     sym: bool = False         # symmetric (one scale) instead of asymmetric
@@ -260,7 +260,7 @@ def format_fields(given: dict) -> dict:
     return ref
 
 
-_TAG = re.compile(r"^(?P<fmt>[a-z]+?)(?P<bits>\d+)(?P<sym>-sym)?(?:-(?:g(?P<g>\d+)|(?P<pc>pc)))?$")
+_TAG = re.compile(r"^(?P<fmt>[a-z][a-z0-9]*?)(?P<bits>\d+)(?P<sym>-sym)?(?:-(?:g(?P<g>\d+)|(?P<pc>pc)))?$")
 
 
 def parse_format_tag(tag: str, default_group: int = -1) -> FormatConfig:
