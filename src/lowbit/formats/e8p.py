@@ -121,35 +121,28 @@ def e8p_nearest(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     w = torch.ones_like(x) if w is None else w.float().expand_as(x)
     a, a2, par = _tables(x.device)
     out = torch.empty(n, dtype=torch.long, device=x.device)
-    bit = torch.arange(7, device=x.device)
+    bit8 = torch.arange(8, device=x.device)
+    shift = torch.tensor([0.25, -0.25], device=x.device).view(2, 1, 1)
     for s in range(0, n, _CHUNK):
         xs, ws = x[s : s + _CHUNK], w[s : s + _CHUNK]
-        best_cost, best_code = None, None
-        for sh, d in ((0, 0.25), (1, -0.25)):
-            y = xs - d
-            u = y.abs()
-            neg = y < 0                                                  # (c, 8)
-            wu = ws * u
-            # sum_i w (u - a)^2 = sum w u^2 - 2 (w u).a + w.a^2, every pattern at once: (c, 256)
-            cost = (ws * u * u).sum(1, keepdim=True) - 2 * wu @ a.T + ws @ a2.T
-            flip_cost = 4 * wu.unsqueeze(1) * a.unsqueeze(0)              # (c, 256, 8): cost of flipping coord i
-            fmin, fidx = flip_cost.min(-1)
-            wrong = (neg.sum(1, keepdim=True) & 1) != par.unsqueeze(0)    # (c, 256): sign parity needs a flip
-            cost = cost + torch.where(wrong, fmin, torch.zeros_like(fmin))
-            c, k = cost.min(1)                                           # (c,)
-            negk = neg.clone()
-            flip = wrong.gather(1, k[:, None])[:, 0]
-            fi = fidx.gather(1, k[:, None])[:, 0]
-            rows = flip.nonzero().flatten()
-            negk[rows, fi[rows]] = ~negk[rows, fi[rows]]
-            code = k | ((negk[:, :7].long() << (8 + bit)).sum(1)) | (sh << 15)
-            if best_cost is None:
-                best_cost, best_code = c, code
-            else:
-                better = c < best_cost
-                best_cost = torch.where(better, c, best_cost)
-                best_code = torch.where(better, code, best_code)
-        out[s : s + _CHUNK] = best_code
+        m = xs.shape[0]
+        y = (xs.unsqueeze(0) - shift).reshape(2 * m, 8)                # both shifts at once: (2m, 8)
+        ws2 = ws.repeat(2, 1)
+        u = y.abs()
+        neg = y < 0
+        wu = ws2 * u
+        # sum_i w (u - a)^2 = sum w u^2 - 2 (w u).a + w.a^2, every pattern at once: (2m, 256)
+        cost = (wu * u).sum(1, keepdim=True) - 2 * wu @ a.T + ws2 @ a2.T
+        fmin, fidx = (wu.unsqueeze(1) * a.unsqueeze(0)).min(-1)           # cheapest coordinate to flip, / 4
+        wrong = (neg.sum(1, keepdim=True) & 1) != par.unsqueeze(0)        # sign parity needs a flip
+        cost = torch.where(wrong, cost + 4 * fmin, cost)
+        c, k = cost.min(1)                                               # (2m,)
+        fi = fidx.gather(1, k[:, None])[:, 0]
+        flip = wrong.gather(1, k[:, None])[:, 0]
+        neg = neg ^ (flip.unsqueeze(1) & (bit8 == fi.unsqueeze(1)))
+        code = k | (neg[:, :7].long() << (8 + bit8[:7])).sum(1)
+        second = c[m:] < c[:m]                                           # ties keep the +1/4 shift
+        out[s : s + m] = torch.where(second, code[m:] | (1 << 15), code[:m])
     return out
 
 
