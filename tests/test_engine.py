@@ -184,3 +184,49 @@ def test_clear_resume_dir_deletes_only_finished_blocks(tmp_path, caplog):
     assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
     assert "holds files that are not finished blocks" in caplog.text
     clear_resume_dir(tmp_path / "never-made")   # nothing to do
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stats_pass_stopped_early_gives_the_same_statistics(arch):
+    """Without outputs to keep, a batch stops once the last group has its input: every statistic is unchanged."""
+    m = tiny_model(arch)
+    spec = arch_for(m)
+    cpu = torch.device("cpu")
+    inputs, kwargs = capture_inputs(m, spec, _calib(4), batch_size=2, offload=cpu)
+    block = m.get_submodule(spec.blocks)[0]
+    needs = frozenset({"hessian", "act_absmean", "act_sqmean", "inputs"})
+    full = collect_stats(block, spec.groups, inputs, kwargs[0], needs, cpu, cpu, outputs=[])
+    early = collect_stats(block, spec.groups, inputs, kwargs[0], needs, cpu, cpu)
+    for g in spec.groups:
+        a, b = full[g], early[g]
+        assert a.n == b.n > 0
+        for name in ("hessian", "absmean", "absmax", "sqmean"):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+        assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs))
+
+
+def test_profile_records_every_stage_and_the_gemm_rate(tmp_path):
+    from lowbit.calib.profile import Profile
+
+    m = tiny_model("llama")
+    prof = Profile()
+    summary = lowbit.quantize(m, QuantRecipe(method="gptq", fmt=FormatConfig(bits=4, group_size=32)),
+                              calib_ids=_calib(8, 32), progress=False, resume_dir=tmp_path / "r", profile=prof)
+    stages = prof.totals()
+    assert {"capture", "forward", "stats", "solver", "packing", "resume_save", "copies"} <= set(stages)
+    assert stages["forward"]["gflop"] > 0 and stages["stats"]["gflop"] > 0 and stages["solver"]["gflop"] > 0
+    blocks = {r["block"] for r in prof.to_dict()["blocks"]}
+    assert blocks == {-1, 0, 1}
+    assert prof.gemm["gflop_per_s_median"] > 0 and summary["profile"]["floor_s"] > 0
+    js, md = prof.write(tmp_path / "p.json")
+    assert js.exists() and "| forward |" in md.read_text()
+
+
+def test_token_sample_and_first_tokens_are_the_rows_of_the_concatenation():
+    from lowbit.calib.engine import GroupStats
+
+    st = GroupStats(inputs=[torch.randn(n, 3) for n in (5, 7, 1, 9, 4)])
+    x = torch.cat(st.inputs)
+    for n in (1, 3, 4, 7, 26, 100):
+        assert torch.equal(st.token_sample(n), x[:: max(1, x.shape[0] // n)][:n])
+        assert torch.equal(st.first_tokens(n), x[:n])

@@ -38,3 +38,19 @@ def test_bad_inputs():
         plane_widths(17)
     with pytest.raises(ValueError, match="flat uint8"):
         unpack(torch.zeros(3, dtype=torch.uint8), 4, 100)
+
+
+def test_pack_planes_equal_the_shift_and_sum_layout():
+    """The bytes are those of the documented layout, written as the sum of shifted codes (the first implementation)."""
+    g = torch.Generator().manual_seed(0)
+    for bits in range(1, 17):
+        for n in (1, 7, 1001):
+            codes = torch.randint(0, 1 << bits, (n,), generator=g)
+            planes, shift = [], 0
+            for w in plane_widths(bits):
+                per = 8 // w
+                v = (codes >> shift) & ((1 << w) - 1)
+                v = torch.cat([v, v.new_zeros((-n) % per)]).view(-1, per)
+                planes.append((v << (torch.arange(per) * w)).sum(1).to(torch.uint8))
+                shift += w
+            assert torch.equal(pack(codes, bits), torch.cat(planes))

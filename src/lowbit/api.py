@@ -48,14 +48,15 @@ def save(model, path, tokenizer=None, **extra) -> Path:
 
 
 def quantize(model, recipe: QuantRecipe | None = None, calib_ids: torch.Tensor | None = None, progress: bool = True,
-             resume_dir=None, device=None) -> dict:
+             resume_dir=None, device=None, profile=None) -> dict:
     """Quantize ``model`` in place with ``recipe`` (default: RTN int4 g128).
 
-    Calibrated methods need ``calib_ids`` (see :func:`lowbit.data.calib.sample_windows`).
+    Calibrated methods need ``calib_ids`` (see :func:`lowbit.data.calib.sample_windows`). ``profile``: a
+    :class:`lowbit.calib.profile.Profile` to record seconds and FLOPs per block and stage in.
     """
     if getattr(model, "lowbit_n_params", None) is None:
         model.lowbit_n_params = count_params(model)
-    return quantize_model(model, recipe or QuantRecipe(), calib_ids, progress, resume_dir, device)
+    return quantize_model(model, recipe or QuantRecipe(), calib_ids, progress, resume_dir, device, profile)
 
 
 
@@ -99,13 +100,14 @@ def check_inputs(ev: EvalConfig | None = None, recipe: QuantRecipe | None = None
 
 
 def quantize_named(name: str, recipe: QuantRecipe, *, device="auto", out=None, resume: bool = False,
-                   ev: EvalConfig | None = None, progress: bool = True):
+                   ev: EvalConfig | None = None, progress: bool = True, profile=None):
     """Load ``name`` (zoo name, HF folder, GGUF file or hub id), quantize it with ``recipe`` and, with ``out``,
     save the checkpoint there; returns ``(model, tokenizer, summary)``.
 
     Inputs are checked before the model loads (``ev``: the evaluation that follows, so its corpora and window
     length are checked too). With ``out``, finished blocks are checkpointed in ``OUT.resume/`` and ``resume``
-    continues from them; the folder is removed once the checkpoint is saved.
+    continues from them; the folder is removed once the checkpoint is saved. ``profile``: a path; the seconds and
+    FLOPs of every block and stage are written there (JSON) and beside it as a markdown table (``.md``).
     """
     from .calib.engine import clear_resume_dir
     from .models.arch import check_seqlen
@@ -121,8 +123,15 @@ def quantize_named(name: str, recipe: QuantRecipe, *, device="auto", out=None, r
         clear_resume_dir(resume_dir)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    prof = None
+    if profile is not None:
+        from .calib.profile import Profile
+
+        prof = Profile()
     summary = quantize(model, recipe, calibration_windows(recipe, tok, model), progress=progress,
-                       resume_dir=resume_dir, device=device)
+                       resume_dir=resume_dir, device=device, profile=prof)
+    if prof is not None:
+        prof.write(profile)
     if out:
         save(model, out, tok, source_model=name)
         clear_resume_dir(resume_dir)
@@ -154,14 +163,16 @@ def evaluate(name: str, ev: EvalConfig, *, model_name: str | None = None, device
 
 
 def run(name: str, recipe: QuantRecipe | None, ev: EvalConfig, *, model_name: str | None = None,
-        device="auto", out=None, resume: bool = False, progress: bool = True, verify: bool = True) -> dict:
+        device="auto", out=None, resume: bool = False, progress: bool = True, verify: bool = True,
+        profile=None) -> dict:
     """Quantize ``name`` with ``recipe`` in memory (None: the float reference, method ``fp32``), evaluate it as
-    ``ev`` asks and return the results record (``lowbit run``; nothing is written but ``out``'s checkpoint)."""
+    ``ev`` asks and return the results record (``lowbit run``; nothing is written but ``out``'s checkpoint and
+    ``profile``'s tables, see :func:`quantize_named`)."""
     if recipe is None:
         return evaluate(name, ev, model_name=model_name or Path(str(name)).name, device=device, progress=progress,
                         verify=verify)
     model, tok, summary = quantize_named(name, recipe, device=device, out=out, resume=resume, ev=ev,
-                                         progress=progress)
+                                         progress=progress, profile=profile)
     return evaluate_record(model, tok, ev, model_name=model_name or Path(str(name)).name, method=recipe.method,
                            tag=recipe.tag(), config=recipe.to_dict(), summary=summary, device=device,
                            progress=progress)

@@ -156,12 +156,14 @@ def check_finite_weights(model: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tensor | None = None,
-                   progress: bool = True, resume_dir=None, device=None) -> dict:
+                   progress: bool = True, resume_dir=None, device=None, profile=None) -> dict:
     """Quantize ``model``'s decoder-block linears (and optionally embedding/head) in place.
 
     ``calib_ids``: ``(n, seqlen)`` token windows for calibrated methods.
     ``resume_dir``: checkpoint finished blocks there and continue from them (calibrated methods).
     ``device``: compute device for calibration (default: the model's).
+    ``profile``: a :class:`lowbit.calib.profile.Profile` the layer-wise engine records its stages in; the fp32 GEMM
+    rate of the machine is measured into it after quantizing (the stage totals go in the summary too).
     Returns a summary: quantization time, peak memory, recipe (with a size budget, the recipe with its plan in
     ``layers``, and the plan's totals as ``mix_plan``).
     A model with a NaN or Inf weight is refused (:func:`check_finite_weights`).
@@ -201,7 +203,7 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         from .calib.engine import run_layerwise
 
         tuned = run_layerwise(model, arch, method, fmt, mcfg, calib_ids, progress=progress, resume_dir=resume_dir,
-                              device=device, layer_fmts=layer_fmts, block_tune=tune)
+                              device=device, layer_fmts=layer_fmts, block_tune=tune, profile=profile)
     else:
         from .calib.engine import quantize_block
 
@@ -224,10 +226,28 @@ def quantize_model(model: nn.Module, recipe: QuantRecipe, calib_ids: torch.Tenso
         summary["method_result"] = method_result
     if plan is not None:
         summary["mix_plan"] = plan
+    if profile is not None:
+        _finish_profile(profile, model, arch, recipe, calib_ids)
+        summary["profile"] = profile.to_dict()["total"]
     if tune is not None:
         summary["block_tune"] = tuned   # per block: output MSE before and after tuning, and which result it kept
     model.lowbit_summary = summary
     return summary
+
+
+def _finish_profile(profile, model: nn.Module, arch: ArchSpec, recipe: QuantRecipe, calib_ids) -> None:
+    """What ran, and the fp32 GEMM rate at the shape of the engine's largest product (one batch of 8 windows times
+    the widest block linear), measured now with the same threads."""
+    from .calib.profile import gemm_rate
+
+    block = get_module(model, arch.blocks)[0]
+    ins = {n: get_module(block, n).in_features for n in arch.linears}
+    outs = {n: get_module(block, n).out_features for n in arch.linears}
+    widest = max(arch.linears, key=lambda n: ins[n] * outs[n])
+    rows = (min(8, calib_ids.shape[0]) * calib_ids.shape[1]) if calib_ids is not None else 4096
+    profile.meta.update({"method": recipe.method, "tag": recipe.tag(), "threads": torch.get_num_threads(),
+                         "calib": list(calib_ids.shape) if calib_ids is not None else None})
+    profile.gemm = gemm_rate(rows, ins[widest], outs[widest])
 
 
 def check_block_tune(recipe: QuantRecipe) -> None:

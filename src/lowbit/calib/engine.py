@@ -62,11 +62,12 @@ from ..models.arch import ArchSpec, InputGroup, get_module, set_module
 from ..nn import to_module
 from ..nn.registry import build_module, module_entries
 from ..utils import atomic_dir
+from .profile import Profile, block_flops, feedback_flops, hessian_flops
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BlockData", "GroupStats", "run_layerwise", "capture_inputs", "run_block", "quantize_block",
-           "CalibrationError", "clear_resume_dir", "model_fingerprint", "float_block_stats"]
+           "CalibrationError", "clear_resume_dir", "model_fingerprint", "float_block_stats", "Profile"]
 
 
 class CalibrationError(LowbitError):
@@ -124,9 +125,25 @@ class GroupStats:
         self.n = tot
 
     def token_sample(self, n: int) -> torch.Tensor:
-        """At most ``n`` recorded input tokens ``(<= n, in)``, strided evenly (every window seen, no seed to carry)."""
-        x = torch.cat(self.inputs, 0)
-        return x[:: max(1, x.shape[0] // max(1, n))][:n]
+        """At most ``n`` recorded input tokens ``(<= n, in)``, strided evenly (every window seen, no seed to carry).
+
+        Rows ``0, step, 2·step, ...`` of the recorded tokens in order, taken batch by batch (no copy of them all)."""
+        step = max(1, sum(t.shape[0] for t in self.inputs) // max(1, n))
+        rows, off = [], 0
+        for t in self.inputs:
+            rows.append(t[(-off) % step :: step])   # the batch's rows whose overall index is a multiple of step
+            off += t.shape[0]
+        return torch.cat(rows)[:n]
+
+    def first_tokens(self, n: int) -> torch.Tensor:
+        """The first ``n`` recorded input tokens ``(<= n, in)``, copying only the batches that hold them."""
+        rows, got = [], 0
+        for t in self.inputs:
+            if got >= n:
+                break
+            rows.append(t[: n - got])
+            got += rows[-1].shape[0]
+        return torch.cat(rows)
 
 
 @dataclass
@@ -167,7 +184,7 @@ def _to(obj, device):
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, batch_size: int,
-                   offload: torch.device) -> tuple[list[torch.Tensor], list[dict]]:
+                   offload: torch.device, prof: Profile | None = None) -> tuple[list[torch.Tensor], list[dict]]:
     """Hidden states entering block 0 (per batch) and each block's call kwargs."""
     blocks = get_module(model, arch.blocks)
     n_blocks = len(blocks)
@@ -189,13 +206,15 @@ def capture_inputs(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, ba
 
     handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     dev = next(model.parameters()).device
+    prof = prof or Profile()
     try:
-        for s in range(0, calib_ids.shape[0], batch_size):
-            state["batch"] = s
-            try:
-                model(input_ids=calib_ids[s : s + batch_size].to(dev), use_cache=False)
-            except _Stop:
-                pass
+        with prof.stage("capture"):
+            for s in range(0, calib_ids.shape[0], batch_size):
+                state["batch"] = s
+                try:
+                    model(input_ids=calib_ids[s : s + batch_size].to(dev), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()
@@ -218,37 +237,68 @@ def batch_kwargs(kwargs: dict, b: int) -> dict:
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device: torch.device,
-              offload: torch.device) -> list[torch.Tensor]:
-    """Outputs of ``block`` for each input batch."""
+              offload: torch.device, prof: Profile | None = None, index: int = -1, flops: float = 0.0
+              ) -> list[torch.Tensor]:
+    """Outputs of ``block`` for each input batch. ``prof``: time it as block ``index``'s ``forward`` stage (``flops``
+    for the whole pass; the moves between ``offload`` and ``device`` as ``copies``)."""
+    prof = prof or Profile()
     outs = []
-    for x in inputs:
-        y = block(x.to(device), **batch_kwargs(kwargs, x.shape[0]))
-        y = y[0] if isinstance(y, tuple) else y
-        outs.append(y.to(offload))
+    with prof.stage("forward", index, flops):
+        for x in inputs:
+            with prof.stage("copies", index):
+                x = x.to(device)
+            y = block(x, **batch_kwargs(kwargs, x.shape[0]))
+            y = y[0] if isinstance(y, tuple) else y
+            with prof.stage("copies", index):
+                outs.append(y.to(offload))
     return outs
 
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, groups: tuple[InputGroup, ...], inputs, kwargs, needs: frozenset,
-                  device, offload, outputs: list | None = None, first_weight: float = 1.0
+                  device, offload, outputs: list | None = None, first_weight: float = 1.0,
+                  prof: Profile | None = None, index: int = -1, flops: float = 0.0
                   ) -> dict[InputGroup, GroupStats]:
     """One pass of ``block`` over the inputs with hooks on each group's first linear.
 
-    ``outputs``: if a list, the block's outputs of this pass are appended to it. ``first_weight``: see
-    :attr:`GroupStats.first_weight`.
+    ``outputs``: if a list, the block's outputs of this pass are appended to it; if None, each batch stops as soon
+    as the last group (``groups`` are in execution order) has its input: the rest of the block (the MLP's down
+    projection) would only make outputs nobody reads. ``first_weight``: see :attr:`GroupStats.first_weight`.
+    ``prof``, ``index``, ``flops``: see :func:`run_block` (``flops``: of the whole block; less what the early stop
+    skips); the hooks' time is the ``stats`` stage.
     """
+    prof = prof or Profile()
     stats = {g: GroupStats(first_weight=first_weight) for g in groups}
+    stop = outputs is None
+
+    def add(g, x):
+        n = x.numel() // x.shape[-1]
+        with prof.stage("stats", index, hessian_flops(n, x.shape[-1]) if "hessian" in needs else 0.0):
+            stats[g].add(x, needs)
+        if stop and g is groups[-1]:
+            raise _Stop
+
     handles = []
     for g in groups:
         lin = get_module(block, g.linears[0])
-        handles.append(lin.register_forward_pre_hook(lambda m, a, g=g: stats[g].add(a[0], needs)))
+        handles.append(lin.register_forward_pre_hook(lambda m, a, g=g: add(g, a[0])))
     try:
-        outs = run_block(block, inputs, kwargs, device, offload)
+        if not stop:
+            outputs.extend(run_block(block, inputs, kwargs, device, offload, prof, index, flops))
+        else:
+            tokens = sum(x.numel() // x.shape[-1] for x in inputs)
+            skipped = sum(2.0 * tokens * get_module(block, n).weight.numel() for n in groups[-1].linears)
+            with prof.stage("forward", index, flops - skipped if flops else 0.0):
+                for x in inputs:
+                    with prof.stage("copies", index):
+                        x = x.to(device)
+                    try:
+                        block(x, **batch_kwargs(kwargs, x.shape[0]))
+                    except _Stop:
+                        pass
     finally:
         for h in handles:
             h.remove()
-    if outputs is not None:
-        outputs.extend(outs)
     return stats
 
 
@@ -274,15 +324,22 @@ def float_block_stats(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor,
 
 
 def quantize_block(block: nn.Module, arch: ArchSpec, method, fmt, cfg,
-                   stats: dict[InputGroup, GroupStats] | None = None, fmts: dict | None = None) -> None:
+                   stats: dict[InputGroup, GroupStats] | None = None, fmts: dict | None = None,
+                   prof: Profile | None = None, index: int = -1) -> None:
     """Swap every linear of ``block`` for its quantized module; data-free methods get no ``stats`` (``{}``).
-    ``fmts``: ``{linear name: Format}`` of linears quantized with another format than ``fmt``."""
+    ``fmts``: ``{linear name: Format}`` of linears quantized with another format than ``fmt``. ``prof``: the
+    method's time is block ``index``'s ``solver`` stage (FLOPs: the error feedback's, for a Hessian method), building
+    the packed module its ``packing``."""
+    prof = prof or Profile()
+    hess = "hessian" in method.stats_needed(cfg)
     for g in arch.groups:
         for name in g.linears:
             lin = get_module(block, name)
             f = fmt if fmts is None else fmts.get(name, fmt)
-            qw = method.quantize_linear(lin.weight, {} if stats is None else stats[g], f, cfg)
-            set_module(block, name, to_module(lin, qw))
+            with prof.stage("solver", index, feedback_flops(*lin.weight.shape) if hess else 0.0):
+                qw = method.quantize_linear(lin.weight, {} if stats is None else stats[g], f, cfg)
+            with prof.stage("packing", index):
+                set_module(block, name, to_module(lin, qw))
 
 
 def _save_resume(resume_dir: Path, i: int, block: nn.Module, next_inputs: list[torch.Tensor], fingerprint: dict,
@@ -410,13 +467,14 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
                   batch_size: int = 8, device: torch.device | str | None = None,
                   offload: torch.device | str = "cpu", progress: bool = True,
                   resume_dir: str | Path | None = None, layer_fmts: list[dict] | None = None,
-                  block_tune: BlockTuneConfig | None = None) -> list[dict]:
+                  block_tune: BlockTuneConfig | None = None, profile: Profile | None = None) -> list[dict]:
     """Quantize every decoder block of ``model`` in place with ``method`` (see module doc).
 
     ``layer_fmts``: per block, ``{linear name: Format}`` of linears quantized with another format than ``fmt``
     (a block-level step such as AWQ's scale search still uses ``fmt``). ``block_tune``: tune each quantized block
     against the float block (:mod:`lowbit.calib.blocktune`). Returns, per block tuned, its output MSE before and
-    after tuning and which result it kept (empty without ``block_tune``)."""
+    after tuning and which result it kept (empty without ``block_tune``). ``profile``: records each stage's
+    seconds and FLOPs there (:mod:`lowbit.calib.profile`)."""
     tune = block_tune is not None and block_tune.enabled
     if tune and block_tune.block_tune_batch > batch_size:
         raise ConfigError(f"--block-tune-batch {block_tune.block_tune_batch} is more than the engine's batch of "
@@ -425,7 +483,8 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
     offload = torch.device(offload)
     blocks = get_module(model, arch.blocks)
     needs = method.stats_needed(cfg) | ({"block_outputs"} if tune else set())
-    inputs, block_kwargs = capture_inputs(model, arch, calib_ids, batch_size, offload)
+    prof = profile or Profile()
+    inputs, block_kwargs = capture_inputs(model, arch, calib_ids, batch_size, offload, prof)
     start = 0
     fingerprint = None
     records: list = []
@@ -446,33 +505,49 @@ def run_layerwise(model: nn.Module, arch: ArchSpec, method, fmt, cfg, calib_ids:
             log.info("resuming after block %d from %s", start - 1, resume_dir)
     for i in tqdm(range(start, len(blocks)), desc=f"{method.name} blocks", disable=not progress,
                   initial=start, total=len(blocks)):
-        block = blocks[i].to(device)
-        kwargs = _to(block_kwargs[i], device)
+        with prof.stage("copies", i):
+            block = blocks[i].to(device)
+            kwargs = _to(block_kwargs[i], device)
         data = BlockData(block, i, inputs, kwargs, device)
         float_outputs = [] if "block_outputs" in needs else None
+        fwd = _forward_flops(block, arch, calib_ids.shape)
         stats = collect_stats(block, arch.groups, inputs, kwargs, needs, device, offload, float_outputs,
-                              getattr(cfg, "first_position_weight", 1.0))
+                              getattr(cfg, "first_position_weight", 1.0), prof, i, fwd)
         if method.prepare_block is not None:
-            method.prepare_block(data, arch, stats, fmt, cfg)
+            with prof.stage("prepare", i):
+                method.prepare_block(data, arch, stats, fmt, cfg)
         floats = {n: get_module(block, n).weight.detach().clone() for g in arch.groups for n in g.linears} if tune \
             else None   # the float weights the solver quantizes (after prepare_block): where block tuning starts
-        quantize_block(block, arch, method, fmt, cfg, stats, layer_fmts[i] if layer_fmts else None)
+        quantize_block(block, arch, method, fmt, cfg, stats, layer_fmts[i] if layer_fmts else None, prof, i)
         del stats
         if method.finish_block is not None:
-            method.finish_block(data, arch, float_outputs, cfg)
+            with prof.stage("finish", i):
+                method.finish_block(data, arch, float_outputs, cfg)
         if tune:
             from .blocktune import tune_block
 
-            records.append(tune_block(block, i, floats, inputs, float_outputs, kwargs, device, block_tune,
-                                      method.name, progress))
+            with prof.stage("finish", i):
+                records.append(tune_block(block, i, floats, inputs, float_outputs, kwargs, device, block_tune,
+                                          method.name, progress))
         del float_outputs, floats
-        inputs = run_block(block, inputs, kwargs, device, offload)
-        blocks[i] = block.to(offload) if device != offload else block
+        inputs = run_block(block, inputs, kwargs, device, offload, prof, i, fwd)
+        with prof.stage("copies", i):
+            blocks[i] = block.to(offload) if device != offload else block
         if resume_dir is not None:
-            _save_resume(Path(resume_dir), i, block, inputs, fingerprint, records[-1] if tune else None)
-            prev = Path(resume_dir) / f"block{i - 1:04d}" / "inputs.safetensors"
-            prev.unlink(missing_ok=True)  # only the newest block's outputs are needed to resume
+            with prof.stage("resume_save", i):
+                _save_resume(Path(resume_dir), i, block, inputs, fingerprint, records[-1] if tune else None)
+                prev = Path(resume_dir) / f"block{i - 1:04d}" / "inputs.safetensors"
+                prev.unlink(missing_ok=True)  # only the newest block's outputs are needed to resume
     return records
+
+
+def _forward_flops(block: nn.Module, arch: ArchSpec, calib_shape) -> float:
+    """FLOPs of one forward of float ``block`` over ``calib_shape`` ``(windows, window)`` tokens
+    (:func:`lowbit.calib.profile.block_flops`)."""
+    windows, window = calib_shape
+    shapes = [tuple(get_module(block, n).weight.shape) for n in arch.linears]
+    width = get_module(block, arch.qk[0]).weight.shape[0] if arch.qk else 0
+    return block_flops(shapes, windows * window, windows, window, width)
 
 
 def _tune_record(resume_dir: Path, i: int) -> dict | None:

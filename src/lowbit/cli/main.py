@@ -47,6 +47,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     add_dataclass_args(c, CalibConfig)
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the blocks checkpointed in OUT.resume/")
+    c.add_argument("--profile", default=None, metavar="PATH",
+                   help="write seconds and FLOPs per block and stage, with the machine's fp32 GEMM rate, to PATH "
+                        "(JSON) and a table beside it (.md)")
 
 
 def _add_device_arg(p) -> None:
@@ -120,7 +123,7 @@ def cmd_quantize(args):
 
     recipe = recipe_from_args(args)
     model, _, summary = quantize_named(args.model, recipe, device=args.device, out=args.out, resume=args.resume,
-                                       progress=not args.quiet)
+                                       progress=not args.quiet, profile=args.profile)
     log.info("saved %s (%.1fs)", args.out, summary["quant_time_s"])
     _print_bpw(model, recipe.storage.dtype, brief=True)
 
@@ -173,7 +176,7 @@ def cmd_run(args):
     _check_results_dir(args)
     return _show_and_record(args, run(args.model, recipe, eval_from_args(args), model_name=args.model_name,
                                       device=args.device, out=args.out, resume=getattr(args, "resume", False),
-                                      progress=not args.quiet, verify=args.verify))
+                                      progress=not args.quiet, verify=args.verify, profile=args.profile))
 
 
 def _print_bpw(model, storage: str, brief: bool = False):

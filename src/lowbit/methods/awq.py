@@ -106,17 +106,19 @@ def awq_prepare_block(data, arch: ArchSpec, stats, fmt, cfg: AWQConfig) -> None:
     for group in arch.groups:
         st = stats[group]
         if not can_fold(block, group):
+            st.inputs = [st.token_sample(cfg.clip_tokens)]       # all the clipping search reads: the rest is freed
             continue
         linears = [get_module(block, n) for n in group.linears]
-        x = torch.cat(st.inputs, 0)                              # (N*T, in) fp32, on CPU
         window = data.inputs[0].shape[1]
-        x = x[: n_win * window].to(data.device)                  # the first windows, whole
+        x = st.first_tokens(n_win * window).to(data.device)      # (n_win*T, in) fp32: the first windows, whole
         inspect = _inspect_fn(block, arch, group, data.kwargs, window, data.inputs[0].shape[0])
         s, best, base = awq_scale_search(linears, x, st.absmean.to(data.device), inspect, fmt, cfg.n_grid)
         log.debug("block %d %s: awq loss %.3g (base %.3g)", data.index, group.linears, best, base)
         fold_scale(block, arch, group, s)
-        # the group's recorded inputs are in the old scale: divide for the clipping search
-        st.inputs = [t / s.to(t.device) for t in st.inputs]
+        # the group's recorded inputs are in the old scale: divide for the clipping search (and the scale search
+        # rounding), which read only this sample (token_sample of it, with the same count, is itself)
+        sample = st.token_sample(cfg.clip_tokens)
+        st.inputs = [sample / s.to(sample.device)]
     if cfg.awq_clip:   # the reference skips q/k: their error is hard to see on outputs
         clip_block(data, arch, stats, fmt, cfg.clip_grid, cfg.clip_tokens, sym=True)
 

@@ -43,15 +43,17 @@ def packed_nbytes(n: int, bits: int) -> int:
 
 
 def _pack_plane(vals: torch.Tensor, w: int) -> torch.Tensor:
-    # vals: (n,) int32 in [0, 2**w)
+    # vals: (n,) int32 in [0, 2**w); shifted they stay below 256, so the bytes are ORed as uint8
     per = 8 // w
-    n = vals.numel()
-    pad = (-n) % per
+    vals = vals.to(torch.uint8)
+    pad = (-vals.numel()) % per
     if pad:
         vals = torch.cat([vals, vals.new_zeros(pad)])
     vals = vals.view(-1, per)  # (n_bytes, per)
-    shifts = torch.arange(per, device=vals.device, dtype=torch.int32) * w
-    return (vals << shifts).sum(dim=1).to(torch.uint8)
+    out = vals[:, 0].clone()
+    for j in range(1, per):
+        out |= vals[:, j] << (j * w)
+    return out
 
 
 def _unpack_plane(data: torch.Tensor, w: int, n: int) -> torch.Tensor:
@@ -68,8 +70,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     stored: callers keep it (the checkpoint JSON does).
     """
     flat = codes.reshape(-1).to(torch.int32)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
-        raise ValueError(f"codes out of range for {bits}-bit packing: [{int(flat.min())}, {int(flat.max())}]")
+    if flat.numel():
+        lo, hi = (int(v) for v in torch.aminmax(flat))
+        if lo < 0 or hi >= (1 << bits):
+            raise ValueError(f"codes out of range for {bits}-bit packing: [{lo}, {hi}]")
     planes, shift = [], 0
     for w in plane_widths(bits):
         planes.append(_pack_plane((flat >> shift) & ((1 << w) - 1), w))
