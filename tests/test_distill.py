@@ -173,3 +173,52 @@ def test_cli_distill_end_to_end(tmp_path, tiny_dir, text_file):
     res = json.loads(res_file.read_text())
     assert res["distill"]["steps"] == 2 and res["distill"]["batch_size"] == 2
     assert res["distill"]["teacher_samples"] == 4 and res["distill"]["loss"] == "forward"
+
+
+def test_onebit_fake_linear_ste_and_export():
+    from lowbit.distill.fakequant import OneBitFakeLinear
+    from lowbit.formats.binary import pm_one
+    from lowbit.methods.onebit import onebit_quantize
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 12)
+    qw = onebit_quantize(lin.weight)
+    fq = OneBitFakeLinear.from_onebit(lin.weight, qw, lin.bias)
+    # at init it computes the SVID weight exactly
+    assert torch.equal(fq.quantized_weight(), qw.dequantize())
+    x = torch.randn(3, 40)
+    fq(x).pow(2).sum().backward()
+    # straight-through sign and fp16 rounding: the gradients are those of W_q = diag(g) S diag(h) in g, h and S
+    g, h, s = (qw.out_scale.clone().requires_grad_(True), qw.in_scale.clone().requires_grad_(True),
+               pm_one(qw.signs).float().requires_grad_(True))
+    torch.nn.functional.linear(x, g[:, None] * s * h[None, :], lin.bias).pow(2).sum().backward()
+    assert torch.allclose(fq.out_scale.grad, g.grad) and torch.allclose(fq.in_scale.grad, h.grad)
+    assert torch.allclose(fq.weight.grad, s.grad)
+    # after a step off the fp16 grid the packed layer still decodes to exactly the trained weight
+    with torch.no_grad():
+        fq.out_scale.mul_(1.0123)
+        fq.weight.mul_(-1)
+    packed = fq.to_packed()
+    assert torch.equal(packed.dequantize_weight(), fq.quantized_weight().detach())
+
+
+def test_onebit_student_trains_and_exports(tmp_path):
+    from lowbit.distill.fakequant import OneBitFakeLinear
+
+    m = tiny_model("llama")
+    student = build_student(m, FormatConfig("int", 2, 32, False), "onebit")
+    o = student.model.layers[0].self_attn.o_proj
+    assert isinstance(o, OneBitFakeLinear) and all(p.requires_grad for p in o.trainable())
+    cfg = DistillConfig(loss="forward", init="onebit", steps=4, seqlen=32, batch_size=2, lr=2e-3,
+                        lr_schedule="constant", save_steps=10)
+    run = train_student(student, m, _ids(8, 32, seed=3), cfg, tmp_path / "w", progress=False)
+    assert run["losses"][-1] < run["losses"][0]
+    ids = _ids(2, 32, seed=5)
+    with torch.no_grad():
+        ref = student(input_ids=ids).logits
+    export_student(student, {"method": "bitdistiller", "fmt": None})
+    assert student.model.layers[0].self_attn.o_proj.spec["codec"] == "onebit"
+    lowbit.save(student, tmp_path / "ck")
+    back = lowbit.load(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)

@@ -5,11 +5,13 @@ Flow of :func:`distill`:
 1. **Teacher data** (:mod:`.teacher`): sequences the float model generates,
    cached as JSONL (resumable), packed into ``seqlen`` token windows.
 2. **Student init**: a copy of the model quantized with ``init`` (rtn, clip,
-   gptq, awq, via :func:`lowbit.quantize`); each block linear becomes a
+   gptq, awq, onebit, via :func:`lowbit.quantize`); each block linear becomes a
    :class:`~.fakequant.FakeQuantLinear` whose float weight is the original
    weight (rtn), the original weight clamped to each group's clipped range
    (clip), or the method's dequantized weight (gptq, awq: AWQ's folded
-   scales stay in the norms). Other tensors are rounded to the storage dtype
+   scales stay in the norms); with ``onebit`` (OneBit's SVID, no number
+   format) a :class:`~.fakequant.OneBitFakeLinear` whose latent weight is the
+   original weight and whose value vectors are the SVID's. Other tensors are rounded to the storage dtype
    once, so export changes nothing but the packing.
 3. **Training** with the Hugging Face ``Trainer`` (so ``accelerate launch``
    / DeepSpeed / multi-GPU are a change of ``--trainer-args``): each step runs
@@ -38,7 +40,7 @@ from torch import nn
 from ..config import CalibConfig, FormatConfig, StorageConfig
 from ..errors import ConfigError
 from ..models.arch import arch_for, get_module, set_module
-from .fakequant import FakeQuantLinear
+from .fakequant import TRAINABLE, FakeQuantLinear, OneBitFakeLinear
 from .losses import LOSSES, distill_loss, teacher_confidence
 from .teacher import TeacherDataConfig, generate_teacher_data
 
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DistillConfig", "INITS", "work_dir", "build_student", "pack_windows", "export_student", "distill", "train_student"]
 
-INITS = ("clip", "gptq", "awq", "rtn")
+INITS = ("clip", "gptq", "awq", "rtn", "onebit")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class DistillConfig:
     """A BitDistiller run (CLI flags of ``lowbit distill`` are generated from this)."""
 
     loss: str = "cakld"            # cakld | forward | reverse | ce
-    init: str = "clip"             # student init: clip | gptq | awq | rtn
+    init: str = "clip"             # student init: clip | gptq | awq | rtn | onebit (1-bit, no format)
     steps: int = 1000              # optimizer steps (the budget)
     seqlen: int = 512              # tokens per training window
     batch_size: int = 4            # windows per device per step
@@ -129,6 +131,11 @@ def build_student(model: nn.Module, fmt_cfg: FormatConfig, init: str = "rtn", ca
     for fb, sb in zip(fblocks, sblocks):
         for name in arch.linears:
             q = get_module(sb, name)
+            if init == "onebit":
+                qw = q.codec.to_weight(q.packed_buffers(), q.spec)
+                w = get_module(fb, name).weight.detach().float()
+                set_module(sb, name, OneBitFakeLinear.from_onebit(w, qw, getattr(q, "bias", None)))
+                continue
             w_q = q.dequantize_weight()
             if init == "rtn":
                 w = get_module(fb, name).weight.detach().float()
@@ -142,16 +149,18 @@ def build_student(model: nn.Module, fmt_cfg: FormatConfig, init: str = "rtn", ca
     for p in student.parameters():
         p.requires_grad_(False)
     for m in student.modules():
-        if isinstance(m, FakeQuantLinear):
-            m.weight.requires_grad_(True)
+        if isinstance(m, TRAINABLE):
+            for p in m.trainable():
+                p.requires_grad_(True)
     return student
 
 
 def export_student(student: nn.Module, recipe_dict: dict, storage: str = "float16") -> nn.Module:
-    """Swap every FakeQuantLinear for its packed QuantizedLinear (same weight bit for bit), in place."""
+    """Swap every trainable stand-in (FakeQuantLinear, OneBitFakeLinear) for its packed QuantizedLinear (same weight
+    bit for bit), in place."""
     from ..quantize import finalize_storage
 
-    names = [n for n, m in student.named_modules() if isinstance(m, FakeQuantLinear)]
+    names = [n for n, m in student.named_modules() if isinstance(m, TRAINABLE)]
     for n in names:
         set_module(student, n, get_module(student, n).to_packed())
     for p in student.parameters():
@@ -295,14 +304,14 @@ def distill(model, tokenizer, fmt_cfg: FormatConfig, cfg: DistillConfig, out, so
     items = generate_teacher_data(model, tokenizer, tdata, cfg.teacher_config(), bos_id=None, progress=progress)
     windows = pack_windows(items, cfg.seqlen, tokenizer.eos_token_id, bos)
     calib_ids = None
-    if cfg.init != "rtn":
+    if cfg.init not in ("rtn", "onebit"):   # both are data-free
         from ..data.calib import sample_windows
 
         calib_ids = sample_windows(tokenizer, cfg.calib, cfg.nsamples, cfg.calib_seqlen, cfg.seed, bos_id=bos)
     student = build_student(model, fmt_cfg, cfg.init, calib_ids, cfg.storage, progress)
     run = train_student(student, model, windows, cfg, work, progress, callbacks)
     run.pop("trainer")
-    recipe = {"method": "bitdistiller", "fmt": asdict(fmt_cfg),
+    recipe = {"method": "bitdistiller", "fmt": None if cfg.init == "onebit" else asdict(fmt_cfg),
               "method_config": {"init": cfg.init, "loss": cfg.loss, "steps": cfg.steps, "seqlen": cfg.seqlen},
               "embed": None, "head": None, "storage": {"dtype": cfg.storage},
               "calib": {"source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed}
