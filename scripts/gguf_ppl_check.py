@@ -126,6 +126,20 @@ def ppl_with_hooks(model, tok, hooks, seqlen: int, windows: int) -> float:
             h.remove()
 
 
+def scored_row(gguf_path: Path, windows, threads: int, **fields) -> dict:
+    """A results row for one GGUF file scored by llama.cpp on ``windows`` (wiki, protocol v2): ``fields`` first,
+    then the perplexity, file MB, block types, scoring seconds, the llama-cpp-python version, protocol and date."""
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    ppl = llama_cpp_ppl(gguf_path, windows, threads)
+    return {**fields, "ppl_llama_cpp": round(ppl, 4), "gguf_mb": round(Path(gguf_path).stat().st_size / 1e6, 2),
+            "block_types": block_types(gguf_path), "seconds": round(time.perf_counter() - t0, 1),
+            "llama_cpp_python": llama_cpp.__version__,
+            "protocol": {"text": "wiki", "seqlen": int(windows.shape[1]), "windows": int(windows.shape[0]), "version": 2},
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
 def block_types(gguf_path: Path) -> dict[str, int]:
     """``{ggml type: count}`` of the file's 2-D tensors, most common first."""
     from gguf import GGUFReader

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gguf_ppl_check import block_types, llama_cpp_ppl, plain_blocks, save_rows  # noqa: E402
+from gguf_ppl_check import plain_blocks, save_rows, scored_row  # noqa: E402
 
 #: lowbit recipes on the Q4_0 grid (int4, symmetric, groups of 32); calibration: the ``lowbit quantize`` defaults
 LOWBIT = {
@@ -71,7 +71,7 @@ def main() -> None:
             raise SystemExit(f"{a.llama_bin / tool} not found: build llama.cpp's tools (cmake --build ... --target "
                              "llama-quantize llama-imatrix) and pass their folder as --llama-bin")
 
-    import llama_cpp
+    import llama_cpp  # noqa: F401  (fail before any long step when the bench extra is missing)
     import lowbit
     from lowbit.api import ppl_windows
     from lowbit.data.texts import pull_text
@@ -134,14 +134,8 @@ def main() -> None:
             old = next((r for r in rows if (r["model"], r["name"]) == (model_name, name)), None)
             if old and not a.rescore and old["gguf_mb"] == round(path.stat().st_size / 1e6, 2):
                 continue   # scored before, same file size
-            t0 = time.perf_counter()
-            ppl = llama_cpp_ppl(path, windows, a.threads)
-            row = {"model": model_name, "name": name, "recipe": recipe, "ppl_llama_cpp": round(ppl, 4),
-                   "gguf_mb": round(path.stat().st_size / 1e6, 2), "block_types": block_types(path),
-                   "imatrix_chunks": a.imatrix_chunks if "imatrix" in name else None,
-                   "seconds": round(time.perf_counter() - t0, 1), "llama_cpp_python": llama_cpp.__version__,
-                   "protocol": {"text": "wiki", "seqlen": a.seqlen, "windows": a.windows, "version": 2},
-                   "date": time.strftime("%Y-%m-%d %H:%M")}
+            row = scored_row(path, windows, a.threads, model=model_name, name=name, recipe=recipe,
+                             imatrix_chunks=a.imatrix_chunks if "imatrix" in name else None)
             print(json.dumps({k: v for k, v in row.items() if k != "protocol"}), flush=True)
             rows = [r for r in rows if (r["model"], r["name"]) != (model_name, name)] + [row]
             write_report(rows, a.json, a.md)
