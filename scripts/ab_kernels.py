@@ -68,8 +68,7 @@ def call(ns: str, lay, x, act: str | None = None):
                             lay.out_codes, lay.out_codebook, lay.outlier_cols, lay.col_scale, lay.col_bias, None,
                             lay.v, lay.v0)
     if act == "q8":
-        pos, neg, ls = lay.q8 or (None, None, 1.0)
-        return op.gemm_q8(x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, pos, neg, ls, None, lay.bits,
+        return op.gemm_q8(x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, *lay.q8_args, None, lay.bits,
                           lay.group_size, lay.in_features)
     if lay.kind == "int":
         return op.gemm_int(x, lay.codes, lay.scale_a, lay.zero, None, lay.bits, lay.group_size, lay.in_features)

@@ -1,11 +1,12 @@
 """What int8 activations (``LOWBIT_KERNEL_ACT=q8``) cost in quality: perplexity and greedy tokens.
 
-For each zoo model and 4-bit format, the model is RTN-quantized in memory exactly as the decode
+For each zoo model and format, the model is RTN-quantized in memory exactly as the decode
 benchmark does it (decoder blocks and LM head), then measured twice:
 
 - perplexity (wiki, the leaderboard's windows): once as stored (exact float inputs), once with every
   quantized linear's input replaced by ``quantize_act_q8`` (``lowbit.kernels.reference``), the
-  plain-torch twin of the ``gemm_q8`` kernel (tests/test_kernels.py checks they agree);
+  plain-torch twin of the ``gemm_q8`` kernel (tests/test_kernels.py checks they agree); NF tables, which
+  the kernel rounds to integers, also get its weight (``linear_q8_ref``);
 - next-token agreement: on the first ``--agree-windows`` ppl windows, the share of positions where
   the arg-max token is the same with and without int8 inputs;
 - free-running greedy generations through the lean decode loop, i.e. the real kernels, with
@@ -29,13 +30,17 @@ import torch
 
 def _q8_hooks(model):
     from lowbit.nn.kernel_layouts import layout_for
-    from lowbit.kernels.reference import quantize_act_q8
+    from lowbit.kernels.reference import linear_q8_ref, quantize_act_q8
     from lowbit.nn import QuantizedLinear
 
     handles = []
     for m in model.modules():
         lay = layout_for(m) if isinstance(m, QuantizedLinear) else None
-        if lay is not None and getattr(lay, "q8_capable", False):
+        if lay is None or not getattr(lay, "q8_capable", False):
+            continue
+        if lay.q8 is not None and not lay.q8.exact:  # NF: the kernel's rounded table changes the weight too
+            handles.append(m.register_forward_hook(lambda m_, args, _out, lay=lay: linear_q8_ref(args[0], lay, m_.bias)))
+        else:
             gs = lay.group_size
             handles.append(m.register_forward_pre_hook(lambda _m, args, gs=gs: (quantize_act_q8(args[0], gs),)))
     return handles

@@ -173,7 +173,15 @@ def test_llama_cpp_rows_with_llama_cpp_python(monkeypatch, tmp_path):
 
     monkeypatch.setattr(decode, "_llama_f32", lambda name: (tmp_path, f32))
     rows = _bench_llama_cpp("tiny", [1, 5], new_tokens=16, repeats=2, threads=1, progress=False)
-    assert [r["config"] for r in rows] == ["F32", *decode.LLAMA_QUANTS]
+    assert [r["config"] for r in rows] == list(decode.DEFAULT_LLAMA_QUANTS)
     assert all(r["engine"] == "llama.cpp" and r["loop"] == "llama-cpp-python" for r in rows)
     assert all(len(r["times_s"]) == 2 and r["tok_s"] > 0 for r in rows)
     assert rows[0]["bpw"] == 32.0 and all(r["bpw"] < 32.0 for r in rows[1:])
+
+
+def test_unknown_llama_quant_is_refused_before_any_work():
+    from lowbit.bench.decode import bench_decode
+    from lowbit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"llama.cpp quants \['Q5_X'\]: use F32 or Q8_0, Q4_K_M, Q3_K_M, Q2_K"):
+        bench_decode(models=["no-such-model"], llama_quants=["Q4_K_M", "Q5_X"])

@@ -259,8 +259,9 @@ def test_direct_bindings_equal_the_torch_ops():
 
 # ------------------------------------------------------------------ int8 activations (LOWBIT_KERNEL_ACT=q8)
 
-Q8_FORMATS = [IntFormat(4, 128, False), IntFormat(4, 128, True), FPFormat(4, 128, False), FPFormat(4, 128, True),
-              IntFormat(2, 128, False), IntFormat(2, 128, True), IntFormat(3, 128, False), IntFormat(3, 128, True)]
+Q8_FORMATS = [IntFormat(b, 128, s) for b in (2, 3, 4) for s in (False, True)] + [
+    cls(b, 128, s) for cls in (FPFormat, NFFormat) for b in (3, 4) for s in (False, True)
+]
 
 
 def test_quantize_act_q8_is_blockwise_int8():
@@ -283,53 +284,95 @@ def test_quantize_act_q8_is_blockwise_int8():
 
 @pytest.mark.parametrize("fmt", Q8_FORMATS, ids=_fid)
 def test_q8_gemv_matches_reference(monkeypatch, fmt, isa):
-    from lowbit.kernels.reference import linear_q8_ref
+    from lowbit.kernels.reference import dequant_q8_ref, linear_q8_ref
 
     monkeypatch.setenv("LOWBIT_KERNEL_ACT", "q8")
     g = torch.Generator().manual_seed(2)
+    # ragged widths and groups: short last groups and blocks, groups of 1-5 blocks (pairs and a single), one
+    # group per row
     for out_f, in_f, gs in SHAPES + [(5, 33, 32), (4, 96, 96), (3, 576, 128), (6, 200, 160), (5, 130, 96)]:
         m = _layer(fmt, out_f, in_f, gs)
         lay = layout_for(m)
         assert lay.q8_capable
-        for batch in (1, 3):
+        w = dequant_q8_ref(lay)
+        for batch in (1, 3, 9):
             x = torch.randn(batch, in_f, generator=g)
             y = m(x)
             ref = linear_q8_ref(x, lay, m.bias)
-            scale = (x.abs() @ m.dequantize_weight().abs().T).max() + m.bias.abs().max()
+            # float accumulation of exact int32 block sums: summation order only
+            scale = (x.abs() @ w.abs().T).max() + m.bias.abs().max()
             assert (y - ref).abs().max() <= 2e-6 * scale, (fmt, out_f, in_f, gs, batch)
             # and it is not the exact-input product: the int8 input is what makes it faster
             assert not torch.equal(y, F.linear(x, m.dequantize_weight(), m.bias))
 
 
-def test_q8_leaves_other_formats_exact(monkeypatch):
-    """NF4 and NF3 (non-integer levels) and FP3 keep the exact float kernel under LOWBIT_KERNEL_ACT=q8."""
-    from lowbit.kernels import kernel_activations
+@pytest.mark.parametrize("fmt", [f for f in Q8_FORMATS if f.name != "int"], ids=_fid)
+def test_q8_tables(fmt):
+    """FP4 and FP3 levels are exact integers in the kernel's tables; NF levels are rounded to steps of at most
+    1/48 of the largest level (the kernel's weight is then dequant_q8_ref, not the format's)."""
+    from lowbit.kernels.ops import Q8_MAX_LEVEL
+    from lowbit.kernels.reference import dequant_q8_ref
 
-    monkeypatch.setenv("LOWBIT_KERNEL_ACT", "q8")
-    assert kernel_activations() == "q8"
-    x = torch.randn(2, 100)
-    for fmt in (NFFormat(4, 32, False), NFFormat(3, 32, False), FPFormat(3, 32, False)):
-        m = _layer(fmt, 7, 100, 32)
-        assert not layout_for(m).q8_capable
-        y = m(x)
-        monkeypatch.setenv("LOWBIT_KERNEL_ACT", "fp32")
-        assert torch.equal(y, m(x))
-        monkeypatch.setenv("LOWBIT_KERNEL_ACT", "q8")
-    monkeypatch.setenv("LOWBIT_KERNEL_ACT", "int8")
+    lay = layout_for(_layer(fmt, 7, 100, 32))
+    q8, t = lay.q8, lay.table
+    assert q8.pos.dtype == torch.uint8 and q8.neg.shape == (16,) and max(q8.pos.max(), q8.neg.max()) <= Q8_MAX_LEVEL
+    assert not bool(((q8.pos > 0) & (q8.neg > 0)).any())
+    err = (q8.levels()[: t.numel()] - t).abs().max()
+    w, w8 = dequant_ref(lay), dequant_q8_ref(lay)
+    if fmt.name == "fp":
+        assert q8.exact and err == 0 and torch.equal(w8, w)
+    else:
+        assert not q8.exact and 0 < err <= t.abs().max() / 96
+        # every weight moves by at most half a step of its scale
+        assert (w8 - w).abs().max() <= max(q8.level_pos, q8.level_neg) / 2 * max(
+            lay.scale_a.float().abs().max(), (lay.scale_b if lay.scale_b is not None else lay.scale_a).float().abs().max())
+
+
+def test_q8_kernel_activations_setting(monkeypatch):
+    """Every int and table format takes gemm_q8 under LOWBIT_KERNEL_ACT=q8 and the float kernel without it; a bad
+    value is refused."""
+    from lowbit.kernels import kernel_activations
     from lowbit.errors import ConfigError
 
+    x = torch.randn(2, 100)
+    for fmt in (NFFormat(4, 32, False), NFFormat(3, 32, True), FPFormat(3, 32, False)):
+        m = _layer(fmt, 7, 100, 32)
+        assert layout_for(m).q8_capable
+        exact = m(x)
+        monkeypatch.setenv("LOWBIT_KERNEL_ACT", "q8")
+        assert kernel_activations() == "q8"
+        assert not torch.equal(m(x), exact)
+        monkeypatch.setenv("LOWBIT_KERNEL_ACT", "fp32")
+        assert torch.equal(m(x), exact)
+    monkeypatch.setenv("LOWBIT_KERNEL_ACT", "int8")
     with pytest.raises(ConfigError, match="LOWBIT_KERNEL_ACT"):
         kernel_activations()
+
+
+def test_q8_refuses_bad_tables():
+    lay = layout_for(_layer(NFFormat(4, 32, False), 7, 100, 32))
+    pos, neg, lp, ln = lay.q8_args
+    x = torch.randn(1, 100)
+    call = lambda *t, bits=4, codes=lay.codes: torch.ops.lowbit.gemm_q8(x, codes, lay.scale_a, lay.scale_b, None,
+                                                                          *t, None, bits, 32, 100)
+    with pytest.raises(RuntimeError, match="at most 64"):
+        call(pos + 15, neg, lp, ln)
+    with pytest.raises(RuntimeError, match="uint8 tables of 16 entries"):
+        call(pos[:8].contiguous(), neg, lp, ln)
+    with pytest.raises(RuntimeError, match="must be finite"):
+        call(pos, neg, float("nan"), ln)
+    with pytest.raises(RuntimeError, match="3- and 4-bit codes only"):
+        call(pos, neg, lp, ln, bits=2, codes=torch.zeros(7, 32, dtype=torch.uint8))
 
 
 def test_q8_direct_binding_equals_the_torch_op():
     from lowbit.kernels.build import kernel_module
 
     x = torch.randn(2, 100)
-    for fmt in (IntFormat(4, 32, False), FPFormat(4, 64, False), IntFormat(2, 64, False), IntFormat(3, 64, False)):
+    for fmt in (IntFormat(4, 32, False), FPFormat(4, 64, False), IntFormat(2, 64, False), IntFormat(3, 64, False),
+                NFFormat(4, 64, False), NFFormat(3, 64, True)):
         lay = layout_for(_layer(fmt, 40, 100, fmt.group_size))
-        pos, neg, ls = lay.q8 or (None, None, 1.0)
-        args = (x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, pos, neg, ls, None, lay.bits, lay.group_size, 100)
+        args = (x, lay.codes, lay.scale_a, lay.scale_b, lay.zero, *lay.q8_args, None, lay.bits, lay.group_size, 100)
         assert torch.equal(kernel_module().gemm_q8(*args), torch.ops.lowbit.gemm_q8(*args))
 
 

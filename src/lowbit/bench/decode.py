@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIGS = ["fp32@hf", "bf16@hf", "int4-g128@hf", "fp32", "int4-g128", "int4-g128@q8", "int3-g128",
                    "int3-g128@q8", "int2-g128", "int2-g128@q8", "fp4-g128", "fp4-g128@q8", "int4-g128@ref"]
-LLAMA_QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q2_K": 10}  # llama_ftype values
+LLAMA_QUANTS = {"Q8_0": 7, "Q4_K_M": 15, "Q3_K_M": 12, "Q2_K": 10}  # llama_ftype values
+#: the llama.cpp rows run unless ``llama_quants`` names others (F32: the unquantized GGUF)
+DEFAULT_LLAMA_QUANTS = ("F32", "Q8_0", "Q4_K_M", "Q2_K")
 PROMPT = "The history of the city begins"
 
 
@@ -168,15 +170,22 @@ def _bpw(model) -> float | None:
 
 def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, repeats: int = 3,
                  threads: int | None = None, llama_cpp: bool = True, progress: bool = True,
-                 llama_cpp_bin: str | Path | None = None, ckpt_head: str | None = "int4-g128") -> dict:
+                 llama_cpp_bin: str | Path | None = None, ckpt_head: str | None = "int4-g128",
+                 llama_quants=DEFAULT_LLAMA_QUANTS) -> dict:
     """Run the decode benchmark; returns a JSON-ready dict.
 
     ``ckpt_head``: format for the float LM head of a ``ckpt=`` row (RTN; None: leave it float); the
     row's config then reads ``ckpt=DIR+head=<tag>``.
 
     ``llama_cpp_bin``: a folder holding llama.cpp's ``llama-quantize`` and ``llama-bench`` programs, used
-    for the llama.cpp rows instead of llama-cpp-python.
+    for the llama.cpp rows instead of llama-cpp-python. ``llama_quants``: which llama.cpp files to time
+    (``F32`` and keys of :data:`LLAMA_QUANTS`).
     """
+    from ..errors import ConfigError
+
+    unknown = sorted(set(llama_quants) - {"F32", *LLAMA_QUANTS})
+    if unknown:
+        raise ConfigError(f"llama.cpp quants {unknown}: use F32 or {', '.join(LLAMA_QUANTS)}")
     if threads:
         torch.set_num_threads(threads)
     configs = configs or DEFAULT_CONFIGS
@@ -218,9 +227,11 @@ def bench_decode(models=("smollm2-135m",), configs=None, new_tokens: int = 128, 
             if model is not base:
                 del model
         if llama_cpp and llama_cpp_bin:
-            rows += _bench_llama_bin(name, Path(llama_cpp_bin), new_tokens, repeats, torch.get_num_threads(), progress)
+            rows += _bench_llama_bin(name, Path(llama_cpp_bin), new_tokens, repeats, torch.get_num_threads(), progress,
+                                     llama_quants)
         elif llama_cpp:
-            rows += _bench_llama_cpp(name, ids[0].tolist(), new_tokens, repeats, torch.get_num_threads(), progress)
+            rows += _bench_llama_cpp(name, ids[0].tolist(), new_tokens, repeats, torch.get_num_threads(), progress,
+                                     llama_quants)
     # ratios to the fp32 model in the same run: through the lean loop and through transformers' generate
     for key, cfg in (("speedup_vs_fp32", "fp32"), ("speedup_vs_fp32_hf", "fp32@hf")):
         fp32 = {r["model"]: r["tok_s"] for r in rows if r["config"] == cfg}
@@ -320,14 +331,15 @@ def _llama_f32(name: str) -> tuple[Path, Path]:
 
 
 def _bench_llama_cpp(name: str, prompt_ids: list[int], new_tokens: int, repeats: int, threads: int,
-                     progress: bool) -> list[dict]:
+                     progress: bool, quants=DEFAULT_LLAMA_QUANTS) -> list[dict]:
     llama_cpp = _llama_cpp()
     if llama_cpp is None:
         log.info("llama-cpp-python is not installed; skipping the llama.cpp comparison (pip install lowbit[bench])")
         return []
     d, f32 = _llama_f32(name)
     rows = []
-    for qname, ftype in [("F32", None), *LLAMA_QUANTS.items()]:
+    for qname in quants:
+        ftype = LLAMA_QUANTS.get(qname)
         path = f32 if ftype is None else d / f"{name}-{qname}.gguf"
         if not path.exists():
             params = llama_cpp.llama_model_quantize_default_params()
@@ -374,7 +386,7 @@ def _llama_cpp_row(name: str, qname: str, path: Path, prompt_ids: list[int], new
 
 
 def _bench_llama_bin(name: str, bindir: Path, new_tokens: int, repeats: int, threads: int,
-                     progress: bool) -> list[dict]:
+                     progress: bool, quants=DEFAULT_LLAMA_QUANTS) -> list[dict]:
     """llama.cpp rows from its own programs: ``llama-quantize`` makes the files, ``llama-bench`` times
     ``new_tokens`` generated tokens (its ``tg`` test: from an empty context, no sampling, no Python)."""
     import subprocess
@@ -388,7 +400,7 @@ def _bench_llama_bin(name: str, bindir: Path, new_tokens: int, repeats: int, thr
                               "llama-quantize and llama-bench targets, or drop the flag)")
     d, f32 = _llama_f32(name)
     rows = []
-    for qname in ["F32", *LLAMA_QUANTS]:
+    for qname in quants:
         path = f32 if qname == "F32" else d / f"{name}-{qname}.gguf"
         if not path.exists():
             tmp = path.with_suffix(".tmp.gguf")

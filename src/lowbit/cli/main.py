@@ -319,6 +319,7 @@ def cmd_bench_decode(args):
     res = bench_decode(args.models, args.configs, new_tokens=args.new_tokens, repeats=args.repeats,
                        threads=args.threads, llama_cpp=args.llama_cpp, progress=not args.quiet,
                        llama_cpp_bin=args.llama_cpp_bin,
+                       **({"llama_quants": args.llama_quants} if args.llama_quants else {}),
                        ckpt_head=None if args.ckpt_head.lower() == "none" else args.ckpt_head)
     write_decode_report(res, Path(args.json), Path(args.md))
     log.info("wrote %s and %s", args.json, args.md)
@@ -428,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False, help="wrap the prompt in the chat template")
     s.add_argument("--kernel-act", choices=["fp32", "q8"], default=None,
                    help="input precision of the CPU GEMV kernels: fp32 (exact, the default) or q8 (int8 per block "
-                        "of 32, faster for INT2-4 and FP4; docs/kernels.md); default: $LOWBIT_KERNEL_ACT or fp32")
+                        "of 32, faster for INT2-4 and the FP/NF table formats; docs/kernels.md); default: $LOWBIT_KERNEL_ACT or fp32")
     _add_device_arg(s)
     _add_verify_arg(s)
     s.set_defaults(fn=cmd_generate)
@@ -479,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--llama-cpp-bin", default=None, metavar="DIR",
                    help="folder with llama.cpp's llama-quantize and llama-bench: llama.cpp rows from them instead "
                         "of llama-cpp-python")
+    s.add_argument("--llama-quants", nargs="+", default=None, metavar="Q",
+                   help="llama.cpp files to time: F32, Q8_0, Q4_K_M, Q3_K_M, Q2_K (default: F32 Q8_0 Q4_K_M Q2_K)")
     s.add_argument("--ckpt-head", default="int4-g128", metavar="FMT|none",
                    help="ckpt= rows: RTN-quantize a float LM head to this format, as the format rows do "
                         "(default: int4-g128; none: keep it float)")

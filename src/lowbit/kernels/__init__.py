@@ -11,7 +11,7 @@
   hand-written kernel, chosen per shape by a timing at first use; ``LOWBIT_INTMM`` forces one).
 - :mod:`.reference`: the plain-torch references.
 
-``LOWBIT_KERNEL_ACT=q8`` makes the INT2/3/4 and FP4 GEMV kernels quantize their input to int8
+``LOWBIT_KERNEL_ACT=q8`` makes the INT2/3/4 and 3-/4-bit table-format (FP, NF) GEMV kernels quantize their input to int8
 per block of 32 (llama.cpp's Q8_0 scheme) and use integer dot products (``gemm_q8``); the
 default ``fp32`` multiplies the float input exactly.
 """

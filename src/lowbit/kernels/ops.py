@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from ..utils import env_var
 from .build import kernel_module, load_kernels
 from .reference import dequant_ref
 
-__all__ = ["FUSED_MAX_BATCH", "KERNEL_ACTIVATIONS", "ScalarKernelLayout", "check_kernel_activations", "kernel_activations", "kernels_active", "kernels_enabled", "use_kernel_activations"]
+__all__ = ["FUSED_MAX_BATCH", "KERNEL_ACTIVATIONS", "Q8_MAX_LEVEL", "Q8Tables", "ScalarKernelLayout", "check_kernel_activations", "kernel_activations", "kernels_active", "kernels_enabled", "q8_tables", "use_kernel_activations"]
 
 #: inputs with more rows than this dequantize the weight (fast, exact) and use
 #: torch's matmul: at prefill sizes the GEMM is compute-bound and BLAS wins
@@ -26,7 +27,7 @@ FUSED_MAX_BATCH = 128
 
 #: ``LOWBIT_KERNEL_ACT`` values: ``fp32`` multiplies the float input exactly (the default);
 #: ``q8`` quantizes the input to int8 per block of 32 (llama.cpp's Q8_0 scheme) for integer dot
-#: products, on INT2/3/4 and FP4 (levels that are small integers; see ``gemm_q8``)
+#: products, on INT2/3/4 and the 3- and 4-bit table formats (see ``gemm_q8`` and :func:`q8_tables`)
 KERNEL_ACTIVATIONS = ("fp32", "q8")
 
 
@@ -56,18 +57,63 @@ def use_kernel_activations(mode: str | None):
         yield
 
 
-def q8_tables(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """``(pos, neg, level_scale)`` for the int8-activation kernel, or ``None`` if the table has none.
+#: the largest integer level of a ``gemm_q8`` table: four products of a level and an int8 input
+#: (4 * 64 * 127) still fit vpmaddubsw's int16 sums
+Q8_MAX_LEVEL = 64
 
-    The levels must be integer multiples of ``level_scale`` (1, 1/2 or 1/4) of at most 64 in
-    magnitude (FP4 e2m1: twice the level, ``level_scale = 0.5``); NF tables are not, and keep the
-    float kernel.
+
+class Q8Tables(NamedTuple):
+    """A table format's levels as ``gemm_q8`` multiplies them (see :func:`q8_tables`).
+
+    The kernel's level of code ``q`` is ``level_pos * pos[q] - level_neg * neg[q]``; ``pos`` and ``neg``
+    are uint8 ``(16,)`` (a 3-bit table fills the first 8, the rest are 0).
     """
+
+    pos: torch.Tensor
+    neg: torch.Tensor
+    level_pos: float
+    level_neg: float
+    exact: bool  # every level is represented exactly (FP4, FP3); else rounded (NF)
+
+    def levels(self) -> torch.Tensor:
+        """The levels the kernel multiplies, float32 ``(16,)``."""
+        return self.level_pos * self.pos.float() - self.level_neg * self.neg.float()
+
+
+def _integer_side(mag: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One side's magnitudes (``>= 0``) as ``(ints <= Q8_MAX_LEVEL, step)``: exact when they are integer multiples
+    of 1, 1/2 or 1/4; else the step in ``[max / 64, max / 48]`` with the least squared rounding error."""
+    top = float(mag.max())
+    if top == 0.0:
+        return torch.zeros_like(mag, dtype=torch.uint8), 1.0
     for k in (1, 2, 4):
-        lv = table.float() * k
-        if bool((lv == lv.round()).all()) and float(lv.abs().max()) <= 64:
-            return lv.clamp_min(0).to(torch.uint8), (-lv).clamp_min(0).to(torch.uint8), 1.0 / k
-    return None
+        lv = mag * k
+        if bool((lv == lv.round()).all()) and top * k <= Q8_MAX_LEVEL:
+            return lv.to(torch.uint8), 1.0 / k
+    ks = torch.linspace(0.75 * Q8_MAX_LEVEL / top, Q8_MAX_LEVEL / top, 513, dtype=torch.float64)  # (K,)
+    m = mag.double()
+    err = ((torch.round(ks[:, None] * m) / ks[:, None] - m) ** 2).sum(dim=1)  # (K,)
+    k = float(ks[int(err.argmin())])
+    return torch.round(m * k).clamp(max=Q8_MAX_LEVEL).to(torch.uint8), float(torch.tensor(1.0 / k, dtype=torch.float32))
+
+
+def q8_tables(table: torch.Tensor) -> Q8Tables | None:
+    """The int8-activation kernel's integer tables of a 3- or 4-bit table format, or ``None`` (more than 16 levels).
+
+    Positive levels and the magnitudes of negative levels are kept as integers up to
+    :data:`Q8_MAX_LEVEL` times a step per side, so each side meets its own scale (two-scale formats) in
+    the kernel. FP4 (e2m1, step 1/2) and FP3 (step 1) are exact; NF levels are rounded to the nearest of
+    48-64 steps of the largest (at most 1/96 of the largest level off), which changes the weight the kernel
+    multiplies: :func:`lowbit.kernels.reference.dequant_q8_ref` is that weight.
+    """
+    t = table.float().flatten()
+    if t.numel() > 16:
+        return None
+    t = torch.cat([t, t.new_zeros(16 - t.numel())])
+    pos, lp = _integer_side(t.clamp_min(0))
+    neg, ln = _integer_side((-t).clamp_min(0))
+    q = Q8Tables(pos, neg, lp, ln, exact=False)
+    return q._replace(exact=bool(torch.equal(q.levels(), t)))
 
 
 def kernels_enabled() -> bool:
@@ -100,17 +146,20 @@ class ScalarKernelLayout:
     scale_b: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     table: torch.Tensor | None = None
-    #: ``(pos, neg, level_scale)`` of a 4-bit table format with integer levels (see :func:`q8_tables`)
-    q8: tuple | None = None
+    #: a table format's levels as integers for ``gemm_q8`` (see :func:`q8_tables`)
+    q8: Q8Tables | None = None
 
     @property
     def q8_capable(self) -> bool:
-        """Whether ``gemm_q8`` (int8 activations) handles this layout: 2-, 3- and 4-bit INT, or a 4-bit
-        table with small integer levels (FP4). (FP3's integer levels would fit, but a table path for
-        3-bit codes measured no faster than the float kernel, so FP3 keeps it.)"""
+        """Whether ``gemm_q8`` (int8 activations) handles this layout: 2-, 3- and 4-bit INT, 3- and 4-bit tables."""
         if self.kind == "int":
             return self.bits in (2, 3, 4)
-        return self.bits == 4 and self.q8 is not None
+        return self.bits in (3, 4) and self.q8 is not None
+
+    @property
+    def q8_args(self) -> tuple:
+        """``(pos, neg, level_pos, level_neg)`` of ``gemm_q8``: the tables, or ``None``s for int codes."""
+        return tuple(self.q8[:4]) if self.q8 is not None else (None, None, 1.0, 1.0)
 
     @property
     def nbytes(self) -> int:
@@ -134,8 +183,7 @@ class ScalarKernelLayout:
         if ops is None or x.numel() // self.in_features > FUSED_MAX_BATCH:
             return F.linear(x, self.dequantize(), bias)
         if self.q8_capable and kernel_activations() == "q8":
-            pos, neg, ls = self.q8 or (None, None, 1.0)
-            return ops.gemm_q8(x, self.codes, self.scale_a, self.scale_b, self.zero, pos, neg, ls, bias,
+            return ops.gemm_q8(x, self.codes, self.scale_a, self.scale_b, self.zero, *self.q8_args, bias,
                                self.bits, self.group_size, self.in_features)
         if self.kind == "int":
             return ops.gemm_int(x, self.codes, self.scale_a, self.zero, bias, self.bits, self.group_size,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .layout import unpack_kernel_codes
 
-__all__ = ["dequant_ref", "linear_q8_ref", "quantize_act_q8"]
+__all__ = ["dequant_q8_ref", "dequant_ref", "linear_q8_ref", "quantize_act_q8"]
 
 
 def dequant_ref(lay) -> torch.Tensor:
@@ -26,6 +26,20 @@ def dequant_ref(lay) -> torch.Tensor:
     if lay.scale_b is None:
         return t * sa
     return t * torch.where(t > 0, sa, lay.scale_b.float()[:, col_group])
+
+
+def dequant_q8_ref(lay) -> torch.Tensor:
+    """The weight ``gemm_q8`` multiplies, float32 ``(out, in)``: :func:`dequant_ref` for int codes and exact tables
+    (FP4, FP3); for tables rounded to integers (NF, see :func:`lowbit.kernels.ops.q8_tables`),
+    ``level_pos * pos[q] * scale_a - level_neg * neg[q] * scale_b`` (one scale: ``scale_b = scale_a``)."""
+    if lay.kind == "int":
+        return dequant_ref(lay)
+    pos, neg, lp, ln = lay.q8_args
+    q = unpack_kernel_codes(lay.codes, lay.bits, lay.group_size, lay.in_features)  # (out, in)
+    col_group = torch.arange(lay.in_features) // lay.group_size  # (in,)
+    sa = lay.scale_a.float()[:, col_group]  # (out, in)
+    sb = sa if lay.scale_b is None else lay.scale_b.float()[:, col_group]
+    return lp * pos[q].float() * sa - ln * neg[q].float() * sb
 
 
 def quantize_act_q8(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -47,5 +61,5 @@ def quantize_act_q8(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def linear_q8_ref(x: torch.Tensor, lay, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``gemm_q8``'s result in plain torch: the quantized input times the reference weight."""
-    return F.linear(quantize_act_q8(x, lay.group_size), dequant_ref(lay), bias)
+    """``gemm_q8``'s result in plain torch: the quantized input times the weight it multiplies (:func:`dequant_q8_ref`)."""
+    return F.linear(quantize_act_q8(x, lay.group_size), dequant_q8_ref(lay), bias)

@@ -38,7 +38,7 @@ def _scalar_layout(spec: dict, buffers: dict[str, torch.Tensor]) -> ScalarKernel
             zero = qw.params["zero"].round().to(torch.uint8).contiguous()
         return ScalarKernelLayout("int", scale_a=buffers["scale"].contiguous(), zero=zero, **common)
     table = fmt.lut()
-    common["q8"] = q8_tables(table) if fmt.bits == 4 else None
+    common["q8"] = q8_tables(table)
     if fmt.sym:
         return ScalarKernelLayout("lut", scale_a=buffers["scale"].contiguous(), table=table, **common)
     return ScalarKernelLayout("lut", scale_a=buffers["scale_pos"].contiguous(),

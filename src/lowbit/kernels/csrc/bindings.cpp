@@ -18,8 +18,8 @@ at::Tensor gemm_lut(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 namespace lowbit_q8 {
 at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& sa,
                    const c10::optional<at::Tensor>& sb, const c10::optional<at::Tensor>& zero,
-                   const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_scale,
-                   const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t in_features);
+                   const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_pos,
+                   double level_neg, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t in_features);
 }  // namespace lowbit_q8
 
 namespace lowbit_vq {

@@ -1,8 +1,9 @@
-// Int8-activation GEMV/GEMM for 4-bit codes (INT4, FP4) and 3- and 2-bit int codes: integer dot
-// products, as llama.cpp's Q8_0 path.
+// Int8-activation GEMV/GEMM for 2-, 3- and 4-bit int codes and 3- and 4-bit table codes (FP, NF; one or
+// two scales): integer dot products, as llama.cpp's Q8_0 path.
 //
 // Registered as a torch op (namespace ``lowbit``) and bound directly (bindings.cpp):
-//   gemm_q8(x, codes, scale_a, scale_b?, zero?, pos?, neg?, level_scale, bias?, bits, group_size, in_features) -> y
+//   gemm_q8(x, codes, scale_a, scale_b?, zero?, pos?, neg?, level_pos, level_neg, bias?, bits, group_size,
+//           in_features) -> y
 //
 // The weight is the kernel layout of lowbit_kernels.cpp (no new layout). 4 bits: byte k of a block of
 // 32 codes holds the codes of columns lo(k) (low nibble) and hi(k) (high nibble), with
@@ -20,11 +21,14 @@
 // Weights:
 //   int   (zero given):       w = (q - zero) * scale_a
 //         y = sum_g scale_a_g * (sum_b d_b dot(q, xq)_b - zero_g * sum_b d_b sum(xq)_b)
-//   table (pos, neg given):   w = level_scale * (pos[q] * scale_a - neg[q] * scale_b)
-//         pos / neg: uint8 tables of 16 entries, the positive levels and the magnitudes of the
-//         negative levels of a table format whose levels are integer multiples of level_scale
-//         (FP4 e2m1: 2 * level, level_scale 0.5). One scale: scale_b = scale_a.
-//         y = sum_g level_scale * (scale_a_g * sum_b d_b dot(pos[q], xq)_b - scale_b_g * ...neg...)
+//   table (pos, neg given):   w = level_pos * pos[q] * scale_a - level_neg * neg[q] * scale_b
+//         pos / neg: uint8 tables of 16 entries (3 bits: the first 8 are used), at most 64: the positive
+//         levels and the magnitudes of the negative levels as integer multiples of level_pos and level_neg
+//         (lowbit.kernels.ops.q8_tables: exact for FP4 and FP3, whose levels are small integers times 1/2
+//         or 1; NF levels rounded to 1/64 of the largest). One scale: scale_b = scale_a.
+//         y = sum_g (level_pos * scale_a_g * sum_b d_b dot(pos[q], xq)_b - level_neg * scale_b_g * ...neg...)
+//         The lookups are byte shuffles (vpshufb) of the 4-bit (3-bit) codes into the two tables.
+//   Every block's dot product is an exact int32 (at most 4 * 64 * 127 per int16 sum of vpmaddubsw pairs).
 //
 // Threads: rows are split across threads; each output is computed by one thread in a fixed order,
 // so results do not depend on the thread count.
@@ -64,7 +68,7 @@ struct Q8Problem {
   const c10::Half* sb;  // or nullptr (one scale)
   const uint8_t* zero;  // int kind, else nullptr
   uint8_t pos[16], neg[16];
-  float level_scale;
+  float level_pos, level_neg;
   const float* bias;
   float* y;
   int64_t M, out, G, nb, nb_last, row_bytes, nblk, xq_stride, xd_stride;
@@ -210,19 +214,22 @@ static inline int code_of(const uint8_t* cb, int bits, int j, int l) {
 }
 
 // One 2- or 3-bit group's dot products, its blocks in quads (see quantize_input): sum over its blocks
-// of d * dot(q, xq).
-static float dot_quads(const uint8_t* row, int bits, int64_t blk, int64_t nbg, int64_t qd, const int8_t* xq,
-                       const float* xd) {
-  float dp = 0.f;
+// of d * dot(q, xq) (for tables: of the positive levels in *dp, of the negative levels' magnitudes in *dn).
+static void dot_quads(const Q8Problem& p, const uint8_t* row, int64_t blk, int64_t nbg, int64_t qd,
+                      const int8_t* xq, const float* xd, float* dp, float* dn) {
   for (int64_t b = 0; b < nbg; b += 4, ++qd)
     for (int64_t t = 0; t < 4 && b + t < nbg; ++t) {
-      const uint8_t* cb = row + (blk + b + t) * 4 * bits;
-      int ip = 0;
+      const uint8_t* cb = row + (blk + b + t) * 4 * p.bits;
+      int ip = 0, in = 0;
       for (int j = 0; j < 4; ++j)
-        for (int l = 0; l < 8; ++l) ip += code_of(cb, bits, j, l) * xq[qd * 128 + j * 32 + t * 8 + l];
-      dp += xd[qd * 8 + 2 * t] * (float)ip;
+        for (int l = 0; l < 8; ++l) {
+          const int q = code_of(cb, p.bits, j, l), x = xq[qd * 128 + j * 32 + t * 8 + l];
+          ip += (p.table ? p.pos[q] : q) * x;
+          in += p.table ? p.neg[q] * x : 0;
+        }
+      *dp += xd[qd * 8 + 2 * t] * (float)ip;
+      *dn += xd[qd * 8 + 2 * t] * (float)in;
     }
-  return dp;
 }
 
 // One 4-bit group's dot products: sum over its blocks of d * dot(q, xq) (for tables: of the positive
@@ -260,7 +267,7 @@ static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
         const int64_t nbg = p.nblocks(g);
         float dp = 0.f, dn = 0.f;
         if (p.bits != 4) {
-          dp = dot_quads(row, p.bits, blk, nbg, qd, xq, xd);
+          dot_quads(p, row, blk, nbg, qd, xq, xd, &dp, &dn);
           qd += (nbg + 3) / 4;
         } else {
           dot_blocks4(p, row, blk, nbg, xq, xd, &dp, &dn);
@@ -269,7 +276,7 @@ static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
         const float sa = float(p.sa[o * p.G + g]);
         if (p.table) {
           const float sb = p.sb ? float(p.sb[o * p.G + g]) : sa;
-          acc += p.level_scale * (sa * dp - sb * dn);
+          acc += p.level_pos * sa * dp - p.level_neg * sb * dn;
         } else {
           acc += sa * dp;
           corr += sa * float(p.zero[o * p.G + g]) * p.xs[m * p.G + g];
@@ -288,8 +295,8 @@ static void rows_scalar(const Q8Problem& p, int64_t r0, int64_t r1) {
 // an fp16 scale as float32 in one F16C instruction (as lowbit_kernels.cpp's h2f)
 Q8_AVX2 static inline float h2f(c10::Half h) { return _cvtsh_ss(h.x); }
 
-// The end of group g for RT rows: racc += scale * (the group's sums) (tables: level_scale * (scale_a *
-// positive sums - scale_b * negative sums)); int codes add the zero-point term to corr.
+// The end of group g for RT rows: racc += scale * (the group's sums) (tables: level_pos * scale_a *
+// positive sums - level_neg * scale_b * negative sums); int codes add the zero-point term to corr.
 template <bool TABLE, int RT>
 Q8_AVX2 static inline void group_end(const Q8Problem& p, int64_t o0, int64_t g, int64_t m, const __m256* ap,
                                      const __m256* an, __m256* racc, float* corr) {
@@ -298,8 +305,8 @@ Q8_AVX2 static inline void group_end(const Q8Problem& p, int64_t o0, int64_t g, 
     const float sa = h2f(p.sa[pg]);
     if (TABLE) {
       const float sb = p.sb ? h2f(p.sb[pg]) : sa;
-      racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p.level_scale * sa), ap[r], racc[r]);
-      racc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(p.level_scale * sb), an[r], racc[r]);
+      racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(p.level_pos * sa), ap[r], racc[r]);
+      racc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(p.level_neg * sb), an[r], racc[r]);
     } else {
       racc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sa), ap[r], racc[r]);
       corr[r] += sa * float(p.zero[pg]) * p.xs[m * p.G + g];
@@ -315,18 +322,78 @@ Q8_AVX2 static inline void store_rows(const Q8Problem& p, int64_t o0, int64_t m,
     p.y[m * p.out + o0 + r] = lowbit::hsum(racc[r]) - corr[r] + (p.bias ? p.bias[o0 + r] : 0.f);
 }
 
-// RT weight rows against one input row.
+// int32 lanes: the sums of four neighbouring byte products a0 * x0 + a1 * x1 (a unsigned, x signed), exact
+// while a <= 64: an int16 lane of vpmaddubsw sums two products, and two of those are added in int16
+Q8_AVX2 static inline __m256i dot2(__m256i a0, __m256i x0, __m256i a1, __m256i x1) {
+  const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(a0, x0), _mm256_maddubs_epi16(a1, x1));
+  return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+}
+Q8_AVX2 static inline __m128i dot2(__m128i a0, __m128i x0, __m128i a1, __m128i x1) {
+  const __m128i s = _mm_add_epi16(_mm_maddubs_epi16(a0, x0), _mm_maddubs_epi16(a1, x1));
+  return _mm_madd_epi16(s, _mm_set1_epi16(1));
+}
+
+// The 16-byte tables (pos, neg) in both 128-bit lanes, for vpshufb
+Q8_AVX2 static inline void load_tables(const Q8Problem& p, __m256i* tp, __m256i* tn) {
+  *tp = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p.pos));
+  *tn = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p.neg));
+}
+
+// The 4-bit blocks [blk, bend) of one group for RT rows in 256-bit steps (two blocks, then a single trailing
+// block in 128 bits): ap += d * dot(level, xq) per block (tables: pos levels; an: neg levels' magnitudes).
+template <bool TABLE, int RT>
+Q8_AVX2 static inline void steps4(const Q8Problem& p, int64_t o0, const int8_t* xq, const float* xd, int64_t blk,
+                                  int64_t bend, __m256i tp, __m256i tn, __m256* ap, __m256* an) {
+  const __m256i m0f = _mm256_set1_epi8(15);
+  for (; blk + 2 <= bend; blk += 2) {
+    const __m256i xl = _mm256_loadu_si256((const __m256i*)(xq + blk * 32));
+    const __m256i xh = _mm256_loadu_si256((const __m256i*)(xq + blk * 32 + 32));
+    const __m256 dv = _mm256_loadu_ps(xd + blk * 4);
+    for (int r = 0; r < RT; ++r) {
+      // the same bytes of the next tile's rows: with rows of 1-2 KiB, RT rows read side by side are
+      // RT streams that the hardware prefetcher follows poorly (measured 1.1-1.5x faster from DRAM on the
+      // zoo shapes); a prefetch past the end of the array is a harmless hint
+      _mm_prefetch((const char*)(p.codes + (o0 + r + RT) * p.row_bytes + blk * 16), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(p.codes + (o0 + r) * p.row_bytes + blk * 16));
+      const __m256i lo = _mm256_and_si256(v, m0f);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+      if (TABLE) {
+        const __m256i sp = dot2(_mm256_shuffle_epi8(tp, lo), xl, _mm256_shuffle_epi8(tp, hi), xh);
+        const __m256i sn = dot2(_mm256_shuffle_epi8(tn, lo), xl, _mm256_shuffle_epi8(tn, hi), xh);
+        an[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sn), dv, an[r]);
+        ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sp), dv, ap[r]);
+      } else {
+        ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot2(lo, xl, hi, xh)), dv, ap[r]);
+      }
+    }
+  }
+  if (blk < bend) {  // a single trailing block of the group: 128-bit
+    const __m128i m0f4 = _mm_set1_epi8(15);
+    const __m128i xl = _mm_loadu_si128((const __m128i*)(xq + blk * 32));
+    const __m128i xh = _mm_loadu_si128((const __m128i*)(xq + blk * 32 + 16));
+    const __m128 dv = _mm_loadu_ps(xd + blk * 4);
+    const __m128i tp4 = _mm256_castsi256_si128(tp), tn4 = _mm256_castsi256_si128(tn);
+    for (int r = 0; r < RT; ++r) {
+      const __m128i v = _mm_loadu_si128((const __m128i*)(p.codes + (o0 + r) * p.row_bytes + blk * 16));
+      const __m128i lo = _mm_and_si128(v, m0f4);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m0f4);
+      const __m128i sp = TABLE ? dot2(_mm_shuffle_epi8(tp4, lo), xl, _mm_shuffle_epi8(tp4, hi), xh) : dot2(lo, xl, hi, xh);
+      const __m128 fp = _mm_mul_ps(_mm_cvtepi32_ps(sp), dv);
+      ap[r] = _mm256_add_ps(ap[r], _mm256_insertf128_ps(_mm256_setzero_ps(), fp, 0));
+      if (TABLE) {
+        const __m128i sn = dot2(_mm_shuffle_epi8(tn4, lo), xl, _mm_shuffle_epi8(tn4, hi), xh);
+        const __m128 fn = _mm_mul_ps(_mm_cvtepi32_ps(sn), dv);
+        an[r] = _mm256_add_ps(an[r], _mm256_insertf128_ps(_mm256_setzero_ps(), fn, 0));
+      }
+    }
+  }
+}
+
+// 4-bit codes, RT weight rows against one input row.
 template <bool TABLE, int RT>
 Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
-  const __m256i m0f = _mm256_set1_epi8(15);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m128i m0f4 = _mm_set1_epi8(15), ones4 = _mm_set1_epi16(1);
   __m256i tp = _mm256_setzero_si256(), tn = tp;
-  if (TABLE) {
-    const __m128i a = _mm_loadu_si128((const __m128i*)p.pos), b = _mm_loadu_si128((const __m128i*)p.neg);
-    tp = _mm256_set_m128i(a, a);
-    tn = _mm256_set_m128i(b, b);
-  }
+  if (TABLE) load_tables(p, &tp, &tn);
   const int8_t* xq = p.xq + m * p.xq_stride;
   const float* xd = p.xd + m * p.xd_stride;
   __m256 racc[RT];
@@ -334,60 +401,11 @@ Q8_AVX2 static void tile_q8(const Q8Problem& p, int64_t o0, int64_t m) {
   for (int r = 0; r < RT; ++r) racc[r] = _mm256_setzero_ps(), corr[r] = 0.f;
   int64_t blk = 0;
   for (int64_t g = 0; g < p.G; ++g) {
-    const int64_t nbg = p.nblocks(g), bend = blk + nbg;
+    const int64_t nbg = p.nblocks(g);
     __m256 ap[RT], an[RT];
     for (int r = 0; r < RT; ++r) ap[r] = _mm256_setzero_ps(), an[r] = _mm256_setzero_ps();
-    for (; blk + 2 <= bend; blk += 2) {
-      const __m256i xl = _mm256_loadu_si256((const __m256i*)(xq + blk * 32));
-      const __m256i xh = _mm256_loadu_si256((const __m256i*)(xq + blk * 32 + 32));
-      const __m256 dv = _mm256_loadu_ps(xd + blk * 4);
-      for (int r = 0; r < RT; ++r) {
-        // the same bytes of the next tile's rows: with rows of 1-2 KiB, RT rows read side by side are
-        // RT streams that the hardware prefetcher follows poorly (measured 1.1-1.5x faster from DRAM on the
-        // zoo shapes); a prefetch past the end of the array is a harmless hint
-        _mm_prefetch((const char*)(p.codes + (o0 + r + RT) * p.row_bytes + blk * 16), _MM_HINT_T0);
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(p.codes + (o0 + r) * p.row_bytes + blk * 16));
-        const __m256i lo = _mm256_and_si256(v, m0f);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
-        if (TABLE) {
-          const __m256i sp = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(tp, lo), xl),
-                                              _mm256_maddubs_epi16(_mm256_shuffle_epi8(tp, hi), xh));
-          const __m256i sn = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(tn, lo), xl),
-                                              _mm256_maddubs_epi16(_mm256_shuffle_epi8(tn, hi), xh));
-          ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sp, ones)), dv, ap[r]);
-          an[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sn, ones)), dv, an[r]);
-        } else {
-          const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-          ap[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)), dv, ap[r]);
-        }
-      }
-    }
-    if (blk < bend) {  // a single trailing block of the group: 128-bit
-      const __m128i xl = _mm_loadu_si128((const __m128i*)(xq + blk * 32));
-      const __m128i xh = _mm_loadu_si128((const __m128i*)(xq + blk * 32 + 16));
-      const __m128 dv = _mm_loadu_ps(xd + blk * 4);
-      for (int r = 0; r < RT; ++r) {
-        const __m128i v = _mm_loadu_si128((const __m128i*)(p.codes + (o0 + r) * p.row_bytes + blk * 16));
-        const __m128i lo = _mm_and_si128(v, m0f4);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m0f4);
-        if (TABLE) {
-          const __m128i tp4 = _mm256_castsi256_si128(tp), tn4 = _mm256_castsi256_si128(tn);
-          const __m128i sp = _mm_add_epi16(_mm_maddubs_epi16(_mm_shuffle_epi8(tp4, lo), xl),
-                                           _mm_maddubs_epi16(_mm_shuffle_epi8(tp4, hi), xh));
-          const __m128i sn = _mm_add_epi16(_mm_maddubs_epi16(_mm_shuffle_epi8(tn4, lo), xl),
-                                           _mm_maddubs_epi16(_mm_shuffle_epi8(tn4, hi), xh));
-          const __m128 fp = _mm_mul_ps(_mm_cvtepi32_ps(_mm_madd_epi16(sp, ones4)), dv);
-          const __m128 fn = _mm_mul_ps(_mm_cvtepi32_ps(_mm_madd_epi16(sn, ones4)), dv);
-          ap[r] = _mm256_add_ps(ap[r], _mm256_insertf128_ps(_mm256_setzero_ps(), fp, 0));
-          an[r] = _mm256_add_ps(an[r], _mm256_insertf128_ps(_mm256_setzero_ps(), fn, 0));
-        } else {
-          const __m128i s = _mm_add_epi16(_mm_maddubs_epi16(lo, xl), _mm_maddubs_epi16(hi, xh));
-          const __m128 f = _mm_mul_ps(_mm_cvtepi32_ps(_mm_madd_epi16(s, ones4)), dv);
-          ap[r] = _mm256_add_ps(ap[r], _mm256_insertf128_ps(_mm256_setzero_ps(), f, 0));
-        }
-      }
-      ++blk;
-    }
+    steps4<TABLE, RT>(p, o0, xq, xd, blk, blk + nbg, tp, tn, ap, an);
+    blk += nbg;
     group_end<TABLE, RT>(p, o0, g, m, ap, an, racc, corr);
   }
   store_rows<RT>(p, o0, m, racc, corr);
@@ -428,11 +446,14 @@ Q8_AVX2 static inline void quad_codes(const uint8_t* src, int64_t k, __m256i* q)
   }
 }
 
-// 2- or 3-bit int codes, RT weight rows against one input row: a quad of blocks per step; chunk j of
-// the quad's codes (quad_codes) meets the quad's input chunk j (see quantize_input).
-template <int BITS, int RT>
+// 2- or 3-bit codes (int, or 3-bit table), RT weight rows against one input row: a quad of blocks per step;
+// chunk j of the quad's codes (quad_codes) meets the quad's input chunk j (see quantize_input). Tables
+// look each code up in the pos and neg tables (vpshufb: codes 0-7 index the first 8 entries).
+template <int BITS, bool TABLE, int RT>
 Q8_AVX2 static void tile_quads(const Q8Problem& p, int64_t o0, int64_t m) {
   const __m256i ones = _mm256_set1_epi16(1);
+  __m256i tp = _mm256_setzero_si256(), tn = tp;
+  if (TABLE) load_tables(p, &tp, &tn);
   const int8_t* xq = p.xq + m * p.xq_stride;
   const float* xd = p.xd + m * p.xd_stride;
   __m256 racc[RT];
@@ -441,8 +462,8 @@ Q8_AVX2 static void tile_quads(const Q8Problem& p, int64_t o0, int64_t m) {
   int64_t blk = 0, qd = 0;
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t nbg = p.nblocks(g);
-    __m256 acc[RT];
-    for (int r = 0; r < RT; ++r) acc[r] = _mm256_setzero_ps();
+    __m256 acc[RT], an[RT];
+    for (int r = 0; r < RT; ++r) acc[r] = _mm256_setzero_ps(), an[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nbg; b += 4, ++qd) {
       const int64_t k = std::min<int64_t>(4, nbg - b);  // blocks in this quad
       const int8_t* xj = xq + qd * 128;
@@ -454,6 +475,16 @@ Q8_AVX2 static void tile_quads(const Q8Problem& p, int64_t o0, int64_t m) {
         _mm_prefetch((const char*)(src + RT * p.row_bytes), _MM_HINT_T0);
         __m256i q[4];
         quad_codes<BITS>(src, k, q);
+        if (TABLE) {  // levels up to 64: int16 sums of two chunks (dot2)
+          __m256i t[4];
+          for (int j = 0; j < 4; ++j) t[j] = _mm256_shuffle_epi8(tp, q[j]);
+          const __m256i sp = _mm256_add_epi32(dot2(t[0], x[0], t[1], x[1]), dot2(t[2], x[2], t[3], x[3]));
+          for (int j = 0; j < 4; ++j) t[j] = _mm256_shuffle_epi8(tn, q[j]);
+          const __m256i sn = _mm256_add_epi32(dot2(t[0], x[0], t[1], x[1]), dot2(t[2], x[2], t[3], x[3]));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sp), dv, acc[r]);
+          an[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sn), dv, an[r]);
+          continue;
+        }
         // int16 sums of the four chunks: codes up to 7 times |xq| <= 127, eight products, stay below 2^15
         __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(q[0], x[0]), _mm256_maddubs_epi16(q[1], x[1]));
         s = _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(q[2], x[2]), _mm256_maddubs_epi16(q[3], x[3])));
@@ -461,7 +492,7 @@ Q8_AVX2 static void tile_quads(const Q8Problem& p, int64_t o0, int64_t m) {
       }
     }
     blk += nbg;
-    group_end<false, RT>(p, o0, g, m, acc, nullptr, racc, corr);
+    group_end<TABLE, RT>(p, o0, g, m, acc, an, racc, corr);
   }
   store_rows<RT>(p, o0, m, racc, corr);
 }
@@ -482,16 +513,27 @@ static void rows_tiled(const Q8Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
-static constexpr auto rows_avx2_2 = rows_tiled<4, tile_quads<2, 4>, tile_quads<2, 1>>;
-static constexpr auto rows_avx2_3 = rows_tiled<4, tile_quads<3, 4>, tile_quads<3, 1>>;
+// rows per tile: 4 for int codes, 2 for tables (twice the accumulators)
+template <int BITS, bool TABLE>
+static constexpr auto rows_quads = rows_tiled<TABLE ? 2 : 4, tile_quads<BITS, TABLE, TABLE ? 2 : 4>,
+                                              tile_quads<BITS, TABLE, 1>>;
 template <bool TABLE>
 static constexpr auto rows_avx2 = rows_tiled<TABLE ? 2 : 4, tile_q8<TABLE, TABLE ? 2 : 4>, tile_q8<TABLE, 1>>;
+
+using Fn = void (*)(const Q8Problem&, int64_t, int64_t);
+
+static Fn pick_avx2(int bits, bool table) {
+  if (bits == 2) return rows_quads<2, false>;
+  if (bits == 3) return table ? rows_quads<3, true> : rows_quads<3, false>;
+  return table ? rows_avx2<true> : rows_avx2<false>;
+}
 #endif
 
 at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& sa,
                    const c10::optional<at::Tensor>& sb, const c10::optional<at::Tensor>& zero,
-                   const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_scale,
-                   const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t in_features) {
+                   const c10::optional<at::Tensor>& pos, const c10::optional<at::Tensor>& neg, double level_pos,
+                   double level_neg, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                   int64_t in_features) {
   TORCH_CHECK(bits >= 2 && bits <= 4, "gemm_q8 handles 2-, 3- and 4-bit codes, got ", std::to_string(bits));
   const int64_t gs = (group_size <= 0 || group_size >= in_features) ? in_features : group_size;
   const int64_t G = (in_features + gs - 1) / gs, gsp = (gs + 31) / 32 * 32, nb = gsp / 32;
@@ -507,7 +549,7 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.size(-1) == in_features,
               "x must be float32 with last dimension ", std::to_string(in_features));
   const bool table = pos.has_value() && pos->defined();
-  TORCH_CHECK(!(table && bits != 4), "gemm_q8 takes tables for 4-bit codes only (2 and 3 bits: int codes)");
+  TORCH_CHECK(!(table && bits == 2), "gemm_q8 takes tables for 3- and 4-bit codes only (2 bits: int codes)");
   Q8Problem p{};
   if (table) {
     TORCH_CHECK(neg.has_value() && neg->defined() && pos->scalar_type() == at::kByte && neg->scalar_type() == at::kByte &&
@@ -519,6 +561,7 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
       p.neg[i] = nc.data_ptr<uint8_t>()[i];
       TORCH_CHECK(p.pos[i] <= 64 && p.neg[i] <= 64, "table levels must be at most 64 in magnitude");
     }
+    TORCH_CHECK(std::isfinite(level_pos) && std::isfinite(level_neg), "level_pos and level_neg must be finite");
     if (sb.has_value() && sb->defined()) {
       TORCH_CHECK(sb->scalar_type() == at::kHalf && sb->is_contiguous() && sb->numel() == out * G,
                   "scale_b must be contiguous float16 (out, ", std::to_string(G), ")");
@@ -558,18 +601,15 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
   p.xs = xs.data();
   p.codes = codes.data_ptr<uint8_t>();
   p.sa = sa.data_ptr<c10::Half>();
-  p.level_scale = (float)level_scale;
+  p.level_pos = (float)level_pos;
+  p.level_neg = (float)level_neg;
   p.y = y.data_ptr<float>();
   p.M = M, p.out = out, p.G = G, p.nb = nb, p.nb_last = nb_last, p.row_bytes = row_bytes, p.nblk = nblk;
   p.xq_stride = xq_stride, p.xd_stride = xd_stride, p.bits = (int)bits;
   p.table = table;
-  using Fn = void (*)(const Q8Problem&, int64_t, int64_t);
-  Fn fn = rows_scalar;
+  void (*fn)(const Q8Problem&, int64_t, int64_t) = rows_scalar;
 #if LOWBIT_Q8_X86
-  if (lowbit::active_isa() == 1)
-    fn = bits == 2   ? rows_avx2_2
-         : bits == 3 ? rows_avx2_3
-                     : (table ? rows_avx2<true> : rows_avx2<false>);
+  if (avx2) fn = pick_avx2((int)bits, table);
 #endif
   const int64_t grain = std::max<int64_t>(1, lowbit::min_task_bytes() / std::max<int64_t>(1, row_bytes * M));
   at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) { fn(p, r0, r1); });
@@ -582,7 +622,7 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
   m.def("gemm_q8(Tensor x, Tensor codes, Tensor scale_a, Tensor? scale_b, Tensor? zero, Tensor? pos, Tensor? neg, "
-        "float level_scale, Tensor? bias, int bits, int group_size, int in_features) -> Tensor");
+        "float level_pos, float level_neg, Tensor? bias, int bits, int group_size, int in_features) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("gemm_q8", &lowbit_q8::gemm_q8); }
