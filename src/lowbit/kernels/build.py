@@ -35,7 +35,8 @@ __all__ = ["SOURCES", "build_once", "extension_dir", "kernel_module", "load_exte
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit_kernels.cpp", "decode_ops.cpp", "vq_ops.cpp",
-                                                                    "q8_ops.cpp", "bindings.cpp")]
+                                                                    "q8_ops.cpp", "lut_gemm.cpp",
+                                                                    "bindings.cpp")]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -7,8 +7,10 @@ input, ``LOWBIT_KERNEL_ACT``). Building a layout from a packed module, and cachi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -16,13 +18,83 @@ import torch.nn.functional as F
 
 from ..utils import env_var
 from .build import kernel_module, load_kernels
+from .intmm import _time_once
 from .reference import dequant_ref
 
-__all__ = ["FUSED_MAX_BATCH", "KERNEL_ACTIVATIONS", "Q8_MAX_LEVEL", "Q8Tables", "ScalarKernelLayout", "check_kernel_activations", "kernel_activations", "kernels_active", "kernels_enabled", "q8_tables", "use_kernel_activations"]
+__all__ = ["BATCH_PATHS", "BatchDispatcher", "FUSED_MAX_BATCH", "MAX_TIMED_ROWS", "batch_dispatcher", "batch_path_mode", "KERNEL_ACTIVATIONS", "Q8_MAX_LEVEL", "Q8Tables", "ScalarKernelLayout", "check_kernel_activations", "kernel_activations", "kernels_active", "kernels_enabled", "q8_tables", "use_kernel_activations"]
 
-#: inputs with more rows than this dequantize the weight (fast, exact) and use
-#: torch's matmul: at prefill sizes the GEMM is compute-bound and BLAS wins
+log = logging.getLogger(__name__)
+
+#: inputs with more rows than this never use the fused GEMV/GEMM (it decodes every weight again for each
+#: few input rows); int layouts then dequantize the weight and use torch's matmul
 FUSED_MAX_BATCH = 128
+
+#: how a table-format layer multiplies a batch (``LOWBIT_BATCH_PATH`` forces one; ``auto`` measures):
+#: ``fused`` the GEMV kernel (``gemm_lut``), ``tile`` the LUT GEMM (``gemm_lut_tiled`` mode 0: a tile of
+#: weights decoded once and reused for the whole batch), ``mm`` the same tiles multiplied by torch's BLAS
+#: (mode 1), ``dense`` the dequantized weight (kept once chosen) and ``F.linear``
+BATCH_PATHS = ("fused", "tile", "mm", "dense")
+#: the largest row count a batch decision is timed at (larger batches share its decision)
+MAX_TIMED_ROWS = 1024
+
+
+def batch_path_mode() -> str:
+    """``LOWBIT_BATCH_PATH``: ``auto`` (unset: measure) or one of :data:`BATCH_PATHS`."""
+    v = os.environ.get("LOWBIT_BATCH_PATH", "auto").strip().lower() or "auto"
+    if v != "auto" and v not in BATCH_PATHS:
+        raise ValueError(f"LOWBIT_BATCH_PATH must be auto or one of {', '.join(BATCH_PATHS)}; got {v!r}")
+    return v
+
+
+def _bucket(rows: int) -> int:
+    """The row count a decision is timed at: ``rows`` rounded up to a power of two, at most :data:`MAX_TIMED_ROWS`."""
+    return min(1 << max(rows - 1, 0).bit_length(), MAX_TIMED_ROWS)
+
+
+@dataclass
+class BatchDispatcher:
+    """The batch path per (layer signature, threads, row bucket), measured once per process.
+
+    A signature is a layout's format and shape (:meth:`ScalarKernelLayout.signature`), so layers of the same
+    shape and format share one measurement. The first call of a bucket times every candidate path on random
+    inputs of the bucket's row count (each the minimum of 3 calls after a warm-up; the candidates are computed
+    from the layout, so the timing uses that layer's weights) and keeps the fastest. ``decisions`` maps each
+    measured key to ``(path, {path: seconds})``: the crossovers are where the chosen path changes.
+    """
+
+    decisions: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.decisions.clear()
+
+    def choose(self, lay: "ScalarKernelLayout", rows: int) -> str:
+        key = (lay.signature(), torch.get_num_threads(), _bucket(rows))
+        hit = self.decisions.get(key)
+        if hit is None:
+            with self._lock:
+                hit = self.decisions.get(key)
+                if hit is None:
+                    hit = self.decisions[key] = self._measure(lay, key[2])
+        return hit[0]
+
+    @staticmethod
+    def _measure(lay: "ScalarKernelLayout", rows: int) -> tuple[str, dict[str, float]]:
+        x = torch.randn(rows, lay.in_features, generator=torch.Generator().manual_seed(0))
+        w = lay.dequantize()
+        times = {}
+        for path in lay.batch_paths(rows):
+            fn = (lambda: F.linear(x, w)) if path == "dense" else (lambda p=path: lay.run_path(p, x, None))
+            times[path] = _time_once(fn)
+        best = min(times, key=times.get)
+        log.debug("%s at %d rows: %s (%s)", lay.signature(), rows, best,
+                  ", ".join(f"{p} {t * 1e6:.0f} us" for p, t in times.items()))
+        return best, times
+
+
+#: the process-wide batch dispatcher of :class:`ScalarKernelLayout`
+batch_dispatcher = BatchDispatcher()
 
 
 #: ``LOWBIT_KERNEL_ACT`` values: ``fp32`` multiplies the float input exactly (the default);
@@ -148,6 +220,59 @@ class ScalarKernelLayout:
     table: torch.Tensor | None = None
     #: a table format's levels as integers for ``gemm_q8`` (see :func:`q8_tables`)
     q8: Q8Tables | None = None
+    #: the dequantized weight, kept once the ``dense`` batch path is chosen for this layer
+    dense: torch.Tensor | None = field(default=None, repr=False)
+
+    def signature(self) -> tuple:
+        """What a batch decision depends on: the format and the shape."""
+        return (self.kind, self.bits, self.group_size, self.scale_b is not None, self.out_features,
+                self.in_features)
+
+    @property
+    def gemm_capable(self) -> bool:
+        """Whether the LUT GEMM (``gemm_lut_tiled``) handles this layout: table formats."""
+        return self.kind == "lut"
+
+    def batch_paths(self, rows: int) -> tuple[str, ...]:
+        """The paths a batch of ``rows`` may take (see :data:`BATCH_PATHS`)."""
+        fused = ("fused",) if rows <= FUSED_MAX_BATCH else ()
+        return fused + (("tile", "mm") if self.gemm_capable else ()) + ("dense",)
+
+    def batch_path(self, rows: int) -> str:
+        """The path for ``rows`` input rows: forced by ``LOWBIT_BATCH_PATH`` or measured (:class:`BatchDispatcher`).
+
+        One row is always the GEMV (``fused``). Layouts without a GEMM kernel (int codes) keep the fixed
+        rule: fused up to :data:`FUSED_MAX_BATCH` rows, else ``dense``.
+        """
+        if rows <= 1:
+            return "fused"
+        if not self.gemm_capable:
+            return "fused" if rows <= FUSED_MAX_BATCH else "dense"
+        mode = batch_path_mode()
+        if mode != "auto":
+            if mode not in self.batch_paths(rows):
+                raise ValueError(f"LOWBIT_BATCH_PATH={mode}: not available for {rows} rows of this layer "
+                                 f"(available: {', '.join(self.batch_paths(rows))})")
+            return mode
+        return batch_dispatcher.choose(self, rows)
+
+    def run_path(self, path: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` through one path of :data:`BATCH_PATHS` (float32 exact inputs)."""
+        ops = kernel_module()
+        if path == "dense" or ops is None:
+            if self.dense is None:
+                self.dense = self.dequantize()
+            return F.linear(x, self.dense, bias)
+        if path == "fused":
+            if self.kind == "int":
+                return ops.gemm_int(x, self.codes, self.scale_a, self.zero, bias, self.bits, self.group_size,
+                                    self.in_features)
+            return ops.gemm_lut(x, self.codes, self.scale_a, self.scale_b, self.table, bias, self.bits,
+                                self.group_size, self.in_features)
+        if path not in ("tile", "mm") or not self.gemm_capable:
+            raise ValueError(f"batch path {path!r} is not one of {', '.join(self.batch_paths(2))}")
+        return ops.gemm_lut_tiled(x, self.codes, self.scale_a, self.scale_b, self.table, bias, self.bits,
+                                  self.group_size, self.in_features, 0 if path == "tile" else 1)
 
     @property
     def q8_capable(self) -> bool:
@@ -178,15 +303,23 @@ class ScalarKernelLayout:
                                             self.group_size, self.in_features)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T + bias`` for float32 ``x`` ``(..., in)``."""
+        """``x @ W.T + bias`` for float32 ``x`` ``(..., in)``, through :meth:`batch_path`'s path.
+
+        With ``LOWBIT_KERNEL_ACT=q8`` batches of up to :data:`FUSED_MAX_BATCH` rows take the fused kernel with
+        int8-quantized inputs (``gemm_q8``), as before; larger ones multiply exact inputs.
+        """
         ops = kernel_module()   # the torch ops' functions, bound directly (no dispatcher cost per call)
-        if ops is None or x.numel() // self.in_features > FUSED_MAX_BATCH:
-            return F.linear(x, self.dequantize(), bias)
-        if self.q8_capable and kernel_activations() == "q8":
+        rows = x.numel() // self.in_features
+        q8 = self.q8_capable and kernel_activations() == "q8"
+        if ops is None:
+            path = "dense"
+        elif q8 and rows <= FUSED_MAX_BATCH:
+            path = "fused"   # int8 inputs: the fused kernel, as for one row
+        else:
+            path = self.batch_path(rows)
+        if path == "fused" and q8:
             return ops.gemm_q8(x, self.codes, self.scale_a, self.scale_b, self.zero, *self.q8_args, bias,
                                self.bits, self.group_size, self.in_features)
-        if self.kind == "int":
-            return ops.gemm_int(x, self.codes, self.scale_a, self.zero, bias, self.bits, self.group_size,
-                                self.in_features)
-        return ops.gemm_lut(x, self.codes, self.scale_a, self.scale_b, self.table, bias, self.bits,
-                            self.group_size, self.in_features)
+        if path == "dense" and self.dense is None and not self.gemm_capable:
+            return F.linear(x, self.dequantize(), bias)   # int codes: not kept (the old large-batch rule)
+        return self.run_path(path, x, bias)

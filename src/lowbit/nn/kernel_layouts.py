@@ -104,15 +104,19 @@ def layout_for(module):
     return lay
 
 
-def kernel_linear(module, x: torch.Tensor) -> torch.Tensor | None:
-    """``module(x)`` through a fused kernel, or ``None`` when none applies.
+def kernel_linear(module, x: torch.Tensor, max_rows: int | None = None) -> torch.Tensor | None:
+    """``module(x)`` through a kernel layout, or ``None`` when none applies.
 
-    Used by :meth:`lowbit.nn.QuantizedLinear.forward` for CPU float32 inputs that
-    do not require grad.
+    Used by :meth:`lowbit.nn.QuantizedLinear.forward` for CPU float32 inputs that do not require grad.
+    Layouts with a batch GEMM (table formats, ``gemm_capable``) take every row count and choose their path
+    by measured timings (:meth:`lowbit.kernels.ops.ScalarKernelLayout.batch_path`); the others only inputs of
+    at most ``max_rows`` rows (``None``: any).
     """
     if not kernels_active():
         return None
     lay = layout_for(module)
     if lay is None:
+        return None
+    if max_rows is not None and not getattr(lay, "gemm_capable", False) and x.numel() // x.shape[-1] > max_rows:
         return None
     return lay.linear(x, module.bias)

@@ -10,7 +10,8 @@ from torch import nn
 from .kernel_layouts import kernel_linear
 from .codecs import get_codec
 
-#: token count up to which QuantizedLinear uses the fused kernels (env LOWBIT_KERNEL_MAX_TOKENS)
+#: token count up to which QuantizedLinear uses the fused kernels of layouts without a batch GEMM (int, VQ;
+#: env LOWBIT_KERNEL_MAX_TOKENS); table formats measure their crossovers instead
 KERNEL_MAX_TOKENS = int(os.environ.get("LOWBIT_KERNEL_MAX_TOKENS", "16"))
 
 __all__ = ["QuantizedLinear", "QuantizedEmbedding", "scalar_spec"]
@@ -99,11 +100,11 @@ class QuantizedLinear(_PackedWeight):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fused kernels win where decode is memory-bound (few tokens); for prefill, calibration and
-        # perplexity windows a cached dequantized weight through the BLAS GEMM is faster
-        if (self.use_kernels and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
-                and x.numel() // x.shape[-1] <= KERNEL_MAX_TOKENS):
-            y = kernel_linear(self, x)
+        # table formats choose GEMV, LUT GEMM or the dequantized weight by measured timings per batch size
+        # (lowbit.kernels.ops.BatchDispatcher); other kernels win where decode is memory-bound (few tokens),
+        # and above KERNEL_MAX_TOKENS a cached dequantized weight through the BLAS GEMM is faster
+        if self.use_kernels and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+            y = kernel_linear(self, x, KERNEL_MAX_TOKENS)
             if y is not None:
                 return y
         w = self.dequantize_weight()

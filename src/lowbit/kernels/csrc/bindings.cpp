@@ -22,6 +22,13 @@ at::Tensor gemm_q8(const at::Tensor& x_in, const at::Tensor& codes, const at::Te
                    double level_neg, const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size, int64_t in_features);
 }  // namespace lowbit_q8
 
+namespace lowbit_lutgemm {
+at::Tensor gemm_lut_tiled(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& sa,
+                          const c10::optional<at::Tensor>& sb, const at::Tensor& table,
+                          const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                          int64_t in_features, int64_t mode);
+}  // namespace lowbit_lutgemm
+
 namespace lowbit_vq {
 at::Tensor vq_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& codebook,
                      const c10::optional<at::Tensor>& res_codes, const c10::optional<at::Tensor>& res_codebook,
@@ -45,6 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_int", &lowbit::gemm_int, release());
   m.def("gemm_lut", &lowbit::gemm_lut, release());
   m.def("gemm_q8", &lowbit_q8::gemm_q8, release());
+  m.def("gemm_lut_tiled", &lowbit_lutgemm::gemm_lut_tiled, release());
   m.def("vq_linear", &lowbit_vq::vq_linear, release());
   m.def("rms_norm", &lowbit_decode::rms_norm, release());
   m.def("rope_cache", &lowbit_decode::rope_cache, release());
