@@ -7,7 +7,7 @@
 // again for every few input rows (the fused GEMV/GEMM does that), a tile of output rows is decoded once
 // into a small float buffer, exactly the dequantized weights (t[q] times the group's scale for that
 // level's sign), and reused for a whole chunk of input rows:
-//   mode 0 ("tile"): TR = 16 rows x the padded row width; the buffer stays in L1/L2 and a hand-written
+//   mode 0 ("tile"): TR = 16, 8 or 4 rows x the padded row width (at most about 40 KiB); the buffer stays in L1 and a hand-written
 //          micro-kernel (4 weight rows x 6 input rows of 16-wide accumulators, AVX-512; 8-wide on AVX2,
 //          or with LOWBIT_KERNEL_NO_AVX512=1; scalar otherwise) runs the whole input chunk over it;
 //   mode 1 ("mm"): TL = 64 rows, and the buffer is multiplied by the input chunk with at::mm
@@ -193,8 +193,18 @@ AVX512_FN static void micro_512(const float* w, const float* x, int64_t Kp, floa
       for (int r = 0; r < RR; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < RR; ++r) y[m * ldy + r] = hsum512(acc[r][m]);
+  for (int m = 0; m < MR; ++m) {
+    if (RR == 4) {   // four rows' sums in one 128-bit store: halve each to 256 bits, then two rounds of hadd
+      __m256 h[4];
+      for (int r = 0; r < 4; ++r)
+        h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][m]),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][m]), 1)));
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+      _mm_storeu_ps(y + m * ldy, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    } else {
+      for (int r = 0; r < RR; ++r) y[m * ldy + r] = hsum512(acc[r][m]);
+    }
+  }
 }
 
 AVX2_FN static inline float hsum256(__m256 v) {
@@ -265,8 +275,10 @@ static int64_t chunk_rows(int64_t Kp, int64_t M) {
 }
 
 static void rows_tile(const Problem& p, const Kernels& kn, int64_t r0, int64_t r1) {
-  constexpr int64_t TR = 16;
+  // a tile of at most about 40 KiB, so it stays in L1 while the input rows stream past it; 16, 8 or 4 rows
+  // (divisors of the 16-row unit the threads split, so the 4-row groups never depend on the thread count)
   const int64_t Kp = p.geo.Kp, MC = chunk_rows(Kp, p.M);
+  const int64_t TR = Kp <= 640 ? 16 : Kp <= 1280 ? 8 : 4;
   std::vector<float> buf(TR * Kp);
   for (int64_t m0 = 0; m0 < p.M; m0 += MC) {
     const int64_t m1 = std::min(p.M, m0 + MC);
