@@ -123,7 +123,7 @@ def test_corrupt_group_scales_refused():
         mod(_x(2, 64))
 
 
-@pytest.mark.parametrize("cfg", [{}, {"dgq_weight_method": "rtn", "dgq_scale_search": False},
+@pytest.mark.parametrize("cfg", [{}, {"dgq_weight_method": "rtn", "dgq_scale_search": True},
                                  {"dgq_clip": True, "int8_head": True}])
 def test_method_save_load_identical_logits(tmp_path, cfg):
     m = tiny_model("llama")

@@ -4,9 +4,10 @@ Per linear:
 
 1. **Scales** (:func:`lowbit.formats.dual_grained.fit_dual_grained`): fine signed group scales ``S'`` (lowbit's
    symmetric int4 rule, ``--dgq-clip``: each group's clip search), then per output channel an fp16 scale ``s`` and
-   integer group scales ``k`` in ``[-15, 16]`` with ``s * k ~ S'``; ``--dgq-scale-search`` (default on) tries
-   channel scales ``a * max|S'| / 16`` for ``a`` = 1.0 ... 0.5 and keeps each row's best, the error weighted by
-   diag(H) when the Hessian is there. Both are fixed before any code is chosen.
+   integer group scales ``k`` in ``[-15, 16]`` with ``s * k ~ S'``; ``--dgq-scale-search`` (default off: on
+   SmolLM2 it lowered the weight error but raised perplexity, since it clips the largest groups) tries channel
+   scales ``a * max|S'| / 16`` for ``a`` = 1.0 ... 0.5 and keeps each row's best, the error weighted by diag(H)
+   when the Hessian is there. Both are fixed before any code is chosen.
 2. **Codes**: int4 ``c`` in ``[-8, 7]`` under the effective scales ``s * k``, by GPTQ's error feedback through the
    layer's Hessian (``--dgq-weight-method gptq``, the column loop of :mod:`.feedback`; the scales do not move
    while it runs, unlike plain GPTQ, which fits a group's scale when it reaches the group) or by RTN.
@@ -47,16 +48,19 @@ _WEIGHT_METHODS = ("gptq", "rtn")
 @dataclass(frozen=True)
 class DGQConfig:
     dgq_weight_method: str = "gptq"  # int4 codes under the fixed dual-grained scales: gptq | rtn
-    dgq_scale_search: bool = True    # search each row's channel scale (a * max|S'| / 16, a = 1.0 ... 0.5)
+    dgq_scale_search: bool = False   # search each row's channel scale (a * max|S'| / 16, a = 1.0 ... 0.5) by weight error (hurt perplexity on SmolLM2)
     dgq_clip: bool = False           # clip search of each group's fine scale before the integer decomposition
     dgq_smooth_pct: float = 0.0      # percentile-clipping smoothing: channels above this percentile of the calibration channel maxima scaled down to it, into the weights (0 = off)
     damp: float = 0.01               # GPTQ: fraction of mean diag(H) added to H
+    first_position_weight: float = 1.0  # weight of each calibration window's first position in H (1 = plain)
     int8_head: bool = False          # the LM head W8A8 too (int8 per channel, per-token int8 activations)
 
     def __post_init__(self):
         if self.dgq_weight_method not in _WEIGHT_METHODS:
             raise ConfigError(f"--dgq-weight-method must be one of {', '.join(_WEIGHT_METHODS)}, "
                               f"got {self.dgq_weight_method!r}")
+        if not self.first_position_weight >= 0:
+            raise ConfigError(f"--first-position-weight must be >= 0, got {self.first_position_weight}")
         if not 0 <= self.dgq_smooth_pct < 100:
             raise ConfigError(f"--dgq-smooth-pct must be in [0, 100) (0 = no smoothing), got {self.dgq_smooth_pct}")
 
@@ -71,7 +75,7 @@ def check_dgq_format(fmt) -> None:
 
 @torch.no_grad()
 def dgq_quantize(weight: torch.Tensor, group_size: int, hessian: torch.Tensor | None = None,
-                 scale_search: bool = True, clip: bool = False, damp: float = 0.01,
+                 scale_search: bool = False, clip: bool = False, damp: float = 0.01,
                  block_size: int = 128) -> DualGrained:
     """Dual-grained int4 ``weight`` ``(out, in)``: scales fitted first (importance diag(H) when ``hessian``
     ``(in, in)`` is given), then codes by GPTQ's error feedback through ``hessian``, or by RTN without one."""
