@@ -4,6 +4,8 @@
     python scripts/bench_w8a8.py --model smollm2-135m --method w8a8          # + end to end (2048-token prefill)
     python scripts/bench_w8a8.py --gemm smollm2-135m gemma3-270m --gemm-tokens 1024 \
         --model smollm2-135m --method w8a8 --tokens 1024 --repeats 7 --no-bf16   # GEMMs per shape + end to end
+    python scripts/bench_w8a8.py --model smollm2-135m --method dgq --also w8a8 --tokens 1024 --no-bf16
+        # fp32, DGQ A8W4 and W8A8 in one alternating loop (--also: repeatable, METHOD or METHOD:JSON)
 
 Medians over ``--repeats`` runs after one warm-up; 2048 tokens (batch x seq = 4 x 512). End to end,
 the fp32 and the quantized model run alternately and ``int_vs_fp32`` is the median of the per-pair
@@ -151,15 +153,47 @@ def bench_layers(model: str, tokens: int, repeats: int) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
-def bench_model(model_name: str, method: str, method_config: dict, tokens: int, repeats: int, calib: int,
-                bf16: bool = True) -> dict:
+#: the weight format each method is benchmarked with (default: int8 symmetric per output channel)
+METHOD_FORMATS = {"dgq": {"bits": 4, "group_size": 128, "sym": True}}
+
+
+def _quantized_copy(model, tok, method: str, method_config: dict, calib: int, in_place: bool = False):
+    """``model`` quantized with ``method``: a deep copy, or ``model`` itself with ``in_place`` (calibrated methods:
+    ``calib`` windows of ``wiki-train``; the format from :data:`METHOD_FORMATS`)."""
     import copy
 
     import lowbit
-    from lowbit.api import load_model
     from lowbit.config import FormatConfig
+    from lowbit.methods.registry import get_method
     from lowbit.quantize import QuantRecipe
+
+    q = model if in_place else copy.deepcopy(model)
+    calib_ids = None
+    if get_method(method).needs:
+        from lowbit.data.calib import sample_windows
+        calib_ids = sample_windows(tok, "wiki-train", calib, 512, 0)
+    fmt = FormatConfig(**METHOD_FORMATS.get(method, {"bits": 8, "group_size": -1, "sym": True}))
+    lowbit.quantize(q, QuantRecipe(method=method, fmt=fmt, method_config=method_config), calib_ids=calib_ids,
+                    progress=False)
+    return q
+
+
+def _run_key(method: str, cfg: dict) -> str:
+    return method + "".join(f"/{k}={v}" for k, v in sorted(cfg.items()))
+
+
+def _spread(ts: list[float]) -> dict:
+    return {"median_s": round(statistics.median(ts), 4), "min_s": round(min(ts), 4), "max_s": round(max(ts), 4)}
+
+
+@torch.no_grad()
+def bench_model(model_name: str, method: str, method_config: dict, tokens: int, repeats: int, calib: int,
+                bf16: bool = True, also: list[tuple[str, dict]] = ()) -> dict:
+    """End-to-end prefill of fp32 against ``method``; every ``also`` (method, config) is quantized too and its
+    forwards join the same alternating loop (one run: every ratio compares forwards timed side by side)."""
+    import copy
+
+    from lowbit.api import load_model
 
     model, tok = load_model(model_name)
     rss_loaded = _rss_mib()
@@ -174,22 +208,32 @@ def bench_model(model_name: str, method: str, method_config: dict, tokens: int, 
         mb = copy.deepcopy(model).to(torch.bfloat16)
         res["bf16_s"] = _median_s(lambda: mb(input_ids=ids, use_cache=False), repeats)
         mb = None  # free the bf16 copy
-    calib_ids = None
-    if method != "w8a8":
-        from lowbit.data.calib import sample_windows
-        calib_ids = sample_windows(tok, "wiki-train", calib, 512, 0)
-    lowbit.quantize(model, QuantRecipe(method=method, fmt=FormatConfig(bits=8, group_size=-1, sym=True),
-                                       method_config=method_config), calib_ids=calib_ids, progress=False)
+    others = {_run_key(m, c): _quantized_copy(model, tok, m, c, calib) for m, c in also}
+    model = _quantized_copy(model, tok, method, method_config, calib, in_place=True)
     # fp32 and integer forwards alternate, so a slow spell of this shared machine hits both alike;
     # the ratio is the median of the per-pair ratios
     t_fp, t_int = [], []
+    t_other = {k: [] for k in others}
     for i in range(repeats + 1):
-        for m, ts in ((fp32, t_fp), (model, t_int)):
+        for m, ts in ((fp32, t_fp), (model, t_int), *((others[k], t_other[k]) for k in others)):
             t0 = time.perf_counter()
             m(input_ids=ids, use_cache=False)
-            if i:  # the first pair warms up
+            if i:  # the first round warms up
                 ts.append(time.perf_counter() - t0)
     res["fp32_s"], res["int_s"] = statistics.median(t_fp), statistics.median(t_int)
+    res["fp32_spread"], res["int_spread"] = _spread(t_fp), _spread(t_int)
+    if others:
+        from lowbit.nn.w8a8 import act_linear_summary as _summary
+
+        res["same_run"] = {
+            k: {"int_s": statistics.median(ts), "int_tok_s": round(tokens / statistics.median(ts), 1),
+                "int_spread": _spread(ts), "int_times_s": [round(t, 4) for t in ts],
+                "int_vs_fp32": round(statistics.median(a / b for a, b in zip(t_fp, ts)), 3),
+                # per-pair ratio of this model's forward to the main method's: > 1 = the main method is faster
+                "over_main": round(statistics.median(b / a for a, b in zip(t_int, ts)), 3),
+                "int_mib": round(bpw_report(others[k], "float16")["total_bits"] / 8 / 2**20, 1),
+                "act_linears": _summary(others[k])}
+            for k, ts in t_other.items()}
     res["fp32_times_s"], res["int_times_s"] = [round(t, 4) for t in t_fp], [round(t, 4) for t in t_int]
     for k in ("fp32", "bf16", "int"):
         if f"{k}_s" in res:
@@ -230,6 +274,8 @@ def main():
     p.add_argument("--model", default=None)
     p.add_argument("--method", default="w8a8")
     p.add_argument("--method-config", default="{}", help="JSON method config")
+    p.add_argument("--also", action="append", default=[], metavar="METHOD[:JSON]",
+                   help="another method timed in the same alternating loop (repeatable), e.g. w8a8")
     p.add_argument("--calib", type=int, default=16, help="calibration windows for calibrated methods")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
@@ -253,8 +299,9 @@ def main():
         data["layers_env"] = dict(data["env"], date=time.strftime("%Y-%m-%d %H:%M"))
     if args.model:
         cfg = json.loads(args.method_config)
-        r = bench_model(args.model, args.method, cfg, args.tokens, args.repeats, args.calib, args.bf16)
-        key = f"{args.model}/{args.method}" + "".join(f"/{k}={v}" for k, v in sorted(cfg.items()))
+        also = [(a.split(":", 1)[0], json.loads(a.split(":", 1)[1]) if ":" in a else {}) for a in args.also]
+        r = bench_model(args.model, args.method, cfg, args.tokens, args.repeats, args.calib, args.bf16, also)
+        key = f"{args.model}/{_run_key(args.method, cfg)}"
         data.setdefault("end_to_end", {})[key] = r
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
@@ -262,6 +309,9 @@ def main():
     if data.get("end_to_end") and args.md:
         write_prefill_table(data["end_to_end"], Path(args.md))
         print(f"wrote the prefill table in {args.md}")
+        if any("same_run" in r for r in data["end_to_end"].values()):
+            write_same_run_table(data["end_to_end"], Path(args.md))
+            print(f"wrote the same-run table in {args.md}")
     if args.layers and args.md:
         write_layer_table(data["layers"], data["layers_env"], Path(args.md))
         print(f"wrote the per-layer table in {args.md}")
@@ -316,6 +366,35 @@ def write_layer_table(layers: dict, env: dict, md_path: Path) -> None:
                          f"{r['bf16_ms']:.1f} | {r['w8a8_int_ms']:.1f} | {r['w4a4_int_ms']:.1f} | "
                          f"{r['gemm_int8_only_ms']:.1f} | {r['fp32_ms'] / r['w8a8_int_ms']:.2f}x |")
     write_between_markers(md_path, "\n".join(lines), tag="prefill-layers")
+
+
+def _s_cell(sp: dict) -> str:
+    return f"{sp['median_s']:.3f} ({sp['min_s']:.3f}-{sp['max_s']:.3f})"
+
+
+def write_same_run_table(rows: dict, md_path: Path) -> None:
+    """Markdown table of the runs that timed several quantized models beside fp32 (``--also``), between the
+    ``prefill-same-run`` markers: every ratio in a run compares forwards timed alternately in one process."""
+    from lowbit.utils import write_between_markers
+
+    lines = [("Generated by `scripts/bench_w8a8.py --model M --method A --also B` from "
+              "`docs/results/flatquant_speed.json`. Prefill of batch x 512 random tokens; fp32 and each quantized "
+              "model timed in turn in one process, after one warm-up round; seconds per forward as median "
+              "(min-max); x fp32 = median of the per-round ratios fp32 time / model time."), "",
+             "| model | run | config | tokens | s per forward | tok/s | x fp32 | stored MiB | threads | date |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for key in sorted(k for k, r in rows.items() if "same_run" in r):
+        r = rows[key]
+        run = key.split("/", 1)[1]
+        common = f"| {r['tokens']} |"
+        lines.append(f"| {r['model']} | {run} | fp32 {common} {_s_cell(r['fp32_spread'])} | {r['fp32_tok_s']:.1f} "
+                     f"| 1.00x | {r['fp32_mib']:.1f} | {r['threads']} | {r['date']} |")
+        lines.append(f"| {r['model']} | {run} | {run} {common} {_s_cell(r['int_spread'])} | {r['int_tok_s']:.1f} "
+                     f"| {r['int_vs_fp32']:.2f}x | {r['int_mib']:.1f} | {r['threads']} | {r['date']} |")
+        for k, o in r["same_run"].items():
+            lines.append(f"| {r['model']} | {run} | {k} {common} {_s_cell(o['int_spread'])} | {o['int_tok_s']:.1f} "
+                         f"| {o['int_vs_fp32']:.2f}x | {o['int_mib']:.1f} | {r['threads']} | {r['date']} |")
+    write_between_markers(md_path, "\n".join(lines), tag="prefill-same-run")
 
 
 def write_prefill_table(rows: dict, md_path: Path) -> None:

@@ -7,8 +7,10 @@ from torch import nn
 
 from lowbit.errors import CheckpointError
 from lowbit.formats import IntFormat, quantize_rtn
+from lowbit.formats.dual_grained import fit_dual_grained
 from lowbit.methods.vptq import VPTQConfig, vptq_quantize
 from lowbit.nn import QuantizedEmbedding, scalar_spec, to_module
+from lowbit.nn.dgq import from_dual_grained
 from lowbit.nn.registry import MODULE_KINDS, build_module, module_entries, module_entry
 from lowbit.nn.w8a8 import act_spec, from_quantized_weight
 
@@ -39,6 +41,7 @@ def _samples():
         ("linear", to_module(lin, quantize_rtn(lin.weight, IntFormat(3, 32))), x),
         ("linear", to_module(_linear(bias=False), vq), x),
         ("act_linear", to_module(lin, act), x),
+        ("dgq_linear", to_module(lin, from_dual_grained(fit_dual_grained(lin.weight, 24))), x),   # ragged groups
         ("embedding", QuantizedEmbedding.from_quantized(quantize_rtn(emb_w, IntFormat(4, 16)),
                                                         scalar_spec(IntFormat(4, 16), 40, 32), 0, 5.5),
          torch.tensor([[0, 3, 39]])),

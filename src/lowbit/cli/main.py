@@ -205,6 +205,8 @@ def _describe_spec(spec: dict) -> str:
     if codec == "vq":
         return (f"vq v{spec['v']} k{spec['k']}" + (f" + residual k{spec['k_res']}" if spec.get("k_res") else "")
                 + (" + outliers" if spec.get("n_outlier") else ""))
+    if codec == "dgq_linear":
+        return f"dgq w4a8 g{spec.get('group_size')} (int8 group scales, dynamic activations)"
     if codec == "act_linear":
         return (f"w{spec['w_bits']}a{spec['a_bits']} {'dynamic' if spec.get('dynamic') else 'static'}"
                 + (" flattened" if spec.get("flatten") else ""))

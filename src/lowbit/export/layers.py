@@ -6,7 +6,8 @@
 - :class:`ActLinear`: a :class:`~lowbit.nn.w8a8.QuantizedActLinear` (int weights per output channel and
   int activations, e.g. lowbit's ``w8a8`` and ``smoothquant`` methods);
 - :class:`VQLinear`: a linear in lowbit's VQ format (``--method vptq``): codebooks, codes, outliers, norms;
-- :class:`OtherLayer`: anything else (FP/NF tables, two-scale AFPQ), which an integer target cannot hold.
+- :class:`OtherLayer`: anything else (FP/NF tables, two-scale AFPQ, DGQ's dual-grained int4), which an integer
+  target cannot hold.
 
 :func:`float_tensors` gives the rest of the model as float16 tensors under transformers' names, with every
 quantized module the target does not pack dequantized to ``<name>.weight``.
@@ -25,6 +26,7 @@ from ..errors import ExportError
 from ..formats import group_layout
 from ..formats.codebook import VQWeight
 from ..nn import QuantizedEmbedding, QuantizedLinear, get_codec
+from ..nn.dgq import QuantizedDGQLinear
 from ..nn.w8a8 import QuantizedActLinear
 
 __all__ = ["IntLinear", "ActLinear", "VQLinear", "OtherLayer", "read_layers", "float_tensors",
@@ -140,7 +142,10 @@ def read_layers(model: nn.Module) -> dict[str, IntLinear | ActLinear | VQLinear 
     for name, m in model.named_modules():
         if m is head or not isinstance(m, (QuantizedLinear, QuantizedActLinear)):
             continue
-        if isinstance(m, QuantizedActLinear):
+        if isinstance(m, QuantizedDGQLinear):   # int4 codes under int8 group scales: no target's integer layout
+            out[name] = OtherLayer(name, f"DGQ A8W4 g{m.spec['group_size']} (int4 codes times int8 group scales, "
+                                         "one fp16 scale per channel)")
+        elif isinstance(m, QuantizedActLinear):
             sp = m.spec
             q = m.int_weight()[:, : sp["flat_features"]]
             out[name] = ActLinear(name, sp["w_bits"], sp["a_bits"], sp["dynamic"], sp["flatten"], q.clone(),

@@ -1,3 +1,3 @@
 """Importing this module registers every built-in method."""
-from . import (awq, billm, clipinit, flattenquant, gptq, isearch, ksearch, onebit, rtn, smoothquant,  # noqa: F401
+from . import (awq, billm, clipinit, dgq, flattenquant, gptq, isearch, ksearch, onebit, rtn, smoothquant,  # noqa: F401
                smoothquant_plus, spqr, vptq)

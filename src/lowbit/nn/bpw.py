@@ -62,7 +62,7 @@ ITEM_KINDS = (
     ("scales", ("scale", "zero", "scale_pos", "scale_neg", "w_scale", "act_scale", "super_scale", "super_min",
                 "sub_scale", "sub_min", "shared_exp", "block_scale", "tensor_scale", "scale_codes", "zero_codes",
                 "scale_step", "scale_lo", "zero_step", "zero_lo", "scale_sal1", "scale_sal2", "scale_dense",
-                "scale_sparse", "out_scale", "in_scale")),
+                "scale_sparse", "out_scale", "in_scale", "group_scale")),
     ("outliers", ("outlier_cols", "out_idx", "out_codebook", "outlier_values", "outlier_counts", "salient_cols")),
     ("norms", ("col_scale", "col_bias")),
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import CheckpointError
+from .dgq import QuantizedDGQLinear
 from .qlinear import QuantizedEmbedding, QuantizedLinear
 from .w8a8 import QuantizedActLinear
 
@@ -16,9 +17,11 @@ def _bias(m):
     return {"bias": m.bias is not None}
 
 
-#: kind -> (class, module -> entry fields besides type and spec, (spec, entry) -> module with zero buffers)
+#: kind -> (class, module -> entry fields besides type and spec, (spec, entry) -> module with zero buffers);
+#: a subclass comes before its base (module_entry takes the first kind the module is an instance of)
 MODULE_KINDS = {
     "linear": (QuantizedLinear, _bias, lambda spec, e: QuantizedLinear(spec, e.get("bias", False))),
+    "dgq_linear": (QuantizedDGQLinear, _bias, lambda spec, e: QuantizedDGQLinear(spec, e.get("bias", False))),
     "act_linear": (QuantizedActLinear, _bias, lambda spec, e: QuantizedActLinear(spec, e.get("bias", False))),
     "embedding": (QuantizedEmbedding, lambda m: {"padding_idx": m.padding_idx, "embed_scale": m.embed_scale},
                   lambda spec, e: QuantizedEmbedding(spec, e.get("padding_idx"), e.get("embed_scale"))),
