@@ -222,3 +222,10 @@ def test_onebit_student_trains_and_exports(tmp_path):
     back = lowbit.load(tmp_path / "ck")
     with torch.no_grad():
         assert torch.allclose(back(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_onebit_student_recipe_tag_names_no_format():
+    rec = QuantRecipe.from_dict({"method": "onebit-kd", "fmt": None, "embed": None, "head": None,
+                                 "method_config": {"init": "onebit", "loss": "forward", "seqlen": 128, "steps": 60},
+                                 "storage": {"dtype": "float16"}, "calib": None})
+    assert rec.tag() == "init=onebit-loss=forward-seqlen=128-steps=60"

@@ -311,7 +311,9 @@ def distill(model, tokenizer, fmt_cfg: FormatConfig, cfg: DistillConfig, out, so
     student = build_student(model, fmt_cfg, cfg.init, calib_ids, cfg.storage, progress)
     run = train_student(student, model, windows, cfg, work, progress, callbacks)
     run.pop("trainer")
-    recipe = {"method": "bitdistiller", "fmt": None if cfg.init == "onebit" else asdict(fmt_cfg),
+    # a OneBit student stores no number format: its own recipe name, tagged by its training settings
+    recipe = {"method": "onebit-kd" if cfg.init == "onebit" else "bitdistiller",
+              "fmt": None if cfg.init == "onebit" else asdict(fmt_cfg),
               "method_config": {"init": cfg.init, "loss": cfg.loss, "steps": cfg.steps, "seqlen": cfg.seqlen},
               "embed": None, "head": None, "storage": {"dtype": cfg.storage},
               "calib": {"source": cfg.calib, "nsamples": cfg.nsamples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed}

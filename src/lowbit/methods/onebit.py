@@ -63,6 +63,17 @@ def onebit_quantize(weight: torch.Tensor, cfg: OneBitConfig = OneBitConfig()) ->
     return OneBitWeight(w.shape[0], w.shape[1], sign_bits(w), g.half().float(), h.half().float())
 
 
+@dataclass(frozen=True)
+class _DistilledConfig:
+    pass
+
+
+@register_method("onebit-kd", config=_DistilledConfig, uses_format=False)
+def onebit_kd(weight, stats, fmt, cfg):
+    """The recipe name of a OneBit student trained by ``lowbit distill --init onebit``: a training run."""
+    raise ConfigError("onebit-kd trains the whole model; run `lowbit distill MODEL --init onebit ...` instead")
+
+
 @register_method("onebit", config=OneBitConfig, uses_format=False)
 def onebit(weight, stats, fmt, cfg: OneBitConfig):
     """OneBit's data-free SVID: sign matrix times the rank-1 factor of |W| (no distillation)."""
