@@ -31,12 +31,13 @@ __all__ = ["FakeQuantLinear", "OneBitFakeLinear", "fake_quant_weight", "TRAINABL
 
 
 class _STE(torch.autograd.Function):
-    """Forward: the quantized weight; backward: the gradient unchanged (straight-through)."""
+    """Forward: ``fn(x)``, a rounding (the format's round trip, the sign, fp16); backward: the gradient unchanged
+    (straight-through). A custom Function, not ``x + (fn(x) - x).detach()``, so the forward value is exactly
+    ``fn(x)``, bit for bit."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, fmt: Format) -> torch.Tensor:
-        # a custom Function (not w + (q - w).detach()) so the forward value is exactly q, bit for bit
-        return quantize_rtn(w, fmt).dequantize().to(w.dtype)
+    def forward(ctx, x: torch.Tensor, fn) -> torch.Tensor:
+        return fn(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -45,7 +46,7 @@ class _STE(torch.autograd.Function):
 
 def fake_quant_weight(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """``(out, in)`` weight rounded with ``fmt`` (params fitted on ``w``), straight-through gradient."""
-    return _STE.apply(w, fmt)
+    return _STE.apply(w, lambda v: quantize_rtn(v, fmt).dequantize().to(v.dtype))
 
 
 class FakeQuantLinear(nn.Module):
@@ -91,18 +92,6 @@ class FakeQuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {f}"
 
 
-class _RoundSTE(torch.autograd.Function):
-    """Forward: ``fn(x)`` (a rounding: the sign, fp16); backward: the gradient unchanged (straight-through)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, fn) -> torch.Tensor:
-        return fn(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
 def _pm_sign(w: torch.Tensor) -> torch.Tensor:
     return pm_one(sign_bits(w)).to(w.dtype)
 
@@ -136,9 +125,9 @@ class OneBitFakeLinear(nn.Module):
         return [self.weight, self.out_scale, self.in_scale]
 
     def quantized_weight(self) -> torch.Tensor:
-        g = _RoundSTE.apply(self.out_scale, _fp16)
-        h = _RoundSTE.apply(self.in_scale, _fp16)
-        return g[:, None] * _RoundSTE.apply(self.weight, _pm_sign) * h[None, :]   # OneBitWeight.dequantize's order
+        g = _STE.apply(self.out_scale, _fp16)
+        h = _STE.apply(self.in_scale, _fp16)
+        return g[:, None] * _STE.apply(self.weight, _pm_sign) * h[None, :]   # OneBitWeight.dequantize's order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
