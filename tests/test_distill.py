@@ -86,7 +86,10 @@ def test_clip_search_beats_no_clip_and_method_runs():
 @pytest.mark.parametrize("fc,init", [(FormatConfig("nf", 3, 32, False), "clip"),
                                      (FormatConfig("int", 2, 32, False), "gptq"),
                                      (FormatConfig("int", 3, 32, True), "rtn")], ids=["nf3-clip", "int2-gptq", "int3sym-rtn"])
-def test_fake_quant_equals_packed_export(tmp_path, fc, init):
+def test_fake_quant_equals_packed_export(tmp_path, fc, init, monkeypatch):
+    # table formats pick a batch path by timing, and the paths agree to float rounding only (docs/kernels.md);
+    # the bitwise claim here is for the dequantized-weight path that training uses
+    monkeypatch.setenv("LOWBIT_BATCH_PATH", "dense")
     m = tiny_model("llama")
     student = build_student(m, fc, init, _ids(8, 32) if init != "rtn" else None, method_config={"clip_grid": 4} if init == "clip" else None)
     ids = _ids(2, 32, seed=5)  # 64 tokens: the plain (dequantized weight) path, as in training
